@@ -1,0 +1,55 @@
+# dp-bias: `make help` lists the targets.
+SHELL := /bin/bash
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+PARAMS ?= params/default.yaml
+JOBS ?= 2
+STAMP := $(VENV)/.installed
+export HF_HUB_OFFLINE ?= 1
+export HF_DATASETS_OFFLINE ?= 1
+export TRANSFORMERS_OFFLINE ?= 1
+export TOKENIZERS_PARALLELISM ?= false
+
+.DEFAULT_GOAL := help
+.PHONY: help setup study test test-fast lab validate dry-run benchmarks clean-runs
+
+help: ## Show this help
+	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}'
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+
+# Re-installs only when the dependency declarations change (idempotent, seconds otherwise).
+$(STAMP): pyproject.toml constraints.txt | $(BIN)/python
+	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet -c constraints.txt -e '.[dev]'
+	$(BIN)/python -m ipykernel install --sys-prefix --name python3 --display-name "Python 3 (dp-bias)" >/dev/null
+	touch $(STAMP)
+
+setup: $(STAMP) ## Create .venv (torch first, then the package) and register its Jupyter kernel
+
+study: setup ## Run the whole study on $(PARAMS) (default: embedded CPU profile) -> runs/<profile>/index.html
+	$(BIN)/dpbias run $(PARAMS) --jobs $(JOBS)
+
+test: setup ## Run the test suite (unit tests, notebooks under nbval, whole chain on a tiny profile)
+	$(BIN)/python -m pytest -q tests
+
+test-fast: setup ## Unit tests only (skips notebook and whole-study tests)
+	$(BIN)/python -m pytest -q tests -m "not slow"
+
+lab: setup ## Open JupyterLab on the notebooks
+	$(BIN)/jupyter lab notebooks/
+
+validate: setup ## Validate a profile: make validate PARAMS=params/x.yaml
+	$(BIN)/dpbias validate $(PARAMS)
+
+dry-run: setup ## Print the plan of a profile without running it
+	$(BIN)/dpbias run $(PARAMS) --dry-run
+
+benchmarks: setup ## Run the speed/memory benchmarks (ratios measured side by side)
+	@for b in benchmarks/*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done
+
+clean-runs: ## Delete generated run outputs (runs/)
+	rm -rf runs/

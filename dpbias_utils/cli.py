@@ -1,0 +1,71 @@
+"""`dpbias`: validate a profile, run its stage graph, print its plan."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from . import paths
+from .params import ParamsError, load_profile
+
+EXIT_BAD_PARAMS = 2
+
+
+def _load(path: str):
+    try:
+        return load_profile(path)
+    except ParamsError as exc:
+        for line in exc.messages:
+            print(f"error: {line}", file=sys.stderr)
+        sys.exit(EXIT_BAD_PARAMS)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="dpbias", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p_val = sub.add_parser("validate", help="validate a profile and exit (2 if invalid); writes nothing")
+    p_val.add_argument("params", nargs="?", default=str(paths.DEFAULT_PARAMS))
+    p_run = sub.add_parser("run", help="run (or resume) the profile's stage graph")
+    p_run.add_argument("params", nargs="?", default=str(paths.DEFAULT_PARAMS))
+    p_run.add_argument("--jobs", type=int, default=1, help="independent nodes run in parallel")
+    p_run.add_argument("--only", choices=["01", "02", "03", "04", "05"], help="run only this stage's nodes")
+    p_run.add_argument("--dry-run", action="store_true", help="print the plan (and cost estimate) and exit")
+    p_run.add_argument("--executor", choices=["local", "slurm"], default="local")
+    p_run.add_argument("--runs-dir", type=Path, default=None, help=f"output root (default {paths.RUNS})")
+    p_run.add_argument("--notebooks", type=Path, default=None, help="stage notebooks folder (development/tests)")
+    args = parser.parse_args(argv)
+
+    profile = _load(args.params)
+    if args.command == "validate":
+        print(f"{args.params}: valid profile '{profile.name}' with {len(profile.points())} training conditions")
+        return 0
+
+    from . import runner
+
+    if args.jobs < 1:
+        print(f"error: --jobs = {args.jobs}: must be >= 1", file=sys.stderr)
+        return EXIT_BAD_PARAMS
+    if args.dry_run:
+        print(runner.describe_plan(profile, args.runs_dir))
+        try:
+            from . import cost
+        except ImportError:
+            cost = None
+        if cost is not None:
+            print(cost.describe_cost(profile))
+        return 0
+    result = runner.run(profile, jobs=args.jobs, only=args.only, runs_dir=args.runs_dir, notebooks=args.notebooks,
+                        executor=args.executor)
+    profile_dir = paths.profile_dir(profile.name, args.runs_dir)
+    print(f"{len(result.completed)} nodes run, {len(result.skipped)} already complete, "
+          f"{len(result.failed)} failed, {len(result.blocked)} blocked")
+    for n in result.failed:
+        print(f"FAILED {n.stage}/{n.node_id}: see {n.folder(profile_dir) / 'notebook.ipynb'} and runner.log", file=sys.stderr)
+    for n in result.blocked:
+        print(f"BLOCKED {n.stage}/{n.node_id}: an upstream node failed or is missing", file=sys.stderr)
+    print(f"report: {profile_dir / 'index.html'}")
+    return 0 if result.ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,400 @@
+"""Typed schema of a study profile (`params/*.yaml`), validated before any work starts.
+
+A profile has sections that mirror the stages (`data`, `model`, `train`, `gradnorms`,
+`evaluation`), a `grid` (a list of blocks; each block is the cartesian product of its lists, the
+grid is their union) and `execution` (local / Slurm resources). Every error names the file, the
+field, the value and what is allowed; `ParamsError` carries all of them.
+
+Relative paths in a profile are resolved against the repository root (so `../shared/data/...`
+means the folder beside the checkout), then checked to exist.
+"""
+from __future__ import annotations
+
+import itertools
+import math
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from . import paths
+
+HUB_MODELS = ("distilgpt2", "gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
+BUILTIN = "builtin"
+
+PositiveInt = Annotated[int, Field(gt=0)]
+PositiveFloat = Annotated[float, Field(gt=0)]
+UnitFloat = Annotated[float, Field(ge=0, le=1)]
+OpenUnitFloat = Annotated[float, Field(gt=0, lt=1)]
+
+
+class ParamsError(ValueError):
+    """A profile that cannot be run; `messages` holds one line per problem."""
+
+    def __init__(self, messages: list[str]):
+        self.messages = messages
+        super().__init__("\n".join(messages))
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, validate_default=True)
+
+
+# --------------------------------------------------------------------------- data (stage 01)
+class ControlledCorpusParams(Section):
+    """The embedded, seeded stereotype corpus; skew = P(stereotype-consistent attribute)."""
+
+    n_train_sentences: PositiveInt = 6000
+    n_eval_sentences: PositiveInt = 1500
+    skew_occupation: UnitFloat = 0.9
+    skew_sentiment: UnitFloat = 0.8
+    skew_toxicity: UnitFloat = 0.8
+    neutral_fraction: UnitFloat = 0.2
+    nonbinary_fraction: UnitFloat = 0.0
+    seed: int = 1234
+
+
+class TextCorpusParams(Section):
+    """A real corpus: a hub dataset id (`wikitext`) or a local .txt/.parquet file or folder."""
+
+    source: str = "wikitext"
+    config: Optional[str] = "wikitext-103-raw-v1"
+    train_split: str = "train"
+    eval_split: str = "validation"
+    test_split: str = "test"
+    max_train_rows: Optional[PositiveInt] = None
+    max_eval_rows: Optional[PositiveInt] = None
+
+
+class DataParams(Section):
+    corpus: Literal["controlled", "text"] = "controlled"
+    controlled: ControlledCorpusParams = ControlledCorpusParams()
+    text: TextCorpusParams = TextCorpusParams()
+    block_size: PositiveInt = 64
+    swap_names: bool = False
+    max_train_units: Optional[PositiveInt] = None
+
+
+# --------------------------------------------------------------------------- model
+class BuiltinBaseParams(Section):
+    """Size of the offline base GPT-2 the project pretrains on the balanced controlled corpus."""
+
+    vocab_size: PositiveInt = 2000
+    n_layer: PositiveInt = 2
+    n_head: PositiveInt = 4
+    n_embd: PositiveInt = 64
+    n_positions: PositiveInt = 128
+    pretrain_sentences: PositiveInt = 20000
+    pretrain_epochs: PositiveFloat = 1.0
+    lr: PositiveFloat = 3e-3
+    batch_size: PositiveInt = 32
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _heads_divide_width(self):
+        if self.n_embd % self.n_head:
+            raise ValueError(f"n_embd={self.n_embd} must be divisible by n_head={self.n_head}")
+        return self
+
+
+class ModelParams(Section):
+    base: str = BUILTIN
+    builtin: BuiltinBaseParams = BuiltinBaseParams()
+
+
+# --------------------------------------------------------------------------- training (stage 02)
+class TrainParams(Section):
+    epochs: PositiveFloat = 1.0
+    lr: PositiveFloat = 1e-3
+    logical_batch_size: PositiveInt = 64
+    physical_batch_size: PositiveInt = 32
+    max_grad_norm: PositiveFloat = 0.1
+    delta: Optional[OpenUnitFloat] = None  # None: 1 / N**1.1, N = number of privacy units
+    accountant: Literal["prv", "rdp"] = "prv"
+    clipping: Literal["opacus", "fast"] = "opacus"
+    checkpoint_every: PositiveInt = 50
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    progress_points: list[Annotated[int, Field(ge=0, le=100)]] = [0, 25, 50, 100]
+
+    @field_validator("progress_points")
+    @classmethod
+    def _nonempty(cls, v):
+        if not v:
+            raise ValueError("must list at least one percentage")
+        return sorted(set(v))
+
+
+# --------------------------------------------------------------------------- stage 03
+class GradNormParams(Section):
+    max_units_per_split: Optional[PositiveInt] = 200
+    batch_size: PositiveInt = 16
+    n_boot: PositiveInt = 1000
+
+
+# --------------------------------------------------------------------------- stage 04
+class EvaluationParams(Section):
+    """Bias evaluation; `None` sources mean the embedded controlled-corpus variant."""
+
+    prompt_sets: list[str] = ["controlled"]
+    bold_source: Optional[str] = None
+    max_prompts_per_group: Optional[PositiveInt] = None
+    k: PositiveInt = 4
+    max_new_tokens: PositiveInt = 16
+    top_p: Annotated[float, Field(gt=0, le=1)] = 0.95
+    top_k: Annotated[int, Field(ge=0)] = 50
+    temperature: PositiveFloat = 1.0
+    batch_size: PositiveInt = 32
+    toxicity_backend: Literal["profanity", "detoxify"] = "profanity"
+    toxicity_checkpoint: Optional[str] = None
+    stereoset_source: Optional[str] = None
+    crows_pairs_source: Optional[str] = None
+    metrics: list[str] = [
+        "toxicity", "sentiment", "occupation", "gender_count", "local_bias", "perplexity", "stereotype",
+    ]
+    n_boot: PositiveInt = 1000
+
+    @field_validator("prompt_sets", "metrics")
+    @classmethod
+    def _nonempty(cls, v):
+        if not v:
+            raise ValueError("must not be empty")
+        return v
+
+
+# --------------------------------------------------------------------------- grid and execution
+class GridBlock(Section):
+    """One cartesian block; `epsilon: null` is the non-DP condition."""
+
+    epsilon: list[Optional[PositiveFloat]]
+    mixing_ratio: list[UnitFloat] = [0.0]
+    cda_mode: list[Literal["substitute", "augment"]] = ["substitute"]
+    seed: list[int] = [0]
+    max_grad_norm: Optional[list[PositiveFloat]] = None
+
+    @field_validator("epsilon", "mixing_ratio", "cda_mode", "seed", "max_grad_norm")
+    @classmethod
+    def _nonempty(cls, v):
+        if v is not None and len(v) == 0:
+            raise ValueError("grid lists must not be empty")
+        return v
+
+
+class StageResources(Section):
+    gpus: Annotated[int, Field(ge=0)] = 0
+    cpus: PositiveInt = 2
+    mem_gb: PositiveInt = 8
+    time_min: PositiveInt = 60
+
+
+class ExecutionParams(Section):
+    slurm_partition: Optional[str] = None
+    resources: dict[Literal["01", "02", "03", "04", "05"], StageResources] = {}
+
+
+class Profile(Section):
+    name: Optional[str] = None
+    description: str = ""
+    include_base: bool = True
+    data: DataParams = DataParams()
+    model: ModelParams = ModelParams()
+    train: TrainParams = TrainParams()
+    gradnorms: GradNormParams = GradNormParams()
+    evaluation: EvaluationParams = EvaluationParams()
+    grid: list[GridBlock]
+    execution: ExecutionParams = ExecutionParams()
+
+    @field_validator("grid")
+    @classmethod
+    def _grid_nonempty(cls, v):
+        if not v:
+            raise ValueError("the grid must have at least one block")
+        return v
+
+    def points(self) -> list[dict]:
+        """Every training condition of the grid, deduplicated, in a stable order."""
+        seen, out = set(), []
+        for block in self.grid:
+            clips = block.max_grad_norm or [self.train.max_grad_norm]
+            for eps, ratio, mode, seed, clip in itertools.product(
+                block.epsilon, block.mixing_ratio, block.cda_mode, block.seed, clips
+            ):
+                point = {
+                    "epsilon": eps,
+                    "mixing_ratio": float(ratio),
+                    "cda_mode": mode,
+                    "seed": seed,
+                    "max_grad_norm": float(clip),
+                }
+                key = tuple(point.values())
+                if key not in seen:
+                    seen.add(key)
+                    out.append(point)
+        return out
+
+
+# --------------------------------------------------------------------------- loading
+SECTIONS = ("name", "description", "include_base", "data", "model", "train", "gradnorms", "evaluation", "grid", "execution")
+
+_FLOAT_RE = re.compile(
+    r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+    |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+    |\.[0-9_]+(?:[eE][-+][0-9]+)?
+    |[-+]?\.(?:inf|Inf|INF)
+    |\.(?:nan|NaN|NAN))$""",
+    re.X,
+)
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that reads `1e-3` as a float (YAML 1.1 would read it as a string)."""
+
+
+_Loader.add_implicit_resolver("tag:yaml.org,2002:float", _FLOAT_RE, list("-+0123456789."))
+
+
+def _section_at(loc: tuple):
+    """The schema class that holds the field at `loc` (for listing allowed keys)."""
+    import typing
+
+    cls = Profile
+    for part in loc[:-1]:
+        if isinstance(part, int):
+            continue
+        ann = cls.model_fields[part].annotation
+        while typing.get_args(ann) and not (isinstance(ann, type) and issubclass(ann, BaseModel)):
+            ann = next((a for a in typing.get_args(ann) if isinstance(a, type) and issubclass(a, BaseModel)), typing.get_args(ann)[0])
+        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
+            return None
+        cls = ann
+    return cls
+
+
+def _describe_allowed(err: dict) -> str:
+    ctx = err.get("ctx") or {}
+    kind = err["type"]
+    if kind == "extra_forbidden":
+        try:
+            section = _section_at(err["loc"])
+        except (KeyError, AttributeError):
+            section = None
+        allowed = f": allowed keys here are {sorted(section.model_fields)}" if section else ""
+        return f"unknown key{allowed}"
+    if kind == "literal_error":
+        return f"must be one of {ctx.get('expected')}"
+    if kind in ("greater_than", "greater_than_equal", "less_than", "less_than_equal"):
+        ops = {"greater_than": ">", "greater_than_equal": ">=", "less_than": "<", "less_than_equal": "<="}
+        bound = next(iter(ctx.values()), "?")
+        return f"must be {ops[kind]} {bound}"
+    if kind == "missing":
+        return "is required"
+    return err["msg"][0].lower() + err["msg"][1:]
+
+
+def _field_name(loc: tuple) -> str:
+    name = ""
+    for part in loc:
+        if isinstance(part, int):
+            name += f"[{part}]"
+        elif part in ("function-after", "function-before") or str(part).startswith(("function-", "constrained-")):
+            continue
+        elif part in ("float", "int", "str", "bool", "list[...]", "dict[...]", "none"):
+            continue
+        else:
+            name += ("." if name else "") + str(part)
+    return name or "(top level)"
+
+
+def _value_at(raw: Any, loc: tuple) -> Any:
+    cur = raw
+    for part in loc:
+        try:
+            cur = cur[part]
+        except (KeyError, IndexError, TypeError):
+            return None if not isinstance(part, str) or part not in ("float", "int", "str", "bool") else cur
+    return cur
+
+
+def resolve_path(value: str) -> Path:
+    """Profile paths are relative to the repository root unless absolute (`~` expanded)."""
+    p = Path(value).expanduser()
+    return p if p.is_absolute() else (paths.REPO_ROOT / p).resolve()
+
+
+def looks_like_path(value: str) -> bool:
+    return value.startswith((".", "/", "~")) or value.endswith((".txt", ".json", ".csv", ".parquet", ".ckpt", ".pt"))
+
+
+def _check_paths(profile: Profile) -> list[tuple[str, Any, str]]:
+    """(field, value, problem) for every local path that does not exist."""
+    problems = []
+    base = profile.model.base
+    if base != BUILTIN and base not in HUB_MODELS:
+        if not resolve_path(base).is_dir():
+            problems.append(("model.base", base, f"must be '{BUILTIN}', a hub id {list(HUB_MODELS)} or an existing local model folder"))
+    if profile.data.corpus == "text":
+        src = profile.data.text.source
+        if looks_like_path(src) and not resolve_path(src).exists():
+            problems.append(("data.text.source", src, "local corpus path does not exist (or give a hub dataset id such as 'wikitext')"))
+    ev = profile.evaluation
+    for field in ("bold_source", "stereoset_source", "crows_pairs_source", "toxicity_checkpoint"):
+        value = getattr(ev, field)
+        if value and looks_like_path(value) and not resolve_path(value).exists():
+            problems.append((f"evaluation.{field}", value, "local path does not exist"))
+    if profile.train.physical_batch_size > profile.train.logical_batch_size:
+        problems.append(("train.physical_batch_size", profile.train.physical_batch_size,
+                         f"must be <= train.logical_batch_size ({profile.train.logical_batch_size})"))
+    return problems
+
+
+def parse_profile(raw: Any, source: str = "<params>") -> Profile:
+    """Validate an already-loaded mapping; raises ParamsError naming `source`."""
+    if not isinstance(raw, dict):
+        raise ParamsError([f"{source}: the profile must be a YAML mapping of sections {list(SECTIONS)}, got {type(raw).__name__}"])
+    try:
+        profile = Profile.model_validate(raw)
+    except ValidationError as exc:
+        lines = []
+        for err in exc.errors():
+            field = _field_name(err["loc"])
+            value = err.get("input") if err["type"] != "extra_forbidden" else _value_at(raw, err["loc"])
+            if err["type"] == "missing":
+                lines.append(f"{source}: field '{field}' {_describe_allowed(err)}")
+            else:
+                lines.append(f"{source}: field '{field}' = {value!r}: {_describe_allowed(err)}")
+        raise ParamsError(lines) from None
+    problems = _check_paths(profile)
+    if problems:
+        raise ParamsError([f"{source}: field '{f}' = {v!r}: {why}" for f, v, why in problems])
+    if profile.name is None:
+        profile.name = Path(source).stem if source != "<params>" else "adhoc"
+    if not re.fullmatch(r"[A-Za-z0-9_.-]+", profile.name):
+        raise ParamsError([f"{source}: field 'name' = {profile.name!r}: must contain only letters, digits, '_', '.', '-'"])
+    return profile
+
+
+def load_profile(path: str | Path) -> Profile:
+    """Read and validate a profile file. Nothing is written, whatever happens."""
+    path = Path(path)
+    shown = str(path)
+    if not path.is_file():
+        raise ParamsError([f"{shown}: profile file not found (profiles live in {paths.PARAMS})"])
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ParamsError([f"{shown}: not UTF-8 text (byte {exc.start})"]) from None
+    try:
+        raw = yaml.load(text, Loader=_Loader)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ParamsError([f"{shown}: malformed YAML{where}: {problem}"]) from None
+    if raw is None:
+        raise ParamsError([f"{shown}: the profile is empty (it needs at least a 'grid')"])
+    return parse_profile(raw, shown)
+
+
+def is_finite_epsilon(eps: Optional[float]) -> bool:
+    return eps is not None and math.isfinite(eps)
