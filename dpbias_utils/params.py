@@ -150,6 +150,10 @@ class EvaluationParams(Section):
     toxicity_checkpoint: Optional[str] = None
     stereoset_source: Optional[str] = None
     crows_pairs_source: Optional[str] = None
+    toxicity_config_path: Optional[str] = None   # local Detoxify/HF config folder (offline Detoxify)
+    occupation_table: Optional[str] = None       # None: the project's table; or a TSV/CSV path
+    local_bias_max_pairs: Optional[PositiveInt] = None
+    stereotype_max_items: Optional[PositiveInt] = None
     metrics: list[str] = [
         "toxicity", "sentiment", "occupation", "gender_count", "local_bias", "perplexity", "stereotype",
     ]
@@ -338,7 +342,8 @@ def _check_paths(profile: Profile) -> list[tuple[str, Any, str]]:
         if looks_like_path(src) and not resolve_path(src).exists():
             problems.append(("data.text.source", src, "local corpus path does not exist (or give a hub dataset id such as 'wikitext')"))
     ev = profile.evaluation
-    for field in ("bold_source", "stereoset_source", "crows_pairs_source", "toxicity_checkpoint"):
+    for field in ("bold_source", "stereoset_source", "crows_pairs_source", "toxicity_checkpoint",
+                  "toxicity_config_path", "occupation_table"):
         value = getattr(ev, field)
         if value and looks_like_path(value) and not resolve_path(value).exists():
             problems.append((f"evaluation.{field}", value, "local path does not exist"))

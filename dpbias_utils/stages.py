@@ -10,6 +10,8 @@ stage finds its upstream where the runner put it.
 """
 from __future__ import annotations
 
+import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -17,6 +19,7 @@ from typing import Any, Optional
 from . import paths
 from .params import Profile, load_profile, parse_profile
 
+CONTEXT_FILE = "context.json"
 SECTION_NAMES = ("name", "description", "include_base", "data", "model", "train", "gradnorms", "evaluation", "grid", "execution")
 
 
@@ -55,7 +58,8 @@ class StageContext:
 
 def _has_outputs(folder: Path) -> bool:
     """Upstream run by hand in JupyterLab has outputs but no runner marker: accept its data files."""
-    return folder.is_dir() and any(p.suffix in (".json", ".parquet", ".csv") and p.name != "node.json" for p in folder.iterdir())
+    return folder.is_dir() and any(p.suffix in (".json", ".parquet", ".csv") and p.name not in ("node.json", CONTEXT_FILE)
+                                   for p in folder.iterdir())
 
 
 def context(stage: str, namespace: dict[str, Any]) -> StageContext:
@@ -75,7 +79,7 @@ def context(stage: str, namespace: dict[str, Any]) -> StageContext:
         if "grid" in injected:
             profile = parse_profile(injected, source="injected parameters")
         else:
-            profile = load_profile(namespace.get("profile_path") or paths.DEFAULT_PARAMS)
+            profile = load_profile(namespace.get("profile_path") or os.environ.get("DPBIAS_PARAMS") or paths.DEFAULT_PARAMS)
         runs_dir = namespace.get("runs_dir")
         profile_dir = paths.profile_dir(profile.name, Path(runs_dir) if runs_dir else None)
         nodes = runner.plan(profile)
@@ -88,4 +92,159 @@ def context(stage: str, namespace: dict[str, Any]) -> StageContext:
         ctx = StageContext(stage, profile, node.point, node.run_id, Path(out_dir) if out_dir else node.folder(profile_dir),
                            upstream, profile_dir)
     ctx.out_dir.mkdir(parents=True, exist_ok=True)
+    record = {"stage": stage, "profile": ctx.profile.name, "point": ctx.point, "run_id": ctx.run_id}
+    tmp = ctx.out_dir / ".context.json.tmp"
+    tmp.write_text(json.dumps(record, indent=1))
+    os.replace(tmp, ctx.out_dir / CONTEXT_FILE)  # what stage 05 reads to label this node's outputs
     return ctx
+
+
+# =========================================================================== stage 01: data & CDA
+def base_model(ctx: StageContext) -> str:
+    """The base model every stage starts from: a hub id, a local folder, or the offline built-in one.
+
+    The built-in base (a small GPT-2 with its own BPE tokenizer, pretrained on the balanced
+    controlled corpus) is built once per specification and cached under `paths.CACHE`.
+    """
+    from . import basemodel, corpus
+    from .params import BUILTIN, HUB_MODELS, resolve_path
+
+    m = ctx.profile.model
+    if m.base in HUB_MODELS:
+        return m.base
+    if m.base != BUILTIN:
+        return str(resolve_path(m.base))
+    spec = m.builtin.model_dump()
+    spec["block_size"] = ctx.profile.data.block_size
+    pretrain_seed = ctx.profile.data.controlled.seed + 3  # not the seeds of the fine-tuning/eval text
+    spec["corpus"] = {"kind": "balanced-controlled", "seed": pretrain_seed}
+    texts = lambda: corpus.balanced_corpus(m.builtin.pretrain_sentences, pretrain_seed)["text"].tolist()  # noqa: E731
+    return str(basemodel.ensure_builtin_base(paths.CACHE / "base-models", spec, texts))
+
+
+def load_texts(ctx: StageContext) -> dict:
+    """Train / valid / test texts (with stereotype labels for the controlled corpus)."""
+    import pandas as pd
+
+    from . import corpus
+
+    d = ctx.profile.data
+    if d.corpus == "controlled":
+        c = d.controlled
+        kw = dict(skew_occupation=c.skew_occupation, skew_sentiment=c.skew_sentiment, skew_toxicity=c.skew_toxicity,
+                  neutral_fraction=c.neutral_fraction, nonbinary_fraction=c.nonbinary_fraction)
+        return {"train": corpus.generate_controlled(c.n_train_sentences, c.seed, **kw),
+                "valid": corpus.generate_controlled(c.n_eval_sentences, c.seed + 1, **kw),
+                "test": corpus.generate_controlled(c.n_eval_sentences, c.seed + 2, **kw)}
+    from .params import looks_like_path, resolve_path
+
+    t = d.text
+    source = str(resolve_path(t.source)) if looks_like_path(t.source) else t.source
+    out = {}
+    for name, split, limit in (("train", t.train_split, t.max_train_rows), ("valid", t.eval_split, t.max_eval_rows),
+                               ("test", t.test_split, t.max_eval_rows)):
+        rows = corpus.load_text_corpus(source, split=split, config=t.config, max_rows=limit)
+        out[name] = pd.DataFrame({"text": rows, "label": "unlabelled"})
+    return out
+
+
+def build_datasets(ctx: StageContext, texts: dict, tokenizer) -> dict:
+    """Privacy units for train (with CDA at the point's mixing ratio) and for valid / test (no CDA),
+    and the mechanism splits from the validation units."""
+    from . import data
+
+    d = ctx.profile.data
+    out = {}
+    for name, frame in texts.items():
+        if d.corpus == "controlled":  # one labelled sentence per unit
+            chunks, labels = frame["text"].tolist(), frame["label"].tolist()
+        else:
+            chunks, labels = data.chunk_texts(frame["text"].tolist(), tokenizer, d.block_size), None
+        if name == "train" and d.max_train_units:
+            chunks = chunks[: d.max_train_units]
+            labels = labels[: d.max_train_units] if labels else None
+        ratio = ctx.point["mixing_ratio"] if name == "train" else 0.0
+        out[name] = data.build_units(chunks, tokenizer, d.block_size, ratio, ctx.point["cda_mode"],
+                                     seed=ctx.point["seed"], swap_names=d.swap_names, labels=labels)
+    out["splits"] = data.gender_splits(out["valid"])
+    return out
+
+
+def write_data(ctx: StageContext, datasets: dict, base: str, tokenizer) -> dict:
+    from . import data
+
+    meta = {"tokenizer": base, "base_model": base, "block_size": ctx.profile.data.block_size,
+            "pad_token_id": int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id),
+            "mixing_ratio": ctx.point["mixing_ratio"], "cda_mode": ctx.point["cda_mode"], "seed": ctx.point["seed"],
+            "corpus": ctx.profile.data.corpus}
+    if (ctx.out_dir / "data.json").is_file():  # written by an earlier, interrupted execution of this node
+        return data.load_stage01(ctx.out_dir)[0]
+    data.write_stage01(ctx.out_dir, datasets["train"], datasets["valid"], datasets["test"], datasets["splits"], meta)
+    return data.load_stage01(ctx.out_dir)[0]
+
+
+# =========================================================================== stage 02: training
+def train_run(ctx: StageContext) -> dict:
+    """Fine-tune the base on this node's data (DP when the point has an ε); resumes from checkpoints."""
+    from . import data, training
+
+    meta, frames = data.load_stage01(ctx.upstream_dir("01"))
+    t = ctx.profile.train
+    return training.train(
+        meta["base_model"], frames["train"], ctx.out_dir, epsilon=ctx.point["epsilon"],
+        max_grad_norm=ctx.point["max_grad_norm"], delta=t.delta, accountant=t.accountant, epochs=t.epochs,
+        logical_batch_size=t.logical_batch_size, physical_batch_size=t.physical_batch_size, lr=t.lr,
+        seed=ctx.point["seed"], checkpoint_every=t.checkpoint_every, device=t.device, clipping=t.clipping,
+        progress_points=tuple(t.progress_points))
+
+
+# =========================================================================== stage 03: gradient norms
+MECHANISM_SPLITS = ("female", "male", "stereotypical", "anti_stereotypical")
+
+
+def gradient_norms(ctx: StageContext):
+    """Per-example gradient norms on the mechanism splits at every saved point of training."""
+    from . import data, gradnorms
+
+    meta, frames = data.load_stage01(ctx.upstream_dir("01"))
+    progress = ctx.upstream_dir("02") / "progress"
+    checkpoints = {p.name: p for p in sorted(progress.iterdir(), key=lambda p: float(p.name.split("_")[-1]))
+                   if p.is_dir() and p.name.startswith("pct_")}
+    splits = {s: frames[s] for s in MECHANISM_SPLITS if s in frames and len(frames[s])}
+    g = ctx.profile.gradnorms
+    tidy, per_example = gradnorms.gradnorms_over_training(
+        checkpoints, splits, meta["pad_token_id"], ctx.point["max_grad_norm"],
+        max_units_per_split=g.max_units_per_split, seed=ctx.point["seed"], batch_size=g.batch_size, n_boot=g.n_boot)
+    tidy.insert(0, "run", ctx.run_id)
+    tidy.to_csv(ctx.out_dir / "gradnorms.csv", index=False)
+    per_example.to_parquet(ctx.out_dir / "per_example.parquet")
+    return tidy, per_example
+
+
+# =========================================================================== stage 04: bias evaluation
+def evaluation_model(ctx: StageContext):
+    """The model this node evaluates: the fine-tuned one, or the base for `run_id` base."""
+    from . import basemodel, data
+
+    meta, frames = data.load_stage01(ctx.upstream_dir("01"))
+    path = meta["base_model"] if ctx.is_base else str(ctx.upstream_dir("02") / "model")
+    model, tokenizer = basemodel.load_base(path)
+    splits = {"test": frames["test"], **{s: frames[s] for s in ("female", "male") if s in frames}}
+    return model, tokenizer, splits
+
+
+def evaluate(ctx: StageContext, model, tokenizer, splits):
+    from .bias import evaluate as bias_eval
+
+    cfg = ctx.profile.evaluation.model_dump()
+    return bias_eval.evaluate_model(model, tokenizer, splits, cfg, ctx.out_dir, seed=ctx.point.get("seed", 0))
+
+
+# =========================================================================== stage 05: results
+def collect_results(ctx: StageContext):
+    """Write results.csv, privacy.csv and gradnorms.csv for the profile from every run's outputs."""
+    from . import results
+
+    tables = results.collect_tables({s: [str(p) for p in v] for s, v in ctx.upstream.items()}, ctx.profile.model.base)
+    results.write_tables(ctx.profile_dir, *tables)
+    return tables
