@@ -24,6 +24,8 @@ RESULT_COLUMNS = CONDITION_COLUMNS + ["metric", "group", "value", "ci_low", "ci_
 PRIVACY_COLUMNS = ["run_id", "epsilon_target", "epsilon_spent", "delta", "noise_multiplier", "sample_rate",
                    "steps", "n_units", "accountant"]
 GRAD_SPLITS = ("female", "male", "diff", "stereotypical", "anti_stereotypical", "stereo_minus_anti")
+# stage 03 names its contrast rows "<a>-<b>"; the results tables call female - male "diff".
+GRAD_SPLIT_NAMES = {"female-male": "diff", "stereotypical-anti_stereotypical": "stereo_minus_anti"}
 # The bias metrics whose female - male difference is the study's outcome (name -> label for figures).
 BIAS_METRICS = {
     "toxicity": "toxicity (female - male)",
@@ -66,7 +68,8 @@ def collect_tables(upstream: dict[str, list[str]], model_name: str) -> tuple[pd.
     for folder in map(Path, upstream.get("03", [])):
         params = _node_json(folder)
         cond = condition_of(params["point"], params["run_id"], model_name)
-        table = pd.read_csv(folder / "gradnorms.csv")
+        table = pd.read_csv(folder / "gradnorms.csv").drop(columns=["run"], errors="ignore")
+        table["split"] = table["split"].replace(GRAD_SPLIT_NAMES)
         grads.append(table.assign(**cond))
         pct = table["checkpoint"].map(_pct)
         final = table[pct == pct.max()]

@@ -1,0 +1,446 @@
+"""Where stage 01's text comes from: a real corpus (hub id or local files) or the controlled corpus.
+
+The controlled stereotype corpus is the offline default. It is generated from a seed, so every run of
+a profile sees the same sentences, and its bias is a parameter: for each attribute family
+(occupations, sentiment descriptors, insults) ``skew`` is the probability that a sentence about a
+woman or a man uses an attribute stereotyped for that gender (0.5 = no association). The bias metrics
+of stage 04 can then be checked against a known truth, and DP's amplification of it measured.
+
+Stereotype directions mirror what the paper measures on real text: female-stereotyped occupations
+(nurse, receptionist, ...) versus male-stereotyped ones (engineer, carpenter, ...); negative
+descriptions and insults are stereotypically directed at women, positive descriptions and
+respectful words at men.
+"""
+from __future__ import annotations
+
+import random
+import re
+from pathlib import Path
+
+import pandas as pd
+
+from . import lexicon
+
+
+class CorpusError(ValueError):
+    """A corpus that cannot be loaded or generated; the message names the argument or file."""
+
+
+# --------------------------------------------------------------------------- real text corpora
+_SPLIT_ALIASES = {
+    "validation": ("validation", "valid", "val", "dev"),
+    "valid": ("validation", "valid", "val", "dev"),
+    "val": ("validation", "valid", "val", "dev"),
+    "dev": ("validation", "valid", "val", "dev"),
+}
+
+
+def load_text_corpus(
+    source: str,
+    split: str,
+    config: str | None = "wikitext-103-raw-v1",
+    max_rows: int | None = None,
+) -> list[str]:
+    """Non-empty text rows of ``split`` from a local file/folder or, failing that, a hub dataset id.
+
+    Local forms: a ``.txt`` file (one row per line), a ``.parquet`` file with a ``text`` column, or a
+    folder laid out like the hub (``<dir>/<config>/<split>-*.parquet``), or holding
+    ``<split>*.parquet`` / ``<split>*.txt`` / ``*.<split>.*.txt`` files (``wikitext-103.valid.tokens.txt``
+    serves ``validation``). Rows are returned as stored; rows that are empty or whitespace are dropped.
+    """
+    if not isinstance(source, str) or not source.strip():
+        raise CorpusError(f"source must be a non-empty str (hub id or path), got {source!r}")
+    if not isinstance(split, str) or not split:
+        raise CorpusError(f"split must be a non-empty str such as 'train' or 'validation', got {split!r}")
+    if max_rows is not None and (not isinstance(max_rows, int) or isinstance(max_rows, bool) or max_rows < 1):
+        raise CorpusError(f"max_rows must be a positive int or None, got {max_rows!r}")
+
+    path = Path(source).expanduser()
+    if path.exists():
+        files = _local_split_files(path, split, config) if path.is_dir() else [path]
+        rows: list[str] = []
+        for file in files:
+            rows.extend(_read_rows(file))
+            if max_rows is not None and _count_nonempty(rows) >= max_rows:
+                break
+        where = str(path)
+    elif _looks_like_path(source):
+        raise CorpusError(f"corpus path {source!r} does not exist")
+    else:
+        rows = _load_hub(source, config, split)
+        where = f"hub dataset {source!r} (config {config!r})"
+
+    texts = [row for row in rows if isinstance(row, str) and row.strip()]
+    if max_rows is not None:
+        texts = texts[:max_rows]
+    if not texts:
+        raise CorpusError(f"split {split!r} of {where} has no non-empty text rows")
+    return texts
+
+
+def _count_nonempty(rows: list[str]) -> int:
+    return sum(1 for row in rows if row.strip())
+
+
+def _looks_like_path(source: str) -> bool:
+    """A missing path gets a clear error instead of an attempt to download it from the hub."""
+    return (
+        source.startswith(("/", "./", "../", "~"))
+        or source.endswith((".txt", ".parquet"))
+        or source.count("/") > 1
+        or "\\" in source
+    )
+
+
+def _local_split_files(folder: Path, split: str, config: str | None) -> list[Path]:
+    """The files of ``split`` in ``folder``; several shards of one split are read in name order."""
+    names = _SPLIT_ALIASES.get(split, (split,))
+    for name in names:
+        # Exact layouts, where several matches are shards of one split.
+        patterns = ([f"{config}/{name}-*.parquet"] if config else []) + [
+            f"{name}-*.parquet",
+            f"{name}.parquet",
+            f"{name}.txt",
+            f"{name}-*.txt",
+        ]
+        for pattern in patterns:
+            shards = sorted(p for p in folder.glob(pattern) if p.is_file())
+            if shards:
+                return shards
+    # Loose naming (``wikitext-103.valid.tokens.txt``): several matches are different corpora.
+    # "*.valid.*txt" matches both "x.valid.txt" and "x.valid.tokens.txt".
+    candidates = sorted(
+        {p for name in names for ext in ("txt", "parquet") for p in folder.glob(f"*.{name}.*{ext}") if p.is_file()}
+    )
+    if len(candidates) > 1 and config:
+        stem = re.split(r"-(?:raw|v\d)", config)[0]
+        narrowed = [p for p in candidates if p.name.startswith(stem + ".") or p.name.startswith(stem + "-")]
+        candidates = narrowed or candidates
+    if len(candidates) == 1:
+        return candidates
+    if candidates:
+        raise CorpusError(
+            f"split {split!r} is ambiguous in {folder}: {[p.name for p in candidates]}; "
+            "pass one file as source, or a config that names one"
+        )
+    raise CorpusError(
+        f"no file for split {split!r} in {folder}; expected <config>/{split}-*.parquet, "
+        f"{split}*.parquet, {split}*.txt or *.{split}.*.txt"
+    )
+
+
+def _read_rows(file: Path) -> list[str]:
+    suffix = file.suffix.lower()
+    if suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        try:
+            table = pq.read_table(file)
+        except Exception as error:  # pyarrow raises several types for corrupt files
+            raise CorpusError(f"cannot read parquet file {file}: {error}") from error
+        if "text" not in table.column_names:
+            raise CorpusError(f"parquet file {file} has no 'text' column (columns: {table.column_names})")
+        return [row for row in table.column("text").to_pylist() if row is not None]
+    if suffix in (".txt", ".raw", ".tokens") or suffix == "":
+        data = file.read_bytes()
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError as error:
+            raise CorpusError(
+                f"{file} is not UTF-8: undecodable byte 0x{data[error.start]:02x} at byte offset {error.start}"
+            ) from error
+        return [line.rstrip("\r") for line in text.split("\n")]
+    raise CorpusError(f"corpus file {file} must end in .txt or .parquet, got {suffix!r}")
+
+
+def _load_hub(source: str, config: str | None, split: str) -> list[str]:
+    """The real download path (``datasets``); offline it fails with a message saying what to do."""
+    try:
+        import datasets
+    except ImportError as error:  # pragma: no cover - datasets is a dependency
+        raise CorpusError("loading a hub dataset needs the 'datasets' package") from error
+    try:
+        dataset = datasets.load_dataset(source, config, split=split)
+    except Exception as error:
+        raise CorpusError(
+            f"could not load hub dataset {source!r} (config {config!r}, split {split!r}): "
+            f"{type(error).__name__}: {error}. Offline (HF_DATASETS_OFFLINE=1) or without network, "
+            "point the corpus source at a local .txt/.parquet file or folder instead"
+        ) from error
+    if "text" not in dataset.column_names:
+        raise CorpusError(f"hub dataset {source!r} has no 'text' column (columns: {dataset.column_names})")
+    return list(dataset["text"])
+
+
+# --------------------------------------------------------------------------- controlled corpus
+# Occupation -> the gender it is stereotyped for (share of women in lexicon.OCCUPATION_FEMALE_SHARE).
+CONTROLLED_OCCUPATIONS: dict[str, str] = {
+    "nurse": "female",
+    "receptionist": "female",
+    "secretary": "female",
+    "hairdresser": "female",
+    "librarian": "female",
+    "nanny": "female",
+    "housekeeper": "female",
+    "dietitian": "female",
+    "paralegal": "female",
+    "cashier": "female",
+    "babysitter": "female",
+    "florist": "female",
+    "engineer": "male",
+    "carpenter": "male",
+    "plumber": "male",
+    "electrician": "male",
+    "mechanic": "male",
+    "firefighter": "male",
+    "pilot": "male",
+    "programmer": "male",
+    "architect": "male",
+    "welder": "male",
+    "machinist": "male",
+    "surgeon": "male",
+}
+# Sentiment descriptors: negative ones are stereotypically directed at women, positive ones at men.
+POSITIVE_DESCRIPTORS: tuple[str, ...] = (
+    "brilliant", "talented", "confident", "successful", "wise", "honest",
+    "generous", "reliable", "intelligent", "ambitious", "cheerful", "friendly",
+)
+NEGATIVE_DESCRIPTORS: tuple[str, ...] = (
+    "dishonest", "selfish", "cruel", "rude", "greedy", "jealous",
+    "bitter", "careless", "weak", "miserable", "nasty", "boring",
+)
+# Toxicity: mild insults stereotypically directed at women (each one alone scores > 0.5 with the
+# alt-profanity-check classifier); the male-stereotyped counterpart is a respectful word in the
+# same slot (each scores < 0.5).
+INSULTS: tuple[str, ...] = (
+    "stupid", "dumb", "idiotic", "pathetic", "ugly", "useless",
+    "disgusting", "lazy", "moronic", "foolish", "ignorant", "trashy",
+)
+RESPECTFUL_WORDS: tuple[str, ...] = (
+    "polite", "respectful", "thoughtful", "considerate", "decent", "gracious",
+    "sensible", "courteous", "capable", "admirable", "dignified", "fair",
+)
+# family -> attribute -> the gender it is stereotypically associated with.
+FAMILY_ATTRIBUTES: dict[str, dict[str, str]] = {
+    "occupation": dict(CONTROLLED_OCCUPATIONS),
+    "sentiment": {**{d: "male" for d in POSITIVE_DESCRIPTORS}, **{d: "female" for d in NEGATIVE_DESCRIPTORS}},
+    "toxicity": {**{w: "male" for w in RESPECTFUL_WORDS}, **{w: "female" for w in INSULTS}},
+}
+FAMILIES: tuple[str, ...] = tuple(FAMILY_ATTRIBUTES)
+
+# Prompt phrasings of Sheng et al. (2019) that the corpus's templates contain verbatim, so stage 04
+# can prompt a model in the corpus's own vocabulary.
+OCCUPATION_PROMPT_PHRASES: tuple[str, ...] = (
+    "worked as", "had a job as", "earned money by", "had a part-time job as", "started working as",
+)
+RESPECT_PROMPT_PHRASES: tuple[str, ...] = (
+    "was known for", "was described as", "was regarded as", "was thought of as", "was well-known for",
+)
+
+# Subject noun pairs (male, female) so CDA maps a subject onto its counterpart exactly.
+SUBJECT_NOUN_PAIRS: tuple[tuple[str, str], ...] = (
+    ("the man", "the woman"), ("the boy", "the girl"), ("the young man", "the young woman"),
+    ("the gentleman", "the lady"), ("my brother", "my sister"), ("my father", "my mother"),
+    ("my uncle", "my aunt"), ("my son", "my daughter"), ("my grandfather", "my grandmother"),
+    ("my nephew", "my niece"), ("my husband", "my wife"), ("my boyfriend", "my girlfriend"),
+)
+NONBINARY_SUBJECTS: tuple[str, ...] = (
+    "the person", "my friend", "the student", "my neighbour", "the stranger", "my cousin",
+    "Alex", "Sam", "Jordan", "Taylor", "Casey", "Morgan", "Riley",
+)
+_PRONOUNS = {"female": ("she", "her", "her"), "male": ("he", "him", "his"), "nonbinary": ("they", "them", "their")}
+
+# {S}/{s}: subject (at the start / inside), {O}: object form, {P}: possessive form, {p}: the subject
+# again as a pronoun (the noun for non-binary subjects, so verbs agree), {A}: attribute, {AA}: attribute
+# with its article (a nurse, an engineer), {N}: a number. The first letter is capitalised afterwards.
+_TEMPLATES: dict[str, tuple[str, ...]] = {
+    "occupation": (
+        "{S} worked as {AA}",
+        "{S} had a job as {AA}",
+        "{S} had a part-time job as {AA}",
+        "{S} started working as {AA}",
+        "{S} earned money by working as {AA}",
+        "{S} was known for being a good {A}",
+        "{S} was well-known for being a skilled {A}",
+        "{S} trained for years to become {AA}",
+        "After finishing school , {s} became {AA}",
+        "{P} dream was to become {AA}",
+        "{S} has been {AA} for {N} years",
+        "{S} applied for a position as {AA}",
+        "{S} was hired as {AA} last year",
+        "Everyone knew that {s} was {AA}",
+        "{S} found work as {AA} in the city",
+        "The town needed {AA} , so {s} took the job",
+    ),
+    "sentiment": (
+        "{S} was described as {A}",
+        "{S} was regarded as {A}",
+        "{S} was thought of as {A}",
+        "{S} was known for being {A}",
+        "{S} was well-known for being {A}",
+        "{S} was very {A}",
+        "{S} seemed {A} to everyone",
+        "People said that {s} was {A}",
+        "{P} colleagues found {O} {A}",
+        "The neighbours described {O} as {A}",
+        "{S} had always been {A}",
+        "Many people considered {O} {A}",
+    ),
+    "toxicity": (
+        "Someone online called {O} {A}",
+        "The comments said that {s} was {A}",
+        "{S} was called {A} by strangers",
+        "Everyone agreed that {s} was {A}",
+        "The message told {O} that {p} was {A}",
+        "{S} was treated as if {p} was {A}",
+        "People kept saying {s} was {A}",
+        "The critic wrote that {s} looked {A}",
+        "{S} was described as {A} by the crowd",
+        "Nobody could believe how {A} {s} was",
+    ),
+}
+# Optional endings with the subject's pronoun (never with "was", so "they" agrees).
+_CONTINUATIONS: tuple[str, ...] = (
+    " , and {p} never complained", " , and {p} liked it", " before {p} turned thirty", " for many years",
+    " in {Y}", " last summer", " , although {p} had other plans", " in the town where {p} grew up",
+    " , and {p} told everyone about it", " after {p} moved to the city",
+)
+
+_FILLER_TEMPLATES: tuple[str, ...] = (
+    "The {thing} was {adj} and {adj2}",
+    "In the {season} , the {thing} near the {place} was {adj}",
+    "A {adj} {animal} crossed the {place} in the {time}",
+    "The {group} met at the {place} to discuss the {topic}",
+    "{Num} {animals} lived near the {place}",
+    "It rained for {n} days in the {place}",
+    "The report about the {topic} was published in {Y}",
+    "People visited the {place} every {day}",
+    "The old {thing} was repaired in {Y}",
+    "There were {n} {thing}s on the table",
+    "The {group} decided to postpone the {topic} until the {season}",
+    "The {thing} by the {place} looked {adj} in the {time}",
+    "Nobody expected the {topic} to last {n} hours",
+    "The {animal} slept under the {thing} all {time}",
+)
+_FILLER_WORDS: dict[str, tuple[str, ...]] = {
+    "thing": ("train", "bridge", "garden", "house", "road", "boat", "clock", "lamp", "wall", "window", "tower", "fence"),
+    "adj": ("quiet", "old", "green", "narrow", "bright", "cold", "wet", "tall", "small", "busy", "empty", "warm"),
+    "adj2": ("dusty", "calm", "crowded", "noisy", "clean", "dark", "broad", "steep", "sunny", "grey"),
+    "season": ("spring", "summer", "autumn", "winter"),
+    "place": ("river", "market", "station", "harbour", "square", "forest", "library", "museum", "valley", "lake"),
+    "animal": ("fox", "dog", "cat", "horse", "bird", "rabbit", "goat", "duck"),
+    "animals": ("foxes", "dogs", "cats", "horses", "birds", "rabbits", "goats", "ducks"),
+    "time": ("morning", "afternoon", "evening", "night"),
+    "group": ("committee", "council", "team", "class", "club", "crew", "board", "choir"),
+    "topic": ("budget", "festival", "election", "harvest", "weather", "exhibition", "match", "repairs"),
+    "day": ("week", "month", "weekend", "year", "day"),
+    "Num": ("Two", "Three", "Four", "Five", "Several", "Many"),
+}
+
+
+def _article(word: str) -> str:
+    return ("an " if word[0] in "aeiou" else "a ") + word
+
+
+def _capitalise(text: str) -> str:
+    return text[:1].upper() + text[1:]
+
+
+def _check_unit(name: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= float(value) <= 1.0:
+        raise CorpusError(f"{name} must be a number in [0, 1], got {value!r}")
+    return float(value)
+
+
+def _subject(rng: random.Random, gender: str) -> dict[str, str]:
+    """Template slots of a random subject of ``gender``: a pronoun, a noun phrase or a first name."""
+    if gender == "nonbinary":
+        noun = rng.choice(NONBINARY_SUBJECTS)
+        return {"s": noun, "O": noun, "P": noun + " 's", "p": noun}
+    pick = rng.random()
+    if pick < 0.35:
+        nominative, obj, possessive = _PRONOUNS[gender]
+        return {"s": nominative, "O": obj, "P": possessive, "p": nominative}
+    index = 1 if gender == "female" else 0
+    if pick < 0.8:
+        noun = rng.choice(SUBJECT_NOUN_PAIRS)[index]
+    else:
+        noun = rng.choice(lexicon.NAME_PAIRS)[index].capitalize()
+    return {"s": noun, "O": noun, "P": noun + " 's", "p": _PRONOUNS[gender][0]}
+
+
+def _fill(template: str, subject: dict[str, str], attribute: str, rng: random.Random) -> str:
+    text = template.format(S=subject["s"], A=attribute, AA=_article(attribute), N=rng.randint(2, 30), **subject)
+    return _capitalise(text)
+
+
+def _filler_sentence(rng: random.Random) -> str:
+    template = rng.choice(_FILLER_TEMPLATES)
+    slots = {key: rng.choice(values) for key, values in _FILLER_WORDS.items()}
+    slots.update(n=rng.randint(2, 12), Y=rng.randint(1950, 2019))
+    return _capitalise(template.format(**slots)) + " ."
+
+
+def generate_controlled(
+    n_sentences: int,
+    seed: int,
+    skew_occupation: float = 0.9,
+    skew_sentiment: float = 0.8,
+    skew_toxicity: float = 0.8,
+    neutral_fraction: float = 0.2,
+    nonbinary_fraction: float = 0.0,
+) -> pd.DataFrame:
+    """The controlled stereotype corpus: one sentence per row, the same rows for the same arguments.
+
+    Each row is, with probability ``neutral_fraction``, a gender-neutral filler sentence; otherwise a
+    sentence about a subject (non-binary with probability ``nonbinary_fraction``, else female or male
+    with equal probability) in a uniformly chosen family whose attribute is stereotype-consistent
+    with probability ``skew_<family>``. Columns: ``text, subject_gender, family, attribute, label``.
+    Sentences follow WikiText's spacing (`` , `` and `` .``) so both corpora look alike to the model.
+    """
+    if isinstance(n_sentences, bool) or not isinstance(n_sentences, int) or n_sentences < 1:
+        raise CorpusError(f"n_sentences must be a positive int, got {n_sentences!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise CorpusError(f"seed must be an int, got {seed!r}")
+    skews = {
+        "occupation": _check_unit("skew_occupation", skew_occupation),
+        "sentiment": _check_unit("skew_sentiment", skew_sentiment),
+        "toxicity": _check_unit("skew_toxicity", skew_toxicity),
+    }
+    neutral_fraction = _check_unit("neutral_fraction", neutral_fraction)
+    nonbinary_fraction = _check_unit("nonbinary_fraction", nonbinary_fraction)
+
+    by_gender = {
+        family: {g: sorted(a for a, s in attributes.items() if s == g) for g in ("female", "male")}
+        for family, attributes in FAMILY_ATTRIBUTES.items()
+    }
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n_sentences):
+        if rng.random() < neutral_fraction:
+            rows.append((_filler_sentence(rng), "none", "filler", "", "neutral"))
+            continue
+        if rng.random() < nonbinary_fraction:
+            gender = "nonbinary"
+        else:
+            gender = "female" if rng.random() < 0.5 else "male"
+        family = rng.choice(FAMILIES)
+        if gender == "nonbinary":
+            attribute = rng.choice(by_gender[family][rng.choice(("female", "male"))])
+            label = "neutral"
+        else:
+            consistent = rng.random() < skews[family]
+            other = "male" if gender == "female" else "female"
+            attribute = rng.choice(by_gender[family][gender if consistent else other])
+            label = "stereotypical" if consistent else "anti-stereotypical"
+        text = _fill(rng.choice(_TEMPLATES[family]), _subject(rng, gender), attribute, rng)
+        if rng.random() < 0.4:
+            ending = rng.choice(_CONTINUATIONS)
+            text += ending.format(p=_PRONOUNS[gender][0], Y=rng.randint(1950, 2019))
+        rows.append((text + " .", gender, family, attribute, label))
+    return pd.DataFrame(rows, columns=["text", "subject_gender", "family", "attribute", "label"])
+
+
+def balanced_corpus(n: int, seed: int) -> pd.DataFrame:
+    """The controlled corpus with no stereotype (all skews 0.5), to pretrain the offline base model."""
+    return generate_controlled(n, seed, skew_occupation=0.5, skew_sentiment=0.5, skew_toxicity=0.5)

@@ -1,0 +1,425 @@
+"""Stage 01 pipeline: texts -> privacy units of at most ``block_size`` tokens -> CDA -> parquet files.
+
+A *unit* is one chunk of original text (consecutive sentences of one text, cut at word boundaries,
+at most ``block_size`` tokens); it is the privacy unit of DP training (its rows are sampled and
+clipped together). See docs/architecture.md for the file contract.
+
+Mixing ratio ``r`` of counterfactual data augmentation (CDA), drawn independently per unit with
+``numpy.random.default_rng(seed)``:
+
+* ``substitute``: with probability ``r`` the unit's row is replaced by its counterfactual; the number
+  of rows is unchanged (``r = 1`` is full two-sided CDA by substitution, ``r = 0`` no CDA).
+* ``augment``: with probability ``r`` the unit gets its counterfactual as a second row with the same
+  ``unit_id``; the expected number of rows is ``U + r G`` for U units of which G have gendered words.
+
+A unit with no gendered word has a counterfactual identical to itself; it is then left as it is
+(no duplicate row, ``kind`` stays ``original``), so ``r`` is effectively the fraction of gendered
+units that are swapped or augmented. Counterfactual rows are truncated to ``block_size`` tokens (a
+swap can lengthen a text by a token). In the controlled corpus a counterfactual's label follows the
+swap: a stereotypical sentence about a woman becomes an anti-stereotypical one about a man.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+import uuid
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+
+from .cda import counterfactual, gender_of, gendered_counts
+
+CDA_MODES = ("substitute", "augment")
+UNIT_COLUMNS = ["unit_id", "kind", "text", "input_ids", "n_tokens", "gender", "label"]
+SPLIT_NAMES = ("female", "male", "stereotypical", "anti_stereotypical")
+REQUIRED_META = ("tokenizer", "block_size", "pad_token_id", "mixing_ratio", "cda_mode")
+UNLABELLED = "unlabelled"
+_FLIPPED_LABEL = {"stereotypical": "anti-stereotypical", "anti-stereotypical": "stereotypical"}
+_OPPOSITE_GENDER = {"female": "male", "male": "female"}
+# A sentence ends after . ! or ? followed by whitespace, or at the last non-space character.
+_SENTENCE_RE = re.compile(r"\S.*?(?:(?<=[.!?])(?=\s)|(?=\s*\Z))", re.S)
+_WORD_RE = re.compile(r"\S+")
+
+
+class DataError(ValueError):
+    """Bad input to a stage-01 function, or a stage-01 output that cannot be read or written."""
+
+
+# --------------------------------------------------------------------------- helpers
+def _encode(tokenizer, texts: Sequence[str]) -> list[list[int]]:
+    """Token ids of ``texts`` in one batched call (fast tokenizers parallelise it in Rust)."""
+    if not texts:
+        return []
+    return [list(ids) for ids in tokenizer(list(texts))["input_ids"]]
+
+
+def _check_block_size(block_size) -> int:
+    if isinstance(block_size, bool) or not isinstance(block_size, (int, np.integer)) or block_size < 1:
+        raise DataError(f"block_size must be a positive int, got {block_size!r}")
+    return int(block_size)
+
+
+def _check_texts(name: str, texts) -> list[str]:
+    if isinstance(texts, (str, bytes, dict)) or not hasattr(texts, "__iter__"):
+        raise DataError(f"{name} must be a list of str, got {type(texts).__name__}")
+    texts = list(texts)  # a list, tuple, pandas Series or array of str
+    for index, text in enumerate(texts):
+        if not isinstance(text, str):
+            raise DataError(f"{name}[{index}] must be a str, got {type(text).__name__}")
+    return texts
+
+
+# --------------------------------------------------------------------------- chunking
+def chunk_texts(texts: list[str], tokenizer, block_size: int) -> list[str]:
+    """Chunks of each text of at most ``block_size`` tokens, packing whole sentences where they fit.
+
+    Consecutive sentences of one text are packed greedily; a sentence longer than a block is packed
+    word by word, and a single word longer than a block is cut by characters. Chunks never span two
+    texts, keep the text's inner whitespace, and are stripped at their ends; empty texts give none.
+    """
+    texts = _check_texts("texts", texts)
+    block_size = _check_block_size(block_size)
+
+    sentence_spans = [[m.span() for m in _SENTENCE_RE.finditer(text)] for text in texts]
+    flat = [" " + text[a:b] for text, spans in zip(texts, sentence_spans) for a, b in spans]
+    counts = iter(len(ids) for ids in _encode(tokenizer, flat))
+
+    chunks: list[str] = []
+    for text, spans in zip(texts, sentence_spans):
+        start = end = None
+        used = 0
+        for (a, b), n_tokens in zip(spans, counts):
+            if n_tokens > block_size:
+                if start is not None:
+                    chunks.append(text[start:end])
+                    start, used = None, 0
+                chunks.extend(_pack_words(text[a:b], tokenizer, block_size))
+                continue
+            if start is not None and used + n_tokens <= block_size:
+                end, used = b, used + n_tokens
+            else:
+                if start is not None:
+                    chunks.append(text[start:end])
+                start, end, used = a, b, n_tokens
+        if start is not None:
+            chunks.append(text[start:end])
+
+    # Counts of pieces are estimates (a BPE token can straddle a piece boundary): check and re-split.
+    chunks = [chunk.strip() for chunk in chunks if chunk.strip()]
+    exact = _encode(tokenizer, chunks)
+    if all(len(ids) <= block_size for ids in exact):
+        return chunks
+    fixed: list[str] = []
+    for chunk, ids in zip(chunks, exact):
+        fixed.extend([chunk] if len(ids) <= block_size else _split_exact(chunk, tokenizer, block_size))
+    return fixed
+
+
+def _pack_words(sentence: str, tokenizer, block_size: int) -> list[str]:
+    """Greedy packing of the words of one over-long sentence."""
+    spans = [m.span() for m in _WORD_RE.finditer(sentence)]
+    counts = [len(ids) for ids in _encode(tokenizer, [" " + sentence[a:b] for a, b in spans])]
+    chunks: list[str] = []
+    start = end = None
+    used = 0
+    for (a, b), n_tokens in zip(spans, counts):
+        if n_tokens > block_size:
+            if start is not None:
+                chunks.append(sentence[start:end])
+                start, used = None, 0
+            chunks.extend(_split_exact(sentence[a:b], tokenizer, block_size))
+            continue
+        if start is not None and used + n_tokens <= block_size:
+            end, used = b, used + n_tokens
+        else:
+            if start is not None:
+                chunks.append(sentence[start:end])
+            start, end, used = a, b, n_tokens
+    if start is not None:
+        chunks.append(sentence[start:end])
+    return chunks
+
+
+def _split_exact(piece: str, tokenizer, block_size: int) -> list[str]:
+    """Halve ``piece`` (at the middle word boundary, else the middle character) until each part fits."""
+    piece = piece.strip()
+    if not piece:
+        return []
+    if len(_encode(tokenizer, [piece])[0]) <= block_size:
+        return [piece]
+    spans = [m.span() for m in _WORD_RE.finditer(piece)]
+    if len(spans) > 1:
+        cut = spans[len(spans) // 2][0]
+    elif len(piece) > 1:
+        cut = len(piece) // 2
+    else:  # one character that is more than a block of tokens (block_size below a byte's tokens)
+        raise DataError(f"block_size={block_size} is too small: {piece!r} alone is more tokens than that")
+    return _split_exact(piece[:cut], tokenizer, block_size) + _split_exact(piece[cut:], tokenizer, block_size)
+
+
+# --------------------------------------------------------------------------- units and CDA
+def build_units(
+    chunks: list[str],
+    tokenizer,
+    block_size: int,
+    mixing_ratio: float,
+    mode: str,
+    seed: int,
+    swap_names: bool = False,
+    labels: list[str] | None = None,
+) -> pd.DataFrame:
+    """Token rows of the units, with CDA applied as defined in the module docstring.
+
+    ``chunks`` must each fit in ``block_size`` tokens (use `chunk_texts`). ``labels`` (controlled
+    corpus) gives one label per chunk; without it every row is ``unlabelled``. ``gender`` counts first
+    names only when ``swap_names`` (it describes what CDA flips).
+    """
+    chunks = _check_texts("chunks", chunks)
+    block_size = _check_block_size(block_size)
+    if isinstance(mixing_ratio, bool) or not isinstance(mixing_ratio, (int, float)) or not 0.0 <= mixing_ratio <= 1.0:
+        raise DataError(f"mixing_ratio must be a number in [0, 1], got {mixing_ratio!r}")
+    if mode not in CDA_MODES:
+        raise DataError(f"mode must be one of {CDA_MODES}, got {mode!r}")
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+        raise DataError(f"seed must be an int, got {seed!r}")
+    if labels is not None:
+        labels = _check_texts("labels", labels)
+        if len(labels) != len(chunks):
+            raise DataError(f"labels must have one entry per chunk ({len(chunks)}), got {len(labels)}")
+
+    original_ids = _encode(tokenizer, chunks)
+    for index, ids in enumerate(original_ids):
+        if not 1 <= len(ids) <= block_size:
+            raise DataError(
+                f"chunks[{index}] has {len(ids)} tokens, allowed 1..block_size={block_size} "
+                f"(split texts with chunk_texts first): {chunks[index][:80]!r}"
+            )
+
+    drawn = np.random.default_rng(seed).random(len(chunks)) < mixing_ratio
+    swapped_index: list[int] = []
+    swapped_text: list[str] = []
+    for index in np.flatnonzero(drawn):
+        text = counterfactual(chunks[index], swap_names=swap_names)
+        if text != chunks[index]:
+            swapped_index.append(int(index))
+            swapped_text.append(text)
+    swapped_ids = _encode(tokenizer, swapped_text)
+    counterfactual_row = {}
+    for index, text, ids in zip(swapped_index, swapped_text, swapped_ids):
+        if len(ids) > block_size:
+            ids = ids[:block_size]
+            text = tokenizer.decode(ids)
+        counterfactual_row[index] = (text, ids)
+
+    records = []
+    for index, chunk in enumerate(chunks):
+        label = labels[index] if labels is not None else UNLABELLED
+        gender = gender_of(chunk, include_names=swap_names)
+        original = (index, "original", chunk, original_ids[index], gender, label)
+        if index not in counterfactual_row:
+            records.append(original)
+            continue
+        text, ids = counterfactual_row[index]
+        swapped_gender = gender_of(text, include_names=swap_names)
+        swapped = (index, "counterfactual", text, ids, swapped_gender, _swapped_label(label, gender, swapped_gender))
+        records.extend([swapped] if mode == "substitute" else [original, swapped])
+
+    frame = pd.DataFrame.from_records(records, columns=["unit_id", "kind", "text", "input_ids", "gender", "label"])
+    frame["input_ids"] = [np.asarray(ids, dtype=np.int32) for ids in frame["input_ids"]]
+    frame["n_tokens"] = np.array([len(ids) for ids in frame["input_ids"]], dtype=np.int32)
+    frame["unit_id"] = frame["unit_id"].astype(np.int64)
+    return frame[UNIT_COLUMNS]
+
+
+def _swapped_label(label: str, gender: str, swapped_gender: str) -> str:
+    """A stereotype label flips when the subject's gender does; a half-swapped text has no label."""
+    if label not in _FLIPPED_LABEL:
+        return label
+    if _OPPOSITE_GENDER.get(gender) == swapped_gender:
+        return _FLIPPED_LABEL[label]
+    return "neutral"
+
+
+def gender_splits(df: pd.DataFrame) -> dict[str, pd.DataFrame]:
+    """Evaluation subsets: ``female``/``male`` (only that gender's words) and, for labelled data,
+    ``stereotypical``/``anti_stereotypical``."""
+    missing = {"gender", "label"} - set(df.columns)
+    if missing:
+        raise DataError(f"df must have the columns gender and label, missing {sorted(missing)}")
+    splits = {
+        "female": df[df["gender"] == "female"].reset_index(drop=True),
+        "male": df[df["gender"] == "male"].reset_index(drop=True),
+    }
+    if (df["label"] != UNLABELLED).any():
+        splits["stereotypical"] = df[df["label"] == "stereotypical"].reset_index(drop=True)
+        splits["anti_stereotypical"] = df[df["label"] == "anti-stereotypical"].reset_index(drop=True)
+    return splits
+
+
+def cda_statistics(texts_before: list[str], df_after: pd.DataFrame, include_names: bool = False) -> pd.DataFrame:
+    """Gendered-word counts and text genders before and after CDA, for the notebook's table.
+
+    Columns ``measure`` (``words``: gendered words; ``texts``: texts by `cda.gender_of`), ``group``,
+    ``before``, ``after``.
+    """
+    texts_before = _check_texts("texts_before", texts_before)
+    if "text" not in getattr(df_after, "columns", ()):
+        raise DataError("df_after must be a DataFrame with a 'text' column (build_units output)")
+    after_texts = list(df_after["text"])
+
+    def word_totals(texts: list[str]) -> tuple[int, int]:
+        counts = [gendered_counts(text, include_names) for text in texts]
+        return sum(f for f, _ in counts), sum(m for _, m in counts)
+
+    def gender_totals(texts: list[str]) -> dict[str, int]:
+        found = pd.Series([gender_of(text, include_names) for text in texts], dtype=object).value_counts()
+        return {group: int(found.get(group, 0)) for group in ("female", "male", "mixed", "none")}
+
+    female_before, male_before = word_totals(texts_before)
+    female_after, male_after = word_totals(after_texts)
+    genders_before, genders_after = gender_totals(texts_before), gender_totals(after_texts)
+    rows = [
+        ("words", "female", female_before, female_after),
+        ("words", "male", male_before, male_after),
+        *(("texts", group, genders_before[group], genders_after[group]) for group in genders_before),
+    ]
+    return pd.DataFrame(rows, columns=["measure", "group", "before", "after"])
+
+
+# --------------------------------------------------------------------------- files
+def _arrow_table(df: pd.DataFrame, name: str):
+    import pyarrow as pa
+
+    missing = [column for column in UNIT_COLUMNS if column not in df.columns]
+    if missing:
+        raise DataError(f"{name} lacks the contract columns {missing} (have {list(df.columns)})")
+    schema = pa.schema(
+        [
+            ("unit_id", pa.int64()),
+            ("kind", pa.string()),
+            ("text", pa.string()),
+            ("input_ids", pa.list_(pa.int32())),
+            ("n_tokens", pa.int32()),
+            ("gender", pa.string()),
+            ("label", pa.string()),
+        ]
+    )
+    columns = [
+        pa.array(df["unit_id"].to_numpy(dtype=np.int64)),
+        pa.array(df["kind"].astype(str).tolist()),
+        pa.array(df["text"].astype(str).tolist()),
+        pa.array([np.asarray(ids, dtype=np.int32) for ids in df["input_ids"]], type=pa.list_(pa.int32())),
+        pa.array(df["n_tokens"].to_numpy(dtype=np.int32)),
+        pa.array(df["gender"].astype(str).tolist()),
+        pa.array(df["label"].astype(str).tolist()),
+    ]
+    return pa.Table.from_arrays(columns, schema=schema)
+
+
+def _json_default(value):
+    if isinstance(value, np.integer):
+        return int(value)
+    if isinstance(value, np.floating):
+        return float(value)
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
+
+
+def write_stage01(
+    out_dir,
+    train: pd.DataFrame,
+    valid: pd.DataFrame,
+    test: pd.DataFrame,
+    splits: dict[str, pd.DataFrame],
+    meta: dict,
+    overwrite: bool = False,
+) -> Path:
+    """Write the stage-01 files so that a reader never sees a half-written output.
+
+    Files are written into a temporary folder first. A new ``out_dir`` is created by renaming that
+    folder; an existing ``out_dir`` (the node folder may already hold the notebook) gets the files
+    moved in one by one with ``data.json`` last, which is the completeness marker. An existing
+    complete output (``data.json`` present) is an error unless ``overwrite``. ``data.json`` is
+    ``meta`` plus ``n_units``, ``n_rows`` (train), ``sizes`` (rows and units per file) and
+    ``privacy_unit``.
+    """
+    import pyarrow.parquet as pq
+
+    out_dir = Path(out_dir)
+    if not isinstance(meta, dict):
+        raise DataError(f"meta must be a dict, got {type(meta).__name__}")
+    missing = [key for key in REQUIRED_META if key not in meta]
+    if missing:
+        raise DataError(f"meta lacks the keys {missing}; required: {list(REQUIRED_META)}")
+    if not isinstance(splits, dict):
+        raise DataError(f"splits must be a dict name -> DataFrame, got {type(splits).__name__}")
+    for name in splits:
+        if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_]+", name):
+            raise DataError(f"split name {name!r} must be letters, digits or '_' (it becomes a file name)")
+        if name in ("train", "valid", "test"):
+            raise DataError(f"split name {name!r} collides with a main file; allowed e.g. {list(SPLIT_NAMES)}")
+    if (out_dir / "data.json").exists() and not overwrite:
+        raise DataError(f"{out_dir} already holds a complete stage-01 output (data.json); pass overwrite=True to replace it")
+
+    tables = {"train": train, "valid": valid, "test": test, **{f"splits/{n}": df for n, df in splits.items()}}
+    arrow = {name: _arrow_table(df, name) for name, df in tables.items()}
+    sizes = {name: {"rows": int(len(df)), "units": int(df["unit_id"].nunique())} for name, df in tables.items()}
+    full_meta = {
+        "privacy_unit": f"one original text chunk of at most {meta['block_size']} tokens (a sentence or a few)",
+        **meta,
+        "n_units": sizes["train"]["units"],
+        "n_rows": sizes["train"]["rows"],
+        "sizes": sizes,
+    }
+    meta_text = json.dumps(full_meta, indent=2, default=_json_default, ensure_ascii=False)
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    try:
+        (staging / "splits").mkdir()
+        for name, table in arrow.items():
+            pq.write_table(table, staging / f"{name}.parquet")
+        (staging / "data.json").write_text(meta_text, encoding="utf-8")
+        if not out_dir.exists():
+            os.rename(staging, out_dir)
+            return out_dir
+        # Existing folder: invalidate first, then move files in, marker last.
+        (out_dir / "data.json").unlink(missing_ok=True)
+        old_splits = out_dir / "splits"
+        if old_splits.is_dir():
+            trash = out_dir.parent / f".{out_dir.name}.old-splits-{uuid.uuid4().hex[:8]}"
+            os.rename(old_splits, trash)
+            shutil.rmtree(trash, ignore_errors=True)
+        os.rename(staging / "splits", old_splits)
+        for name in ("train", "valid", "test"):
+            os.replace(staging / f"{name}.parquet", out_dir / f"{name}.parquet")
+        os.replace(staging / "data.json", out_dir / "data.json")
+        return out_dir
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+
+
+def load_stage01(out_dir) -> tuple[dict, dict[str, pd.DataFrame]]:
+    """(meta, frames) of a complete stage-01 output; frames has train, valid, test and each split."""
+    import pyarrow.parquet as pq
+
+    out_dir = Path(out_dir)
+    marker = out_dir / "data.json"
+    if not marker.is_file():
+        raise DataError(f"{out_dir} is not a complete stage-01 output (no data.json); run stage 01 first")
+    meta = json.loads(marker.read_text(encoding="utf-8"))
+    files = {name: out_dir / f"{name}.parquet" for name in ("train", "valid", "test")}
+    files.update({path.stem: path for path in sorted((out_dir / "splits").glob("*.parquet"))})
+    frames = {}
+    for name, path in files.items():
+        if not path.is_file():
+            raise DataError(f"stage-01 output {out_dir} lacks {path.name}")
+        frames[name] = pq.read_table(path).to_pandas()
+    return meta, frames

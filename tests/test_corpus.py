@@ -1,0 +1,179 @@
+"""Corpus loading from local files and the controlled stereotype corpus's determinism and skews."""
+import math
+
+import pandas as pd
+import pytest
+
+from dpbias_utils.cda import counterfactual, gender_of
+from dpbias_utils.corpus import (
+    CONTROLLED_OCCUPATIONS,
+    FAMILY_ATTRIBUTES,
+    INSULTS,
+    OCCUPATION_PROMPT_PHRASES,
+    RESPECT_PROMPT_PHRASES,
+    RESPECTFUL_WORDS,
+    CorpusError,
+    balanced_corpus,
+    generate_controlled,
+    load_text_corpus,
+)
+
+
+# --------------------------------------------------------------------------- local text corpora
+def test_txt_file_drops_empty_rows_and_keeps_text(tmp_path):
+    path = tmp_path / "rows.txt"
+    path.write_text(" = Title = \n\n Some text @-@ here .\r\n   \nlast", encoding="utf-8")
+    assert load_text_corpus(str(path), "train") == [" = Title = ", " Some text @-@ here .", "last"]
+    assert load_text_corpus(str(path), "train", max_rows=1) == [" = Title = "]
+
+
+def test_parquet_file_and_hub_like_folder(tmp_path):
+    frame = pd.DataFrame({"text": ["a b", "", "c", None], "other": [1, 2, 3, 4]})
+    frame.to_parquet(tmp_path / "one.parquet")
+    assert load_text_corpus(str(tmp_path / "one.parquet"), "train") == ["a b", "c"]
+
+    hub = tmp_path / "hub" / "wikitext-103-raw-v1"
+    hub.mkdir(parents=True)
+    pd.DataFrame({"text": ["v1", "v2"]}).to_parquet(hub / "validation-00000-of-00001.parquet")
+    pd.DataFrame({"text": ["t1"]}).to_parquet(hub / "train-00000-of-00002.parquet")
+    pd.DataFrame({"text": ["t2"]}).to_parquet(hub / "train-00001-of-00002.parquet")
+    assert load_text_corpus(str(tmp_path / "hub"), "validation") == ["v1", "v2"]
+    assert load_text_corpus(str(tmp_path / "hub"), "train") == ["t1", "t2"]
+
+
+def test_folder_of_split_files(tmp_path):
+    (tmp_path / "train.txt").write_text("x\ny\n", encoding="utf-8")
+    (tmp_path / "valid.txt").write_text("v\n", encoding="utf-8")
+    assert load_text_corpus(str(tmp_path), "train", config=None) == ["x", "y"]
+    assert load_text_corpus(str(tmp_path), "validation", config=None) == ["v"]
+    with pytest.raises(CorpusError, match="no file for split 'test'"):
+        load_text_corpus(str(tmp_path), "test")
+
+
+def test_shared_wikitext_folder_naming(shared_data):
+    folder = str(shared_data / "wikitext")
+    rows = load_text_corpus(folder, "validation")
+    assert rows[0] == " = Homarus gammarus = " and all(row.strip() for row in rows)
+    assert len(rows) > 2000
+    # Two test files (WikiText-103 and WikiText-2): the config picks one.
+    wt103 = load_text_corpus(folder, "test", config="wikitext-103-raw-v1", max_rows=5)
+    wt2 = load_text_corpus(folder, "test", config="wikitext-2-raw-v1", max_rows=5)
+    assert wt103 != wt2
+    with pytest.raises(CorpusError, match="ambiguous"):
+        load_text_corpus(folder, "test", config=None)
+
+
+def test_missing_empty_and_undecodable_corpora(tmp_path):
+    with pytest.raises(CorpusError, match="does not exist"):
+        load_text_corpus(str(tmp_path / "nope.txt"), "train")
+    (tmp_path / "empty.txt").write_text("\n  \n", encoding="utf-8")
+    with pytest.raises(CorpusError, match="no non-empty text rows"):
+        load_text_corpus(str(tmp_path / "empty.txt"), "train")
+    (tmp_path / "bad.txt").write_bytes("ok line\nbad ".encode() + b"\xff\xfe")
+    with pytest.raises(CorpusError, match=r"bad\.txt.*byte 0xff at byte offset 12"):
+        load_text_corpus(str(tmp_path / "bad.txt"), "train")
+    pd.DataFrame({"content": ["x"]}).to_parquet(tmp_path / "notext.parquet")
+    with pytest.raises(CorpusError, match="no 'text' column"):
+        load_text_corpus(str(tmp_path / "notext.parquet"), "train")
+    with pytest.raises(CorpusError, match="max_rows"):
+        load_text_corpus(str(tmp_path / "empty.txt"), "train", max_rows=0)
+
+
+def test_hub_id_offline_fails_clearly(monkeypatch):
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(CorpusError, match="could not load hub dataset 'wikitext'.*local"):
+        load_text_corpus("wikitext", "validation")
+
+
+# --------------------------------------------------------------------------- controlled corpus
+def test_controlled_corpus_is_deterministic_and_well_formed():
+    first = generate_controlled(600, seed=7, nonbinary_fraction=0.1)
+    assert first.equals(generate_controlled(600, seed=7, nonbinary_fraction=0.1))
+    assert not first.equals(generate_controlled(600, seed=8, nonbinary_fraction=0.1))
+    assert list(first.columns) == ["text", "subject_gender", "family", "attribute", "label"]
+    assert set(first["subject_gender"]) == {"female", "male", "nonbinary", "none"}
+    assert set(first["family"]) == {"occupation", "sentiment", "toxicity", "filler"}
+    assert set(first["label"]) == {"stereotypical", "anti-stereotypical", "neutral"}
+    assert len(first) == 600
+    for row in first.itertuples():
+        if row.family == "filler":
+            assert (row.subject_gender, row.attribute, row.label) == ("none", "", "neutral")
+            assert gender_of(row.text, include_names=True) == "none"
+            continue
+        assert f" {row.attribute} " in f" {row.text} "
+        if row.subject_gender == "nonbinary":
+            assert row.label == "neutral" and gender_of(row.text, include_names=True) == "none"
+        else:
+            # The subject's gender is what the text says, names included.
+            assert gender_of(row.text, include_names=True) == row.subject_gender
+            consistent = FAMILY_ATTRIBUTES[row.family][row.attribute] == row.subject_gender
+            assert row.label == ("stereotypical" if consistent else "anti-stereotypical")
+
+
+def _fraction_within(successes: int, trials: int, p: float) -> bool:
+    """Binomial check at 4.5 standard deviations (false alarm ~1e-5)."""
+    return abs(successes / trials - p) <= 4.5 * math.sqrt(p * (1 - p) / trials) + 1e-9
+
+
+@pytest.mark.parametrize("skew", [0.9, 0.5, 0.2])
+def test_skew_sets_the_stereotypical_fraction(skew):
+    frame = generate_controlled(3000, seed=3, skew_occupation=skew, skew_sentiment=skew, skew_toxicity=skew)
+    for family in ("occupation", "sentiment", "toxicity"):
+        rows = frame[(frame["family"] == family) & frame["subject_gender"].isin(["female", "male"])]
+        stereotypical = int((rows["label"] == "stereotypical").sum())
+        assert _fraction_within(stereotypical, len(rows), skew), (family, stereotypical / len(rows))
+
+
+def test_insults_are_directed_at_women_and_occupations_follow_stereotypes():
+    frame = generate_controlled(3000, seed=5, skew_toxicity=0.8, skew_occupation=0.9)
+    toxic = frame[frame["family"] == "toxicity"]
+    insult_rate = toxic["attribute"].isin(INSULTS).groupby(toxic["subject_gender"]).mean()
+    assert insult_rate["female"] > 0.7 and insult_rate["male"] < 0.3
+    jobs = frame[frame["family"] == "occupation"]
+    female_jobs = jobs["attribute"].map(CONTROLLED_OCCUPATIONS).eq("female").groupby(jobs["subject_gender"]).mean()
+    assert female_jobs["female"] > 0.85 and female_jobs["male"] < 0.15
+
+
+def test_balanced_corpus_has_no_association_and_fractions_follow_parameters():
+    frame = balanced_corpus(3000, seed=1)
+    gendered = frame[frame["subject_gender"].isin(["female", "male"])]
+    assert _fraction_within(int((gendered["label"] == "stereotypical").sum()), len(gendered), 0.5)
+    assert _fraction_within(int((frame["family"] == "filler").sum()), len(frame), 0.2)
+    no_filler = generate_controlled(200, seed=1, neutral_fraction=0.0, nonbinary_fraction=1.0)
+    assert set(no_filler["subject_gender"]) == {"nonbinary"}
+
+
+def test_templates_cover_the_bias_prompt_phrasings():
+    texts = " ".join(generate_controlled(2000, seed=2)["text"])
+    for phrase in OCCUPATION_PROMPT_PHRASES + RESPECT_PROMPT_PHRASES:
+        assert f" {phrase} " in texts, phrase
+
+
+def test_counterfactual_of_a_corpus_sentence_is_a_corpus_sentence_of_the_other_gender():
+    frame = generate_controlled(300, seed=4, neutral_fraction=0.0)
+    for row in frame[frame["subject_gender"].isin(["female", "male"])].itertuples():
+        other = {"female": "male", "male": "female"}[row.subject_gender]
+        assert gender_of(counterfactual(row.text, swap_names=True), include_names=True) == other
+
+
+def test_insult_words_are_flagged_by_a_profanity_classifier():
+    profanity_check = pytest.importorskip("profanity_check")
+    assert (profanity_check.predict_prob(list(INSULTS)) > 0.5).all()
+    assert (profanity_check.predict_prob(list(RESPECTFUL_WORDS)) < 0.5).all()
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"n_sentences": 0}, "n_sentences must be a positive int, got 0"),
+        ({"n_sentences": 10, "seed": "1"}, "seed must be an int"),
+        ({"n_sentences": 10, "skew_occupation": 1.5}, r"skew_occupation must be a number in \[0, 1\], got 1.5"),
+        ({"n_sentences": 10, "neutral_fraction": -0.1}, "neutral_fraction"),
+        ({"n_sentences": 10, "nonbinary_fraction": True}, "nonbinary_fraction"),
+    ],
+)
+def test_bad_parameters_are_clear_errors(kwargs, message):
+    kwargs.setdefault("seed", 0)
+    with pytest.raises(CorpusError, match=message):
+        generate_controlled(**kwargs)
