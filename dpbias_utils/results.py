@@ -35,9 +35,25 @@ BIAS_METRICS = {
     "gender_count_bias": "gender-count bias (f - m)/(f + m)",
     "local_hellinger": "local bias: Hellinger",
     "local_kl_fm": "local bias: KL(f||m)",
-    "stereoset": "StereoSet score (%)",
-    "crows_pairs": "CrowS-Pairs score (%)",
+    "stereoset": "StereoSet gender score - 50 (%)",
+    "crows_pairs": "CrowS-Pairs gender score - 50 (%)",
 }
+
+
+# The group that carries each metric's bias: female - male for most; stereotype scores are a
+# percentage (50 = no preference) reported per bias type, so their gender row is used, centred at 50.
+OUTCOME_GROUP = {"stereoset": "gender", "crows_pairs": "gender"}
+OUTCOME_CENTRE = {"stereoset": 50.0, "crows_pairs": 50.0}
+
+
+def outcome_rows(summary: pd.DataFrame) -> pd.DataFrame:
+    """The rows of a (seed) summary that measure bias: each metric's outcome group, centred at 0."""
+    want = summary["metric"].map(lambda m: OUTCOME_GROUP.get(m, "diff"))
+    out = summary[(summary["group"] == want) & summary["metric"].isin(BIAS_METRICS)].copy()
+    centre = out["metric"].map(lambda m: OUTCOME_CENTRE.get(m, 0.0))
+    for col in ("value", "ci_low", "ci_high"):
+        out[col] = out[col] - centre
+    return out
 
 
 def condition_of(point: dict, run_id: str, model: str) -> dict:
@@ -196,8 +212,8 @@ def fig_bias_vs_epsilon(results: pd.DataFrame, figures_dir: Path):
     """Each bias metric's female - male difference per privacy condition (no CDA), mean over seeds."""
     import matplotlib.pyplot as plt
 
-    s = seed_summary(results)
-    s = s[(s["group"] == "diff") & (s["mixing_ratio"] == 0.0) & s["metric"].isin(BIAS_METRICS)]
+    s = outcome_rows(seed_summary(results))
+    s = s[s["mixing_ratio"] == 0.0]
     metrics = [m for m in BIAS_METRICS if m in set(s["metric"])]
     if not metrics:
         return None
@@ -223,8 +239,8 @@ def fig_bias_vs_mixing_ratio(results: pd.DataFrame, figures_dir: Path):
     """Each bias metric's diff against the CDA mixing ratio, DP and non-DP."""
     import matplotlib.pyplot as plt
 
-    s = seed_summary(results)
-    s = s[(s["group"] == "diff") & s["metric"].isin(BIAS_METRICS) & (s["condition"] != "base")]
+    s = outcome_rows(seed_summary(results))
+    s = s[s["condition"] != "base"]
     ratios_per_cond = s.groupby("condition")["mixing_ratio"].nunique()
     conds = [c for c in condition_order(s) if ratios_per_cond.get(c, 0) > 1]
     metrics = [m for m in BIAS_METRICS if m in set(s["metric"])]
@@ -327,7 +343,8 @@ def _mean(s: pd.DataFrame, **where) -> float:
 def claims(results: pd.DataFrame, metric: str = "toxicity") -> list[dict]:
     """The paper's four claims, each checked on this profile's numbers (mean over seeds)."""
     s = seed_summary(results)
-    diff = s[(s["group"] == "diff") & (s["mixing_ratio"] == 0.0)]
+    diff = pd.concat([outcome_rows(s), s[s["metric"].str.startswith("grad_") & (s["group"] == "diff")]])
+    diff = diff[diff["mixing_ratio"] == 0.0]
     out = []
     # 1. DP amplifies bias.
     nondp = _mean(diff, metric=metric, condition="non-DP")

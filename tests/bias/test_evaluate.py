@@ -1,0 +1,76 @@
+import json
+import time
+
+import pandas as pd
+import pytest
+
+from dpbias_utils.bias import evaluate
+
+EXPECTED = {
+    "toxicity": {"female", "male", "diff", "all"},
+    "sentiment": {"female", "male", "diff", "all"},
+    "negative_share": {"female", "male", "diff", "all"},
+    "occupation_female_share": {"female", "male", "diff", "all"},
+    "occupation_tv": {"diff"},
+    "gender_count_bias": {"diff"},
+    "gender_count_distance": {"diff"},
+    "local_kl_fm": {"diff"},
+    "local_kl_mf": {"diff"},
+    "local_hellinger": {"diff"},
+    "perplexity": {"test", "female", "male", "diff"},
+    "stereoset": {"all", "gender"},
+    "crows_pairs": {"all", "gender"},
+}
+
+
+def _split(tok, texts):
+    ids = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
+    return pd.DataFrame({"input_ids": ids, "n_tokens": [len(i) for i in ids]})
+
+
+def test_end_to_end_tiny(tiny_model, tiny_tokenizer, tmp_path):
+    splits = {
+        "test": _split(tiny_tokenizer, ["The woman worked as a nurse .", "He was rude .", "The train was old ."]),
+        "female": _split(tiny_tokenizer, ["She worked as a nurse .", "My mother was kind ."]),
+        "male": _split(tiny_tokenizer, ["He worked as a pilot .", "My father was rude ."]),
+    }
+    cfg = {"k": 3, "max_new_tokens": 8, "max_prompts_per_group": 4, "batch_size": 64, "n_boot": 50,
+           "stereotype_max_items": 24, "progress": False}
+    t = time.perf_counter()
+    metrics = evaluate.evaluate_model(tiny_model, tiny_tokenizer, splits, cfg, tmp_path / "out", seed=0)
+    assert time.perf_counter() - t < 30
+    got = metrics.groupby("metric")["group"].apply(set).to_dict()
+    assert got == EXPECTED
+    assert list(metrics.columns) == ["metric", "group", "value", "ci_low", "ci_high", "n"]
+    # the word-level tiny model names occupations and gendered words, so every metric is defined
+    assert metrics["value"].notna().all(), metrics[metrics["value"].isna()]
+    ok = metrics.dropna(subset=["ci_low"])
+    assert ((ok["ci_low"] <= ok["value"] + 1e-9) & (ok["value"] <= ok["ci_high"] + 1e-9)).all()
+    on_disk = pd.read_csv(tmp_path / "out" / "metrics.csv")
+    assert len(on_disk) == len(metrics)
+    lines = [json.loads(x) for x in (tmp_path / "out" / "generations.jsonl").read_text().splitlines()]
+    # 4 pairs x 2 families x 2 groups + 4 neutral prompts, k = 3 each
+    assert len(lines) == (4 * 2 * 2 + 4) * 3
+    assert {"toxicity", "sentiment", "occupation", "female_words"} <= set(lines[0]["scores"])
+    diff = metrics[(metrics["metric"] == "toxicity")].set_index("group")["value"]
+    assert diff["diff"] == pytest.approx(diff["female"] - diff["male"])
+
+
+def test_cfg_errors_and_subset(tiny_model, tiny_tokenizer, tmp_path):
+    with pytest.raises(ValueError, match="unknown evaluation key"):
+        evaluate.resolve_cfg({"topp": 0.9})
+    with pytest.raises(ValueError, match="allowed: toxicity, sentiment"):
+        evaluate.resolve_cfg({"metrics": ["regard"]})
+    m = evaluate.evaluate_model(
+        tiny_model, tiny_tokenizer, {}, {"metrics": ["local_bias"], "progress": False, "n_boot": 20,
+                                         "local_bias_pairs": [("She was", "He was")]}, tmp_path, seed=1,
+    )
+    assert set(m["metric"]) == {"local_kl_fm", "local_kl_mf", "local_hellinger"} and (m["n"] == 1).all()
+    assert (tmp_path / "generations.jsonl").read_text() == ""
+
+
+def test_defaults_match_the_profile_schema():
+    params = pytest.importorskip("dpbias_utils.params")
+    dumped = params.EvaluationParams().model_dump()
+    resolved = evaluate.resolve_cfg(dumped)
+    assert {k: resolved[k] for k in dumped} == {k: evaluate.DEFAULT_CFG[k] for k in dumped}
