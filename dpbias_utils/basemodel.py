@@ -1,0 +1,179 @@
+"""Base language models: a GPT-2 family hub id / local folder, or the offline built-in base.
+
+The built-in base is a small GPT-2 (tied embeddings, byte-level BPE tokenizer) pretrained
+non-privately on the balanced controlled corpus, so the whole study runs without a model hub.
+It is cached by a hash of its spec and built once even when parallel stage nodes ask for it.
+"""
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import inspect
+import json
+import math
+import os
+import random
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+HUB_MODELS = ("distilgpt2", "gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
+EOS = "<|endoftext|>"
+
+
+class ModelError(ValueError):
+    """A base model that cannot be used."""
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    """'auto' -> cuda when available, else cpu; 'cuda' without a GPU is refused."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device not in ("cpu", "cuda") and not str(device).startswith("cuda:"):
+        raise ModelError(f"device={device!r}; allowed: 'auto', 'cpu', 'cuda'")
+    if str(device).startswith("cuda") and not torch.cuda.is_available():
+        raise ModelError(f"device={device!r} requested but no CUDA device is available")
+    return torch.device(device)
+
+
+def _is_local_model(path: str) -> bool:
+    p = Path(path)
+    return p.is_dir() and (p / "config.json").is_file()
+
+
+def load_base(name_or_path: str, device: str = "cpu"):
+    """(model, tokenizer) for a GPT-2 hub id or a local save_pretrained folder; GPT-2 pad = eos."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    name = str(name_or_path)
+    if name not in HUB_MODELS and not _is_local_model(name):
+        raise ModelError(
+            f"base model {name!r} is neither a supported hub id ({', '.join(HUB_MODELS)}) nor a local "
+            "folder with a config.json (a save_pretrained model and tokenizer)"
+        )
+    dev = resolve_device(device)
+    tokenizer = AutoTokenizer.from_pretrained(name)
+    model = AutoModelForCausalLM.from_pretrained(name)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if getattr(model.config, "pad_token_id", None) is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    return model.to(dev), tokenizer
+
+
+def _train_tokenizer(texts: list[str], vocab_size: int, folder: Path):
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import GPT2TokenizerFast
+
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(texts, vocab_size=vocab_size, min_frequency=2, special_tokens=[EOS],
+                            show_progress=False)
+    folder.mkdir(parents=True, exist_ok=True)
+    bpe.save_model(str(folder))
+    vocab = json.loads((folder / "vocab.json").read_text(encoding="utf-8"))
+    merges = [tuple(line.split(" ")) for line in (folder / "merges.txt").read_text(encoding="utf-8").splitlines()
+              if line and not line.startswith("#version")]
+    tok = GPT2TokenizerFast(vocab=vocab, merges=merges, bos_token=EOS, eos_token=EOS, unk_token=EOS, pad_token=EOS)
+    return tok
+
+
+def build_builtin_base(out_dir, texts: list[str], vocab_size: int = 2000, n_layer: int = 2, n_head: int = 4,
+                       n_embd: int = 64, n_positions: int = 128, pretrain_epochs: float = 1, lr: float = 3e-3,
+                       batch_size: int = 32, block_size: int = 64, seed: int = 0) -> Path:
+    """Train a BPE tokenizer and pretrain a tied-embedding GPT-2 on `texts`; save atomically to out_dir."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    texts = [t for t in texts if t and t.strip()]
+    if not texts:
+        raise ModelError("build_builtin_base needs at least one non-empty text")
+    if block_size > n_positions:
+        raise ModelError(f"block_size={block_size} exceeds n_positions={n_positions}")
+    if n_embd % n_head:
+        raise ModelError(f"n_embd={n_embd} must be divisible by n_head={n_head}")
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        tok = _train_tokenizer(texts, vocab_size, tmp / "_bpe")
+        config = GPT2Config(vocab_size=len(tok), n_layer=n_layer, n_head=n_head, n_embd=n_embd,
+                            n_positions=n_positions, bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id,
+                            pad_token_id=tok.eos_token_id, tie_word_embeddings=True)
+        model = GPT2LMHeadModel(config)
+        # One token stream (texts separated by eos) cut into full blocks: no padding waste.
+        stream: list[int] = []
+        for ids in tok(texts, add_special_tokens=False)["input_ids"]:
+            stream.extend(ids + [tok.eos_token_id])
+        n_blocks = max(1, len(stream) // block_size)
+        stream = (stream * math.ceil(block_size / max(1, len(stream))))[: max(len(stream), block_size)]
+        blocks = torch.tensor(stream[: n_blocks * block_size], dtype=torch.long).view(n_blocks, block_size)
+        n_steps = max(1, math.ceil(pretrain_epochs * n_blocks / batch_size))
+        gen = torch.Generator().manual_seed(seed)
+        opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, n_steps // 10))
+                                                  * max(0.1, 1 - s / n_steps))
+        model.train()
+        order = torch.randperm(n_blocks, generator=gen)
+        pos = 0
+        bar = tqdm(range(n_steps), desc="pretrain builtin base", leave=False)
+        for _ in bar:
+            if pos + batch_size > n_blocks and pos > 0:
+                order, pos = torch.randperm(n_blocks, generator=gen), 0
+            idx = order[pos: pos + batch_size]
+            pos += batch_size
+            loss = model(input_ids=blocks[idx], labels=blocks[idx]).loss
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            sched.step()
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+        model.eval()
+        shutil.rmtree(tmp / "_bpe")
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir
+
+
+def spec_hash(spec: dict) -> str:
+    return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def ensure_builtin_base(cache_root, spec: dict, texts_fn: Callable[[], list[str]]) -> Path:
+    """Cached built-in base for `spec` (build_builtin_base keywords; others only enter the hash).
+
+    A file lock makes concurrent callers wait for a single build; `texts_fn` is only called to build.
+    """
+    cache_root = Path(cache_root)
+    cache_root.mkdir(parents=True, exist_ok=True)
+    key = spec_hash(spec)
+    out = cache_root / f"builtin-{key}"
+    marker = out / "spec.json"
+    if marker.is_file():
+        return out
+    accepted = set(inspect.signature(build_builtin_base).parameters) - {"out_dir", "texts"}
+    kwargs = {k: v for k, v in spec.items() if k in accepted}
+    with open(cache_root / f"builtin-{key}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            if not marker.is_file():
+                build_builtin_base(out, list(texts_fn()), **kwargs)
+                tmp = out / "spec.json.tmp"
+                tmp.write_text(json.dumps(spec, sort_keys=True, indent=2, default=str))
+                os.replace(tmp, marker)
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+    return out

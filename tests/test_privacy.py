@@ -1,0 +1,69 @@
+"""Accounting: Opacus's published anchors, calibration round-trips, refusals."""
+import math
+
+import pytest
+
+from dpbias_utils.privacy import PrivacyError, calibrate_noise, default_delta, epsilon_spent
+
+
+def test_rdp_anchor():
+    # Opacus test suite anchor: sigma=1.5, q=0.04, delta=1e-5, 2250 steps -> eps 7.3291 (RDP)
+    assert epsilon_spent(1.5, 0.04, 2250, 1e-5, "rdp") == pytest.approx(7.3291, abs=1e-3)
+
+
+def test_prv_anchor():
+    assert epsilon_spent(1.5, 0.04, 2249, 1e-5, "prv") == pytest.approx(6.7774, abs=1e-3)
+
+
+def test_epsilon_grows_with_steps_and_zero_steps_is_free():
+    assert epsilon_spent(1.0, 0.01, 0, 1e-5, "rdp") == 0.0
+    e1, e2 = (epsilon_spent(1.0, 0.01, s, 1e-5, "rdp") for s in (100, 400))
+    assert 0 < e1 < e2
+
+
+@pytest.mark.parametrize("accountant,target", [("rdp", 3.0), ("prv", 10.0)])
+def test_calibration_round_trip(accountant, target):
+    delta, q, steps = default_delta(5000), 64 / 5000, 30
+    sigma = calibrate_noise(target, delta, q, steps, accountant)
+    spent = epsilon_spent(sigma, q, steps, delta, accountant)
+    assert spent <= target
+    # tight: Opacus's bisection stops within 0.01 of the target
+    assert spent > target - 0.05
+    # a visibly smaller noise multiplier would overspend
+    assert epsilon_spent(sigma * 0.9, q, steps, delta, accountant) > target
+
+
+def test_more_noise_spends_less():
+    e = [epsilon_spent(s, 0.02, 50, 1e-5, "rdp") for s in (0.6, 1.0, 2.0)]
+    assert e[0] > e[1] > e[2] > 0
+
+
+def test_default_delta():
+    assert default_delta(1000) == pytest.approx(1000 ** -1.1)
+    assert default_delta(1000) < 1 / 1000
+    with pytest.raises(PrivacyError):
+        default_delta(1)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(target_epsilon=0.0), "target_epsilon"),
+    (dict(target_epsilon=-1.0), "target_epsilon"),
+    (dict(target_epsilon=math.inf), "target_epsilon"),
+    (dict(delta=0.0), "delta"),
+    (dict(delta=1.0), "delta"),
+    (dict(sample_rate=1.0), "too few privacy units"),
+    (dict(sample_rate=1.5), "too few privacy units"),
+    (dict(steps=0), "steps"),
+    (dict(accountant="gdp"), "accountant"),
+])
+def test_refusals(kwargs, match):
+    args = dict(target_epsilon=3.0, delta=1e-5, sample_rate=0.01, steps=10, accountant="rdp")
+    args.update(kwargs)
+    with pytest.raises(PrivacyError, match=match):
+        calibrate_noise(**args)
+
+
+def test_unreachable_budget_refused():
+    # epsilon 1e-6 at delta 1e-10 over many full-ish batches needs sigma beyond Opacus's search range
+    with pytest.raises(PrivacyError, match="cannot reach"):
+        calibrate_noise(1e-6, 1e-10, 0.9, 10**7, "rdp")
