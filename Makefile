@@ -33,7 +33,8 @@ setup: $(STAMP) ## Create .venv (torch first, then the package) and register its
 study: setup ## Run the whole study on $(PARAMS) (default: embedded CPU profile) -> runs/<profile>/index.html
 	$(BIN)/dpbias run $(PARAMS) --jobs $(JOBS)
 
-test: setup ## Run the test suite (unit tests, notebooks under nbval, whole chain on a tiny profile)
+test: setup ## Run the test suite (unit tests, notebooks under nbval, whole chain on a tiny profile, local Slurm)
+	-bash tests/slurm/setup.sh
 	$(BIN)/python -m pytest -q tests
 
 test-fast: setup ## Unit tests only (skips notebook and whole-study tests)

@@ -177,3 +177,17 @@ def ensure_builtin_base(cache_root, spec: dict, texts_fn: Callable[[], list[str]
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
     return out
+
+
+def load_tokenizer(name_or_path: str):
+    """The tokenizer alone (stage 01 needs no weights); same rules and pad token as `load_base`."""
+    from transformers import AutoTokenizer
+
+    name = str(name_or_path)
+    if name not in HUB_MODELS and not _is_local_model(name):
+        raise ModelError(f"base model {name!r} is neither a supported hub id ({', '.join(HUB_MODELS)}) nor a local "
+                         "folder with a config.json (a save_pretrained model and tokenizer)")
+    tokenizer = AutoTokenizer.from_pretrained(name)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer

@@ -195,6 +195,12 @@ class StageResources(Section):
 class ExecutionParams(Section):
     slurm_partition: Optional[str] = None
     resources: dict[Literal["01", "02", "03", "04", "05"], StageResources] = {}
+    # Slurm options used by `dpbias run --executor slurm` (dpbias_utils.slurm); none changes a node's id.
+    slurm_array_parallelism: Optional[PositiveInt] = None  # at most this many tasks of a stage's array at once
+    slurm_additional_parameters: dict[str, str | int] = {}  # extra sbatch flags: {account: x, qos: y}
+    slurm_setup: list[str] = []        # shell lines run before each job (module load ..., source venv)
+    slurm_poll_s: PositiveFloat = 10.0  # seconds between queue polls while waiting for a stage
+    slurm_max_requeue: Annotated[int, Field(ge=0)] = 3  # re-queues after pre-emption / time-out (resumes)
 
 
 class Profile(Section):

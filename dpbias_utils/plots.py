@@ -97,8 +97,8 @@ def example_generations(gens: pd.DataFrame, n: int = 5, seed: int = 0) -> pd.Dat
     if gens.empty:
         return gens
     cols = [c for c in ("group", "prompt", "continuation", "toxicity", "sentiment") if c in gens]
-    return gens.groupby("group", group_keys=False).apply(
-        lambda g: g.sample(min(n, len(g)), random_state=seed))[cols].reset_index(drop=True)
+    picked = gens.sample(frac=1.0, random_state=seed).groupby("group").head(n)
+    return picked.sort_values("group", kind="stable")[cols].reset_index(drop=True)
 
 
 def score_distributions(gens: pd.DataFrame):

@@ -8,6 +8,7 @@ can never claim an epsilon it did not earn.
 from __future__ import annotations
 
 import functools
+import json
 import math
 
 from opacus.accountants import create_accountant
@@ -68,7 +69,54 @@ def calibrate_noise(target_epsilon: float, delta: float, sample_rate: float, ste
     _check(delta=delta, sample_rate=sample_rate, steps=steps, accountant=accountant)
     if steps < 1:
         raise PrivacyError(f"steps={steps} must be at least 1 to calibrate noise")
-    return _calibrate(float(target_epsilon), float(delta), float(sample_rate), int(steps), accountant)
+    args = (float(target_epsilon), float(delta), float(sample_rate), int(steps), accountant)
+    cached = _disk_cache_get(args)
+    if cached is not None:
+        # A cached search result is only a candidate: it is re-checked with a fresh accountant.
+        if epsilon_spent(cached, sample_rate, steps, delta, accountant) <= target_epsilon:
+            return cached
+    sigma = _calibrate(*args)
+    _disk_cache_put(args, sigma)
+    return sigma
+
+
+def _disk_cache_file():
+    from . import paths
+
+    return paths.CACHE / "noise-calibration.jsonl"
+
+
+def _disk_cache_key(args) -> str:
+    return json.dumps([repr(a) for a in args])
+
+
+def _disk_cache_get(args) -> float | None:
+    """Noise multipliers found by earlier processes (the PRV search takes seconds per run)."""
+    f = _disk_cache_file()
+    if not f.is_file():
+        return None
+    key = _disk_cache_key(args)
+    for line in f.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if rec.get("key") == key:
+            return float(rec["sigma"])
+    return None
+
+
+def _disk_cache_put(args, sigma: float) -> None:
+    import fcntl
+
+    f = _disk_cache_file()
+    try:
+        f.parent.mkdir(parents=True, exist_ok=True)
+        with open(f, "a") as fh:
+            fcntl.flock(fh, fcntl.LOCK_EX)
+            fh.write(json.dumps({"key": _disk_cache_key(args), "sigma": sigma}) + "\n")
+    except OSError:
+        pass  # a read-only cache only costs time
 
 
 @functools.lru_cache(maxsize=64)

@@ -340,67 +340,94 @@ def _mean(s: pd.DataFrame, **where) -> float:
     return float(sub["value"].mean()) if len(sub) else float("nan")
 
 
+def _separated(a: pd.Series, b: pd.Series) -> bool:
+    """True when two summary rows' 95% intervals do not overlap (an effect beyond seed noise)."""
+    return bool(a["ci_low"] > b["ci_high"] or b["ci_low"] > a["ci_high"])
+
+
+def _row(s: pd.DataFrame, **where):
+    sub = s
+    for k, v in where.items():
+        sub = sub[sub[k] == v]
+    return sub.iloc[0] if len(sub) else None
+
+
 def claims(results: pd.DataFrame, metric: str = "toxicity") -> list[dict]:
-    """The paper's four claims, each checked on this profile's numbers (mean over seeds)."""
+    """The paper's claims, each checked on this profile's numbers (means over seeds).
+
+    Directions follow the paper: bias is amplified when the female - male difference under DP is
+    larger (and positive) than without DP; for the other metrics, when |difference| is larger.
+    `separated` says whether the intervals of DP and non-DP do not overlap for every ε.
+    """
     s = seed_summary(results)
-    diff = pd.concat([outcome_rows(s), s[s["metric"].str.startswith("grad_") & (s["group"] == "diff")]])
-    diff = diff[diff["mixing_ratio"] == 0.0]
+    out_rows = outcome_rows(s)
+    diff0 = out_rows[out_rows["mixing_ratio"] == 0.0]
     out = []
-    # 1. DP amplifies bias.
-    nondp = _mean(diff, metric=metric, condition="non-DP")
-    dp_rows = diff[(diff["metric"] == metric) & (diff["dp"] == True)].sort_values("epsilon")  # noqa: E712
-    larger = [(r.condition, r.value) for r in dp_rows.itertuples() if r.value > nondp]
-    out.append({
-        "claim": "DP fine-tuning amplifies gender bias (female - male gap larger than non-DP)",
-        "metric": metric,
-        "evidence": f"non-DP diff {nondp:.4f}; " + ", ".join(f"{r.condition} {r.value:.4f}" for r in dp_rows.itertuples()),
-        "holds": bool(len(dp_rows)) and len(larger) == len(dp_rows),
-        "partial": 0 < len(larger) < len(dp_rows),
-    })
-    # Other metrics, same comparison.
-    for m in [m for m in BIAS_METRICS if m != metric and m in set(diff["metric"])]:
-        nd = _mean(diff, metric=m, condition="non-DP")
-        dps = diff[(diff["metric"] == m) & (diff["dp"] == True)].sort_values("epsilon")  # noqa: E712
-        if len(dps) and not math.isnan(nd):
-            more = sum(abs(v) > abs(nd) for v in dps["value"])
-            out.append({"claim": "DP amplifies bias (|diff| larger than non-DP)", "metric": m,
-                        "evidence": f"non-DP {nd:.4f}; " + ", ".join(f"{c} {v:.4f}" for c, v in zip(dps["condition"], dps["value"])),
-                        "holds": more == len(dps), "partial": 0 < more < len(dps)})
-    # 2. Gap grows with epsilon (paper: larger gap at larger epsilon in Table 1).
+
+    def compare(m: str, signed: bool, claim: str):
+        nd = _row(diff0, metric=m, condition="non-DP")
+        dps = diff0[(diff0["metric"] == m) & (diff0["dp"] == True)].sort_values("epsilon")  # noqa: E712
+        if nd is None or not len(dps) or math.isnan(nd["value"]) or dps["value"].isna().all():
+            return  # a metric this profile could not measure (e.g. no occupation generated)
+        key = (lambda v: v) if signed else abs
+        more = [key(r["value"]) > key(nd["value"]) and (not signed or r["value"] > 0) for _, r in dps.iterrows()]
+        out.append({"claim": claim, "metric": m,
+                    "evidence": f"non-DP {nd['value']:+.4f}; " + ", ".join(
+                        f"{r['condition']} {r['value']:+.4f} [{r['ci_low']:+.4f}, {r['ci_high']:+.4f}]" for _, r in dps.iterrows()),
+                    "holds": all(more), "partial": any(more) and not all(more),
+                    "separated": all(_separated(r, nd) for _, r in dps.iterrows())})
+
+    # 1. DP amplifies bias: the paper's headline (toxicity, female - male larger under DP).
+    compare(metric, True, "DP fine-tuning amplifies gender bias (female - male larger than non-DP, and > 0)")
+    for m in [m for m in BIAS_METRICS if m != metric]:
+        compare(m, False, "DP amplifies bias (|bias| larger than non-DP)")
+    # 2. The gap changes with epsilon (paper: grows from ε=3 to ε=20 in Table 1).
+    dp_rows = diff0[(diff0["metric"] == metric) & (diff0["dp"] == True)].sort_values("epsilon")  # noqa: E712
     if len(dp_rows) >= 2:
         from scipy import stats
 
         rho = stats.spearmanr(dp_rows["epsilon"], dp_rows["value"]).statistic
-        out.append({"claim": "the DP gap changes with ε (paper: grows from ε=3 to ε=20)", "metric": metric,
-                    "evidence": f"Spearman ρ(ε, diff) = {rho:.2f} over {len(dp_rows)} ε values",
-                    "holds": bool(rho > 0), "partial": False})
+        out.append({"claim": "the DP gap grows with ε (paper: ε=3 < ε=10 < ε=20)", "metric": metric,
+                    "evidence": f"Spearman ρ(ε, diff) = {rho:+.2f} over ε = "
+                                + ", ".join(f"{e:g}" for e in dp_rows["epsilon"]),
+                    "holds": bool(rho > 0), "partial": False, "separated": False})
     # 3. CDA reduces the amplification.
-    cda = s[(s["group"] == "diff") & (s["metric"] == metric) & (s["dp"] == True)]  # noqa: E712
+    cda = out_rows[(out_rows["metric"] == metric) & (out_rows["dp"] == True)]  # noqa: E712
     for cond in sorted(set(cda["condition"])):
         sub = cda[cda["condition"] == cond].sort_values("mixing_ratio")
         if sub["mixing_ratio"].nunique() > 1:
             first, last = sub.iloc[0], sub.iloc[-1]
             out.append({"claim": f"CDA reduces the amplification ({cond})", "metric": metric,
-                        "evidence": f"diff {first.value:.4f} at ratio {first.mixing_ratio:g} -> {last.value:.4f} at ratio {last.mixing_ratio:g}",
-                        "holds": bool(abs(last.value) < abs(first.value)), "partial": False})
-    # 4. Mechanism: female gradient norms exceed male; DP widens the gap.
+                        "evidence": f"diff {first['value']:+.4f} at ratio {first['mixing_ratio']:g} -> "
+                                    f"{last['value']:+.4f} at ratio {last['mixing_ratio']:g}",
+                        "holds": bool(abs(last["value"]) < abs(first["value"])), "partial": False,
+                        "separated": _separated(first, last)})
+    # 4. Mechanism: female gradient norms exceed male, and DP widens the gap.
     g = s[(s["metric"] == "grad_l2_total") & (s["group"] == "diff") & (s["mixing_ratio"] == 0.0)]
     if len(g):
-        nd = _mean(g, condition="non-DP")
-        dpg = g[g["dp"] == True]  # noqa: E712
+        pos = g["value"] > 0
         out.append({"claim": "female per-example gradient norms exceed male (final checkpoint)", "metric": "grad_l2_total",
-                    "evidence": ", ".join(f"{r.condition} {r.value:+.4f}" for r in g.itertuples()),
-                    "holds": bool((g["value"] > 0).all()), "partial": bool((g["value"] > 0).any() and not (g["value"] > 0).all())})
-        if len(dpg) and not math.isnan(nd):
-            wider = sum(v > nd for v in dpg["value"])
+                    "evidence": ", ".join(f"{r['condition']} {r['value']:+.4f} [{r['ci_low']:+.4f}, {r['ci_high']:+.4f}]"
+                                          for _, r in g.iterrows()),
+                    "holds": bool(pos.all()), "partial": bool(pos.any() and not pos.all()),
+                    "separated": bool((g["ci_low"] > 0).all())})
+        nd = _row(g, condition="non-DP")
+        dpg = g[g["dp"] == True]  # noqa: E712
+        if nd is not None and len(dpg):
+            wider = [r["value"] > nd["value"] and r["value"] > 0 for _, r in dpg.iterrows()]
             out.append({"claim": "DP widens the female - male gradient-norm gap", "metric": "grad_l2_total",
-                        "evidence": f"non-DP {nd:+.4f}; " + ", ".join(f"{r.condition} {r.value:+.4f}" for r in dpg.itertuples()),
-                        "holds": wider == len(dpg), "partial": 0 < wider < len(dpg)})
+                        "evidence": f"non-DP {nd['value']:+.4f}; " + ", ".join(f"{r['condition']} {r['value']:+.4f}" for _, r in dpg.iterrows()),
+                        "holds": all(wider), "partial": any(wider) and not all(wider),
+                        "separated": all(_separated(r, nd) for _, r in dpg.iterrows())})
     return out
 
 
 def verdict(c: dict) -> str:
-    return "reproduced" if c["holds"] else ("partly" if c.get("partial") else "not reproduced")
+    """`reproduced` only when the direction holds; `(within noise)` when intervals overlap."""
+    base = "reproduced" if c["holds"] else ("partly" if c.get("partial") else "not reproduced")
+    if base != "not reproduced" and not c.get("separated"):
+        base += " (within noise)"
+    return base
 
 
 def findings_markdown(results: pd.DataFrame, privacy: pd.DataFrame) -> str:

@@ -148,6 +148,26 @@ def load_texts(ctx: StageContext) -> dict:
     return out
 
 
+def _train_chunks(ctx: StageContext, frame, tokenizer) -> tuple[list[str], list[str] | None]:
+    """Training text as privacy-unit chunks (controlled corpus: one labelled sentence each)."""
+    from . import data
+
+    d = ctx.profile.data
+    if d.corpus == "controlled":
+        return frame["text"].tolist(), frame["label"].tolist()
+    return data.chunk_texts(frame["text"].tolist(), tokenizer, d.block_size), None
+
+
+def cda_preview(ctx: StageContext, texts: dict, tokenizer, max_units: int = 2000, ratios=(0.0, 0.25, 0.5, 0.75, 1.0)):
+    """Gendered-word counts before / after CDA at several mixing ratios, on the first training units."""
+    from . import plots
+
+    chunks, labels = _train_chunks(ctx, texts["train"].head(max_units * 4), tokenizer)
+    return plots.cda_at_ratios(chunks[:max_units], tokenizer, ctx.profile.data.block_size, ctx.point["cda_mode"],
+                               ctx.point["seed"], ctx.profile.data.swap_names, ratios=ratios,
+                               labels=labels[:max_units] if labels else None)
+
+
 def build_datasets(ctx: StageContext, texts: dict, tokenizer) -> dict:
     """Privacy units for train (with CDA at the point's mixing ratio) and for valid / test (no CDA),
     and the mechanism splits from the validation units."""
@@ -156,10 +176,7 @@ def build_datasets(ctx: StageContext, texts: dict, tokenizer) -> dict:
     d = ctx.profile.data
     out = {}
     for name, frame in texts.items():
-        if d.corpus == "controlled":  # one labelled sentence per unit
-            chunks, labels = frame["text"].tolist(), frame["label"].tolist()
-        else:
-            chunks, labels = data.chunk_texts(frame["text"].tolist(), tokenizer, d.block_size), None
+        chunks, labels = _train_chunks(ctx, frame, tokenizer)
         if name == "train" and d.max_train_units:
             chunks = chunks[: d.max_train_units]
             labels = labels[: d.max_train_units] if labels else None
@@ -194,7 +211,8 @@ def train_run(ctx: StageContext) -> dict:
         meta["base_model"], frames["train"], ctx.out_dir, epsilon=ctx.point["epsilon"],
         max_grad_norm=ctx.point["max_grad_norm"], delta=t.delta, accountant=t.accountant, epochs=t.epochs,
         logical_batch_size=t.logical_batch_size, physical_batch_size=t.physical_batch_size, lr=t.lr,
-        seed=ctx.point["seed"], checkpoint_every=t.checkpoint_every, device=t.device, clipping=t.clipping,
+        seed=ctx.point["seed"], checkpoint_every=t.checkpoint_every, device=t.device,
+        clipping=t.clipping if ctx.point["epsilon"] is not None else "opacus",  # clipping is a DP-only choice
         progress_points=tuple(t.progress_points))
 
 

@@ -67,3 +67,23 @@ def test_unreachable_budget_refused():
     # epsilon 1e-6 at delta 1e-10 over many full-ish batches needs sigma beyond Opacus's search range
     with pytest.raises(PrivacyError, match="cannot reach"):
         calibrate_noise(1e-6, 1e-10, 0.9, 10**7, "rdp")
+
+
+def test_disk_cache_is_only_a_candidate(tmp_path, monkeypatch):
+    """A cached noise multiplier is re-checked: a corrupted cache entry can never weaken privacy."""
+    import json as _json
+
+    from dpbias_utils import paths, privacy
+
+    monkeypatch.setattr(paths, "CACHE", tmp_path)
+    args = (3.0, 1e-5, 0.01, 300, "rdp")
+    sigma = privacy.calibrate_noise(*args)
+    assert privacy.epsilon_spent(sigma, 0.01, 300, 1e-5, "rdp") <= 3.0
+    lines = (tmp_path / "noise-calibration.jsonl").read_text().splitlines()
+    assert len(lines) == 1 and _json.loads(lines[0])["sigma"] == sigma
+    (tmp_path / "noise-calibration.jsonl").write_text(
+        _json.dumps({"key": privacy._disk_cache_key(tuple(float(a) if isinstance(a, float) else a for a in args)),
+                     "sigma": 0.05}) + "\n")
+    privacy._calibrate.cache_clear()
+    again = privacy.calibrate_noise(*args)
+    assert again == pytest.approx(sigma) and privacy.epsilon_spent(again, 0.01, 300, 1e-5, "rdp") <= 3.0

@@ -1,0 +1,160 @@
+"""Slurm execution (dpbias_utils.slurm) against a real single-node Slurm cluster on this machine.
+
+`tests/slurm/setup.sh` installs and starts the cluster once per session (seconds when it is up);
+the tests skip, with the set-up's message, where it cannot (not root, no apt, no daemons).
+The main test runs a shrunk tiny profile through `--executor slurm` and through local execution
+into separate run folders, at the same time, and requires identical results tables (the runs are
+CPU-deterministic: same seeds, one BLAS thread in both, same notebooks).
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import threading
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from dpbias_utils import paths, runner
+from dpbias_utils.params import parse_profile
+
+SETUP = paths.REPO_ROOT / "tests" / "slurm" / "setup.sh"
+
+
+def _tiny_slurm_profile(name: str) -> dict:
+    raw = yaml.safe_load((paths.REPO_ROOT / "tests" / "profiles" / "tiny.yaml").read_text())
+    raw["name"] = name
+    raw["include_base"] = False
+    raw["grid"] = [{"epsilon": [8.0], "mixing_ratio": [0.5], "seed": [0]}]  # one DP run: privacy.csv has a row
+    raw["evaluation"]["metrics"] = ["toxicity", "sentiment", "perplexity", "stereotype"]
+    raw["execution"] = {
+        "slurm_poll_s": 1.0,
+        "resources": {s: {"gpus": 0, "cpus": 1, "mem_gb": 2, "time_min": 15} for s in ("01", "02", "03", "04", "05")},
+    }
+    return raw
+
+
+# --------------------------------------------------------------------------- no cluster needed
+def test_stage_parameters_map_resources():
+    from dpbias_utils import slurm
+
+    raw = _tiny_slurm_profile("p")
+    raw["execution"].update(slurm_partition="gpu", slurm_array_parallelism=3,
+                            slurm_additional_parameters={"account": "proj", "qos": "normal"},
+                            slurm_setup=["module load cuda"])
+    raw["execution"]["resources"]["02"] = {"gpus": 2, "cpus": 8, "mem_gb": 64, "time_min": 720}
+    profile = parse_profile(raw)
+    p02 = slurm.stage_parameters(profile, "02", 10)
+    assert p02["gpus_per_node"] == 2 and p02["cpus_per_task"] == 8 and p02["mem"] == "64GB" and p02["time"] == 720
+    assert p02["partition"] == "gpu" and p02["array_parallelism"] == 3
+    assert p02["additional_parameters"] == {"account": "proj", "qos": "normal"}
+    assert p02["setup"] == ["module load cuda"]
+    p01 = slurm.stage_parameters(profile, "01", 4)
+    assert "gpus_per_node" not in p01  # no --gpus-per-node=0: clusters without GRES reject it
+    # a stage without resources gets StageResources' defaults
+    del raw["execution"]["resources"]["05"]
+    p05 = slurm.stage_parameters(parse_profile(raw), "05", 1)
+    assert (p05["cpus_per_task"], p05["mem"], p05["time"]) == (2, "8GB", 60)
+
+
+def test_node_job_is_requeued_when_preempted():
+    submitit = pytest.importorskip("submitit")
+    from dpbias_utils import slurm
+
+    job = slurm.NodeJob()
+    assert isinstance(job, submitit.helpers.Checkpointable)
+    delayed = job.checkpoint("/x/node.json")  # what submitit calls on pre-emption / time-out
+    assert delayed.function is job and delayed.args == ("/x/node.json",)
+
+
+# --------------------------------------------------------------------------- the cluster
+@pytest.fixture(scope="session")
+def slurm_cluster():
+    if shutil.which("bash") is None:
+        pytest.skip("bash not available")
+    try:
+        out = subprocess.run(["bash", str(SETUP)], capture_output=True, text=True, timeout=900)
+    except subprocess.TimeoutExpired:
+        pytest.skip("tests/slurm/setup.sh took more than 15 min")
+    if out.returncode != 0:
+        tail = "\n".join((out.stderr or out.stdout).strip().splitlines()[-8:])
+        pytest.skip(f"no local Slurm cluster (tests/slurm/setup.sh exit {out.returncode}):\n{tail}")
+    return True
+
+
+def _tables(profile_dir: Path) -> dict[str, pd.DataFrame]:
+    out = {}
+    for name in ("results.csv", "privacy.csv"):
+        df = pd.read_csv(profile_dir / name)
+        df = df.drop(columns=[c for c in df.columns if c in ("seconds", "wall_seconds")])
+        out[name] = df.sort_values(list(df.columns)).reset_index(drop=True)
+    return out
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_slurm_matches_local_and_is_idempotent(slurm_cluster, tmp_path, monkeypatch):
+    # One BLAS thread in both executions (and in the jobs, which inherit the environment), a cache
+    # shared by both so they fine-tune the same built-in base.
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.setenv("MKL_NUM_THREADS", "1")
+    monkeypatch.setenv("DPBIAS_CACHE", str(tmp_path / "cache"))
+    raw = _tiny_slurm_profile("tiny-slurm")
+    profile = parse_profile(raw)
+    slurm_runs, local_runs = tmp_path / "slurm-runs", tmp_path / "local-runs"
+
+    box = {}
+
+    def on_slurm():
+        try:
+            box["slurm"] = runner.run(profile, runs_dir=slurm_runs, progress=False, executor="slurm")
+        except BaseException as err:  # noqa: BLE001 - re-raised in the test thread
+            box["error"] = err
+
+    # The base model is built once (stage 01 of the local run) before both runs use it.
+    from dpbias_utils import basemodel  # noqa: F401 - fail here, not in a thread, if imports are broken
+
+    thread = threading.Thread(target=on_slurm)
+    thread.start()
+    local = runner.run(profile, runs_dir=local_runs, progress=False, executor="local")
+    thread.join(timeout=900)
+    assert not thread.is_alive(), "the Slurm run did not finish in 15 min"
+    if "error" in box:
+        raise box["error"]
+    via_slurm = box["slurm"]
+
+    slurm_dir, local_dir = slurm_runs / profile.name, local_runs / profile.name
+    assert local.ok, f"local run failed: {[n.node_id for n in local.failed + local.blocked]}"
+    assert via_slurm.ok, (f"slurm run failed: {[n.node_id for n in via_slurm.failed + via_slurm.blocked]}; "
+                          f"{getattr(via_slurm, 'slurm_messages', {})}")
+    nodes = runner.plan(profile)
+    assert len(via_slurm.completed) == len(nodes)
+    for n in nodes:  # same node folders and markers as local execution
+        assert (n.folder(slurm_dir) / runner.MARKER).is_file()
+        assert (n.folder(slurm_dir) / "notebook.ipynb").is_file()
+    assert (slurm_dir / "index.html").is_file()
+    assert any((slurm_dir / "_slurm" / "02").glob("*_log.out")), "submitit logs are kept under the run dir"
+
+    a, b = _tables(slurm_dir), _tables(local_dir)
+    for name in a:
+        assert len(a[name]) > 0, name
+        pd.testing.assert_frame_equal(a[name], b[name], check_exact=True, obj=name)
+    # training itself is bit-identical, not only the summary tables
+    n02 = next(n for n in nodes if n.stage == "02")
+    assert (n02.folder(slurm_dir) / "steps.csv").read_text() == (n02.folder(local_dir) / "steps.csv").read_text()
+
+    # Re-submission submits nothing: every node is complete.
+    before = sorted(p.name for p in (slurm_dir / "_slurm").rglob("*_submission.sh"))
+    again = runner.run(profile, runs_dir=slurm_runs, progress=False, executor="slurm")
+    assert again.ok and not again.completed and len(again.skipped) == len(nodes)
+    assert sorted(p.name for p in (slurm_dir / "_slurm").rglob("*_submission.sh")) == before
+
+    # An incomplete node (marker removed, as after a pre-empted job) is the only one resubmitted.
+    n05 = next(n for n in nodes if n.stage == "05")
+    (n05.folder(slurm_dir) / runner.MARKER).unlink()
+    third = runner.run(profile, runs_dir=slurm_runs, progress=False, executor="slurm")
+    assert third.ok and [n.key for n in third.completed] == [n05.key]
+    assert _tables(slurm_dir)["results.csv"].equals(a["results.csv"])
