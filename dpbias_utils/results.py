@@ -72,7 +72,22 @@ def _node_json(folder: Path) -> dict:
 
 
 def collect_tables(upstream: dict[str, list[str]], model_name: str) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
-    """Read every stage 02-04 node's outputs into the three tidy tables."""
+    """Read every stage 02-04 node's outputs into the three tidy tables.
+
+    Nodes that have not run (no `context.json`: possible when notebook 05 is run by hand before the
+    whole grid) are left out with a warning; the runner only starts stage 05 when all are complete.
+    """
+    import warnings
+
+    from .stages import CONTEXT_FILE
+
+    upstream = dict(upstream)
+    for stage, folders in list(upstream.items()):
+        ran = [f for f in folders if (Path(f) / CONTEXT_FILE).is_file()]
+        if len(ran) < len(folders):
+            warnings.warn(f"stage {stage}: {len(folders) - len(ran)} of {len(folders)} nodes have no outputs yet "
+                          f"and are left out of the tables (run `dpbias run` for the whole grid)", stacklevel=2)
+        upstream[stage] = ran
     rows, privacy, grads = [], [], []
     for folder in map(Path, upstream.get("04", [])):
         params = _node_json(folder)

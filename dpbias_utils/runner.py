@@ -114,6 +114,8 @@ def plan(profile: Profile) -> list[Node]:
 def find_node(nodes: Iterable[Node], stage: str, point: Optional[dict] = None, run_id: Optional[str] = None) -> Node:
     """The node of `stage` for a grid point (matching only the keys the stage depends on)."""
     candidates = [n for n in nodes if n.stage == stage]
+    if stage == "05":  # one report node per profile, whatever the point
+        return candidates[0]
     if run_id is not None:
         candidates = [n for n in candidates if n.run_id == run_id]
     if point is not None:
