@@ -232,6 +232,7 @@ class RunReport:
     skipped: list[Node] = field(default_factory=list)
     failed: list[Node] = field(default_factory=list)
     blocked: list[Node] = field(default_factory=list)
+    slurm_messages: dict[str, str] = field(default_factory=dict)  # "stage/node" -> why a Slurm job failed
 
     @property
     def ok(self) -> bool:

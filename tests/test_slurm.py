@@ -129,7 +129,7 @@ def test_slurm_matches_local_and_is_idempotent(slurm_cluster, tmp_path, monkeypa
     slurm_dir, local_dir = slurm_runs / profile.name, local_runs / profile.name
     assert local.ok, f"local run failed: {[n.node_id for n in local.failed + local.blocked]}"
     assert via_slurm.ok, (f"slurm run failed: {[n.node_id for n in via_slurm.failed + via_slurm.blocked]}; "
-                          f"{getattr(via_slurm, 'slurm_messages', {})}")
+                          f"{via_slurm.slurm_messages}")
     nodes = runner.plan(profile)
     assert len(via_slurm.completed) == len(nodes)
     for n in nodes:  # same node folders and markers as local execution
