@@ -100,9 +100,9 @@ def build_builtin_base(out_dir, texts: list[str], vocab_size: int = 2000, n_laye
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.bpe.", dir=out_dir.parent))
     try:
-        tok = _train_tokenizer(texts, vocab_size, tmp / "_bpe")
+        tok = _train_tokenizer(texts, vocab_size, tmp)
         config = GPT2Config(vocab_size=len(tok), n_layer=n_layer, n_head=n_head, n_embd=n_embd,
                             n_positions=n_positions, bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id,
                             pad_token_id=tok.eos_token_id, tie_word_embeddings=True)
@@ -136,16 +136,27 @@ def build_builtin_base(out_dir, texts: list[str], vocab_size: int = 2000, n_laye
             sched.step()
             bar.set_postfix(loss=f"{loss.item():.3f}")
         model.eval()
-        shutil.rmtree(tmp / "_bpe")
+        save_model_atomic(model, tok, out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir
+
+
+def save_model_atomic(model, tokenizer, dest: Path) -> None:
+    """`save_pretrained` model and tokenizer into a temporary folder, then rename it into place, so a
+    reader (or a resumed run) never sees a half-written model."""
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
+    try:
         model.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
+        tokenizer.save_pretrained(tmp)
+        if dest.exists():
+            shutil.rmtree(dest)
+        os.replace(tmp, dest)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
-    return out_dir
 
 
 def spec_hash(spec: dict) -> str:

@@ -14,7 +14,6 @@ import html
 import json
 import math
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 import pandas as pd
@@ -223,37 +222,46 @@ def _errorbar_points(ax, sub: pd.DataFrame, x: str, order: list, color=None, lab
     ax.errorbar(xv, y, yerr=err, fmt="o", capsize=3, color=color, label=label)
 
 
-def fig_bias_vs_epsilon(results: pd.DataFrame, figures_dir: Path):
-    """Each bias metric's female - male difference per privacy condition (no CDA), mean over seeds."""
+def _metric_grid(metrics: list[str]):
+    """One panel per metric, three to a row."""
     import matplotlib.pyplot as plt
 
+    ncol = min(3, len(metrics))
+    nrow = math.ceil(len(metrics) / ncol)
+    fig, axes = plt.subplots(nrow, ncol, figsize=(4.2 * ncol, 3.2 * nrow), squeeze=False)
+    for ax in list(axes.flat)[len(metrics):]:
+        ax.axis("off")
+    return fig, axes
+
+
+def _finish_grid(fig, figures_dir: Path, title: str, name: str):
+    fig.suptitle(title)
+    fig.tight_layout()
+    _save(fig, figures_dir, name)
+    return fig
+
+
+def fig_bias_vs_epsilon(results: pd.DataFrame, figures_dir: Path):
+    """Each bias metric's female - male difference per privacy condition (no CDA), mean over seeds."""
     s = outcome_rows(seed_summary(results))
     s = s[s["mixing_ratio"] == 0.0]
     metrics = [m for m in BIAS_METRICS if m in set(s["metric"])]
     if not metrics:
         return None
     order = condition_order(s)
-    ncol = min(3, len(metrics))
-    nrow = math.ceil(len(metrics) / ncol)
-    fig, axes = plt.subplots(nrow, ncol, figsize=(4.2 * ncol, 3.2 * nrow), squeeze=False)
+    fig, axes = _metric_grid(metrics)
     for ax, m in zip(axes.flat, metrics):
         sub = s[s["metric"] == m]
         _errorbar_points(ax, sub, "condition", order, color="C0")
         ax.axhline(0, color="grey", lw=0.8, ls=":")
         ax.set_xticks(range(len(order)), order, rotation=30, ha="right")
         ax.set_title(BIAS_METRICS[m], fontsize=9)
-    for ax in list(axes.flat)[len(metrics):]:
-        ax.axis("off")
-    fig.suptitle("Bias (female - male) by privacy condition; mean over seeds, 95% interval")
-    fig.tight_layout()
-    _save(fig, figures_dir, "bias_vs_epsilon")
-    return fig
+    return _finish_grid(fig, figures_dir, "Bias (female - male) by privacy condition; mean over seeds, 95% interval",
+                        "bias_vs_epsilon")
 
 
 def fig_bias_vs_mixing_ratio(results: pd.DataFrame, figures_dir: Path):
     """Each bias metric's diff against the CDA mixing ratio, DP and non-DP."""
-    import matplotlib.pyplot as plt
-
     s = outcome_rows(seed_summary(results))
     s = s[s["condition"] != "base"]
     ratios_per_cond = s.groupby("condition")["mixing_ratio"].nunique()
@@ -261,9 +269,7 @@ def fig_bias_vs_mixing_ratio(results: pd.DataFrame, figures_dir: Path):
     metrics = [m for m in BIAS_METRICS if m in set(s["metric"])]
     if not conds or not metrics:
         return None
-    ncol = min(3, len(metrics))
-    nrow = math.ceil(len(metrics) / ncol)
-    fig, axes = plt.subplots(nrow, ncol, figsize=(4.2 * ncol, 3.2 * nrow), squeeze=False)
+    fig, axes = _metric_grid(metrics)
     for ax, m in zip(axes.flat, metrics):
         for i, c in enumerate(conds):
             sub = s[(s["metric"] == m) & (s["condition"] == c)].sort_values("mixing_ratio")
@@ -274,12 +280,7 @@ def fig_bias_vs_mixing_ratio(results: pd.DataFrame, figures_dir: Path):
         ax.set_xlabel("CDA mixing ratio")
         ax.set_title(BIAS_METRICS[m], fontsize=9)
     axes.flat[0].legend(fontsize=8)
-    for ax in list(axes.flat)[len(metrics):]:
-        ax.axis("off")
-    fig.suptitle("Bias (female - male) against the CDA mixing ratio")
-    fig.tight_layout()
-    _save(fig, figures_dir, "bias_vs_mixing_ratio")
-    return fig
+    return _finish_grid(fig, figures_dir, "Bias (female - male) against the CDA mixing ratio", "bias_vs_mixing_ratio")
 
 
 def fig_gradnorm_gap(grads: pd.DataFrame, figures_dir: Path, measure: str = "l2_total"):

@@ -17,8 +17,6 @@ import json
 import math
 import os
 import random
-import shutil
-import tempfile
 import time
 import warnings
 from contextlib import nullcontext
@@ -32,7 +30,7 @@ from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from . import grad_samplers  # noqa: F401  (registers the Conv1D per-sample gradient)
-from .basemodel import load_base, resolve_device
+from .basemodel import load_base, resolve_device, save_model_atomic
 from .privacy import PrivacyError, calibrate_noise, default_delta, epsilon_spent
 
 CLIPPING_MODES = ("opacus", "fast")
@@ -246,20 +244,6 @@ def _json_default(o):
     return str(o)
 
 
-def _save_model_atomic(hf, tokenizer, dest: Path) -> None:
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
-    try:
-        hf.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        if dest.exists():
-            shutil.rmtree(dest)
-        os.replace(tmp, dest)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-
-
 def _rng_state() -> dict:
     st = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
@@ -434,7 +418,7 @@ def train(base_path: str, train_df, out_dir, *, epsilon: float | None, max_grad_
         _set_rng_state(ck["rng"])
         step, rows, resumed_from = int(ck["step"]), list(ck["rows"]), int(ck["step"])
     if 0 in progress and not (out_dir / "progress" / "pct_0").is_dir() and step == 0:
-        _save_model_atomic(hf, tokenizer, out_dir / "progress" / "pct_0")
+        save_model_atomic(hf, tokenizer, out_dir / "progress" / "pct_0")
 
     def accountant_obj():
         return engine.accountant if engine is not None else (acct if dp else None)
@@ -565,7 +549,7 @@ def train(base_path: str, train_df, out_dir, *, epsilon: float | None, max_grad_
             bar.set_postfix(loss=f"{rows[-1]['loss']:.3f}", eps="inf" if not dp else f"{last_eps:.2f}")
             for p_, s_ in progress.items():
                 if s_ == step and p_ != 0:
-                    _save_model_atomic(hf, tokenizer, out_dir / "progress" / f"pct_{p_}")
+                    save_model_atomic(hf, tokenizer, out_dir / "progress" / f"pct_{p_}")
             if step % checkpoint_every == 0 or step == steps:
                 save_checkpoint()
             if on_step is not None:
@@ -588,7 +572,7 @@ def train(base_path: str, train_df, out_dir, *, epsilon: float | None, max_grad_
         eps_indep = epsilon_spent(sigma, sample_rate, steps, delta, accountant)
         if not (eps_final <= epsilon and eps_indep <= epsilon):
             raise PrivacyError(f"epsilon spent {eps_final} (independent {eps_indep}) exceeds the target {epsilon}")
-    _save_model_atomic(hf, tokenizer, out_dir / "model")
+    save_model_atomic(hf, tokenizer, out_dir / "model")
     _write_steps_csv(rows, out_dir / "steps.csv")
     privacy = {"epsilon_target": epsilon, "epsilon_spent": eps_final, "delta": delta, "noise_multiplier": sigma,
                "sample_rate": sample_rate if dp else None, "steps": steps, "n_units": n_units,
