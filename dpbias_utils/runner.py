@@ -242,7 +242,7 @@ class RunReport:
 def run(profile: Profile, *, jobs: int = 1, only: Optional[str] = None, runs_dir: Optional[Path] = None,
         notebooks: Optional[Path] = None, progress: bool = True, executor: str = "local") -> RunReport:
     """Execute every incomplete node whose upstream is complete; independent nodes in parallel."""
-    from tqdm.auto import tqdm
+    from tqdm import tqdm
 
     from . import report
 

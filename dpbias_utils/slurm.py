@@ -161,7 +161,7 @@ def _outcome(job, status: str) -> tuple[bool, str]:
 def run(profile: Profile, nodes: list, pending: list, profile_dir: Path, notebooks: Path, result,
         progress: bool = True):
     """Execute `pending` (incomplete nodes, stage order) on Slurm; fills and returns `result` (RunReport)."""
-    from tqdm.auto import tqdm
+    from tqdm import tqdm
 
     from . import report
 

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from . import grad_samplers  # noqa: F401  (registers the Conv1D per-sample gradient)
 from .basemodel import load_base, resolve_device, save_model_atomic

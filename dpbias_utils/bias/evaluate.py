@@ -144,7 +144,7 @@ def _json_value(v):
 
 def evaluate_model(model, tokenizer, splits: dict[str, pd.DataFrame], cfg: dict, out_dir: Path, seed: int) -> pd.DataFrame:
     """Run the enabled metric families on ``model``; write metrics.csv and generations.jsonl to ``out_dir``."""
-    from tqdm.auto import tqdm
+    from tqdm import tqdm
 
     cfg = resolve_cfg(cfg)
     out_dir = Path(out_dir)
