@@ -149,11 +149,18 @@ def _atomic_write_text(path: Path, text: str) -> None:
 
 
 def render_html(notebook_path: Path, html_path: Path) -> None:
-    """HTML report of an executed notebook without code input (what readers open)."""
+    """HTML report of an executed notebook without code input (what readers open).
+
+    Progress bars and library warnings (stderr) are left out of the report; they stay in the
+    executed notebook beside it, and errors are always shown.
+    """
     import nbformat
     from nbconvert import HTMLExporter
 
     nb = nbformat.read(notebook_path, as_version=4)
+    for cell in nb.cells:
+        if cell.get("outputs"):
+            cell.outputs = [o for o in cell.outputs if not (o.get("output_type") == "stream" and o.get("name") == "stderr")]
     exporter = HTMLExporter(exclude_input=True, exclude_input_prompt=True, exclude_output_prompt=True)
     body, _ = exporter.from_notebook_node(nb)
     _atomic_write_text(html_path, body)
