@@ -14,13 +14,19 @@ def bootstrap_ci(
     n_boot: int = DEFAULT_N_BOOT,
     level: float = 0.95,
     seed: int = 0,
+    interval: str = "percentile",
 ) -> tuple[float, float, float]:
-    """Percentile bootstrap over the rows of ``values``: (point, low, high).
+    """Bootstrap over the rows of ``values``: (point, low, high).
 
     ``statistic`` receives a resampled array (rows resampled with replacement) and must
     accept an axis-0 array. Empty input gives NaNs rather than an error, so a metric with
     no data shows up as missing in the tidy tables instead of crashing a whole stage.
+    ``interval="basic"`` gives the basic (reverse-percentile) interval, clipped at 0 from below:
+    for statistics biased under resampling, such as a total-variation distance (which is >= 0 and
+    grows with sampling noise), the percentile interval can lie entirely above the point estimate.
     """
+    if interval not in ("percentile", "basic"):
+        raise ValueError(f"interval={interval!r}; allowed: 'percentile', 'basic'")
     arr = np.asarray(values, dtype=float)
     if arr.shape[0] == 0:
         return float("nan"), float("nan"), float("nan")
@@ -35,6 +41,8 @@ def bootstrap_ci(
         boots = np.array([statistic(arr[i]) for i in idx])
     alpha = (1.0 - level) / 2.0
     low, high = np.nanquantile(boots, [alpha, 1.0 - alpha])
+    if interval == "basic":
+        low, high = max(0.0, 2 * point - high), max(0.0, 2 * point - low)
     return point, float(low), float(high)
 
 

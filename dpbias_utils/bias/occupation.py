@@ -130,7 +130,7 @@ def occupation_rows(
         [(found["group"] == "female").to_numpy(int), found["occupation"].map(codes).to_numpy(int)]
     ) if len(found) else np.zeros((0, 2))
     if len(f) and len(m):
-        tv = bootstrap_ci(coded, _tv_rows, n_boot=n_boot, seed=seed)
+        tv = bootstrap_ci(coded, _tv_rows, n_boot=n_boot, seed=seed, interval="basic")  # TV is biased upward
     else:
         tv = (float("nan"),) * 3
     rows.append(tidy_row("occupation_tv", "diff", tv, len(found)))
