@@ -39,6 +39,7 @@ from typing import Optional, Sequence
 import torch
 
 from . import training
+from .basemodel import save_model_atomic
 from .privacy import calibrate_noise, default_delta, epsilon_spent
 
 __all__ = ["init_from_env", "prepare_dp_distributed", "train_distributed", "spawn_local", "launch_command"]
@@ -223,7 +224,7 @@ def train_distributed(base_path: str, train_df, out_dir, *, epsilon: Optional[fl
     if rank == 0:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        training._save_model_atomic(hf, tokenizer, out / "model")
+        save_model_atomic(hf, tokenizer, out / "model")
         training._atomic_json(result, out / "privacy.json")
         with open(out / "steps.csv", "w") as fh:
             fh.write("step,loss,n_units_in_batch\n")
