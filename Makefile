@@ -1,6 +1,6 @@
 # dp-bias: `make help` lists the targets.
 SHELL := /bin/bash
-PYTHON ?= python3.11
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
 PARAMS ?= params/default.yaml
