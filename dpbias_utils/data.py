@@ -91,23 +91,9 @@ def chunk_texts(texts: list[str], tokenizer, block_size: int) -> list[str]:
 
     chunks: list[str] = []
     for text, spans in zip(texts, sentence_spans):
-        start = end = None
-        used = 0
-        for (a, b), n_tokens in zip(spans, counts):
-            if n_tokens > block_size:
-                if start is not None:
-                    chunks.append(text[start:end])
-                    start, used = None, 0
-                chunks.extend(_pack_words(text[a:b], tokenizer, block_size))
-                continue
-            if start is not None and used + n_tokens <= block_size:
-                end, used = b, used + n_tokens
-            else:
-                if start is not None:
-                    chunks.append(text[start:end])
-                start, end, used = a, b, n_tokens
-        if start is not None:
-            chunks.append(text[start:end])
+        span_counts = [next(counts) for _ in spans]
+        chunks.extend(_pack_spans(text, spans, span_counts, block_size,
+                                  lambda piece: _pack_words(piece, tokenizer, block_size)))
 
     # Counts of pieces are estimates (a BPE token can straddle a piece boundary): check and re-split.
     chunks = [chunk.strip() for chunk in chunks if chunk.strip()]
@@ -124,24 +110,30 @@ def _pack_words(sentence: str, tokenizer, block_size: int) -> list[str]:
     """Greedy packing of the words of one over-long sentence."""
     spans = [m.span() for m in _WORD_RE.finditer(sentence)]
     counts = [len(ids) for ids in _encode(tokenizer, [" " + sentence[a:b] for a, b in spans])]
+    return _pack_spans(sentence, spans, counts, block_size, lambda piece: _split_exact(piece, tokenizer, block_size))
+
+
+def _pack_spans(text: str, spans, counts, block_size: int, split_long) -> list[str]:
+    """Greedy packing of consecutive spans of ``text`` (with their token counts) into chunks of at most
+    ``block_size`` tokens; a span longer than a block is handed to ``split_long`` on its own."""
     chunks: list[str] = []
     start = end = None
     used = 0
     for (a, b), n_tokens in zip(spans, counts):
         if n_tokens > block_size:
             if start is not None:
-                chunks.append(sentence[start:end])
+                chunks.append(text[start:end])
                 start, used = None, 0
-            chunks.extend(_split_exact(sentence[a:b], tokenizer, block_size))
+            chunks.extend(split_long(text[a:b]))
             continue
         if start is not None and used + n_tokens <= block_size:
             end, used = b, used + n_tokens
         else:
             if start is not None:
-                chunks.append(sentence[start:end])
+                chunks.append(text[start:end])
             start, end, used = a, b, n_tokens
     if start is not None:
-        chunks.append(sentence[start:end])
+        chunks.append(text[start:end])
     return chunks
 
 

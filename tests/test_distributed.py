@@ -55,12 +55,17 @@ def _schedule(seed=1):
     return [sorted(rng.choice(N_UNITS, size=LOGICAL, replace=False).tolist()) for _ in range(STEPS)]
 
 
-def _single_process_dp(base, df, schedule):
+def _single_process_setup(base, df):
+    """The reference run's model, dataset and optimiser, seeded as every rank is."""
     torch.manual_seed(0)
     model, tok = training.load_base(base)
     model.train()
     ds = training.UnitDataset(df, tok.pad_token_id)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    return model, ds, torch.optim.Adam(model.parameters(), lr=1e-2)
+
+
+def _single_process_dp(base, df, schedule):
+    model, ds, opt = _single_process_setup(base, df)
     gsm, dp_opt, _, _ = training.prepare_dp(model, opt, ds, noise_multiplier=0.0, max_grad_norm=C,
                                             sample_rate=LOGICAL / N_UNITS, accountant="rdp")
     params = list(dp_opt.params)
@@ -70,11 +75,7 @@ def _single_process_dp(base, df, schedule):
 
 
 def _single_process_nondp(base, df, schedule):
-    torch.manual_seed(0)
-    model, tok = training.load_base(base)
-    model.train()
-    ds = training.UnitDataset(df, tok.pad_token_id)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    model, ds, opt = _single_process_setup(base, df)
     for idxs in schedule:
         batch = training.collate_units([ds[i] for i in idxs], ds.pad_token_id)
         (training.per_unit_loss(model, batch).sum() / len(idxs)).backward()
