@@ -36,3 +36,11 @@ def stage_dir(profile: str, stage: str, runs: Path | None = None) -> Path:
 
 def shared(*parts: str) -> Path:
     return SHARED_DATA.joinpath(*parts)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write a file so that a reader sees the old content or the new, never half of it."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)

@@ -56,9 +56,7 @@ def write_index(profile, nodes, profile_dir: Path) -> Path:
         parts.append("</table>")
     parts.append("</body></html>")
     out = profile_dir / "index.html"
-    tmp = out.with_name(f".index.html.tmp-{os.getpid()}")
-    tmp.write_text("\n".join(parts), encoding="utf-8")
-    os.replace(tmp, out)
+    paths.atomic_write_text(out, "\n".join(parts))
     return out
 
 

@@ -18,6 +18,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from . import paths
+
 CONDITION_COLUMNS = ["run_id", "model", "dp", "epsilon", "max_grad_norm", "mixing_ratio", "cda_mode", "seed"]
 RESULT_COLUMNS = CONDITION_COLUMNS + ["metric", "group", "value", "ci_low", "ci_high", "n"]
 PRIVACY_COLUMNS = ["run_id", "epsilon_target", "epsilon_spent", "delta", "noise_multiplier", "sample_rate",
@@ -129,9 +131,7 @@ def write_tables(profile_dir: Path, results: pd.DataFrame, privacy: pd.DataFrame
     out = {}
     for name, df in (("results", results), ("privacy", privacy), ("gradnorms", grads)):
         path = Path(profile_dir) / f"{name}.csv"
-        tmp = path.with_name(f".{path.name}.tmp")
-        df.to_csv(tmp, index=False)
-        tmp.replace(path)
+        paths.atomic_write_text(path, df.to_csv(index=False))
         out[name] = path
     return out
 
@@ -483,16 +483,13 @@ def write_findings(profile_dir: Path, results: pd.DataFrame, privacy: pd.DataFra
     import os
     import shutil
 
-    from . import paths
 
     profile_dir, figures_dir = Path(profile_dir), Path(figures_dir)
     pngs = sorted(figures_dir.glob("*.png")) if figures_dir.is_dir() else []
     rel = [os.path.relpath(p, profile_dir) for p in pngs]
     for name, text in (("findings.html", findings_html(results, privacy, rel)),
                        ("findings.md", findings_markdown(results, privacy))):
-        tmp = profile_dir / f".{name}.tmp"
-        tmp.write_text(text, encoding="utf-8")
-        tmp.replace(profile_dir / name)
+        paths.atomic_write_text(profile_dir / name, text)
     if profile_dir.name == "default" and profile_dir.parent.resolve() == paths.RUNS.resolve():
         paths.FIGURES.mkdir(exist_ok=True)
         for f in sorted(figures_dir.glob("*.png")) + sorted(figures_dir.glob("*.svg")):

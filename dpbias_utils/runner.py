@@ -142,12 +142,6 @@ def node_parameters(profile: Profile, node: Node, profile_dir: Path) -> dict:
     return params
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def render_html(notebook_path: Path, html_path: Path) -> None:
     """HTML report of an executed notebook without code input (what readers open).
 
@@ -163,7 +157,7 @@ def render_html(notebook_path: Path, html_path: Path) -> None:
             cell.outputs = [o for o in cell.outputs if not (o.get("output_type") == "stream" and o.get("name") == "stderr")]
     exporter = HTMLExporter(exclude_input=True, exclude_input_prompt=True, exclude_output_prompt=True)
     body, _ = exporter.from_notebook_node(nb)
-    _atomic_write_text(html_path, body)
+    paths.atomic_write_text(html_path, body)
 
 
 def execute_node(spec_path: Path) -> int:
@@ -195,7 +189,7 @@ def execute_node(spec_path: Path) -> int:
         marker = {"stage": spec["stage"], "node_id": folder.name, "seconds": round(time.time() - started, 1),
                   "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
                   "outputs": sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file() and not p.name.startswith("."))}
-        _atomic_write_text(folder / MARKER, json.dumps(marker, indent=1))
+        paths.atomic_write_text(folder / MARKER, json.dumps(marker, indent=1))
     return 0
 
 
@@ -205,7 +199,7 @@ def write_node_spec(profile: Profile, node: Node, profile_dir: Path, notebooks: 
     spec = {"stage": node.stage, "notebook": str(Path(notebooks) / paths.STAGE_NOTEBOOKS[node.stage]),
             "parameters": node_parameters(profile, node, profile_dir)}
     path = folder / "node.json"
-    _atomic_write_text(path, json.dumps(spec, indent=1))
+    paths.atomic_write_text(path, json.dumps(spec, indent=1))
     return path
 
 

@@ -93,9 +93,7 @@ def context(stage: str, namespace: dict[str, Any]) -> StageContext:
                            upstream, profile_dir)
     ctx.out_dir.mkdir(parents=True, exist_ok=True)
     record = {"stage": stage, "profile": ctx.profile.name, "point": ctx.point, "run_id": ctx.run_id}
-    tmp = ctx.out_dir / ".context.json.tmp"
-    tmp.write_text(json.dumps(record, indent=1))
-    os.replace(tmp, ctx.out_dir / CONTEXT_FILE)  # what stage 05 reads to label this node's outputs
+    paths.atomic_write_text(ctx.out_dir / CONTEXT_FILE, json.dumps(record, indent=1))  # stage 05 labels outputs by it
     return ctx
 
 
