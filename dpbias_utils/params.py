@@ -11,7 +11,6 @@ means the folder beside the checkout), then checked to exist.
 from __future__ import annotations
 
 import itertools
-import math
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal, Optional
@@ -408,6 +407,3 @@ def load_profile(path: str | Path) -> Profile:
         raise ParamsError([f"{shown}: the profile is empty (it needs at least a 'grid')"])
     return parse_profile(raw, shown)
 
-
-def is_finite_epsilon(eps: Optional[float]) -> bool:
-    return eps is not None and math.isfinite(eps)

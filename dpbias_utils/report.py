@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import html
-import json
 import os
 from pathlib import Path
 
@@ -59,6 +58,3 @@ def write_index(profile, nodes, profile_dir: Path) -> Path:
     paths.atomic_write_text(out, "\n".join(parts))
     return out
 
-
-def load_json(path: Path) -> dict:
-    return json.loads(Path(path).read_text(encoding="utf-8"))

@@ -349,13 +349,6 @@ def fig_table1(results: pd.DataFrame, figures_dir: Path, metric: str = "toxicity
 
 
 # --------------------------------------------------------------------------- findings
-def _mean(s: pd.DataFrame, **where) -> float:
-    sub = s
-    for k, v in where.items():
-        sub = sub[sub[k] == v]
-    return float(sub["value"].mean()) if len(sub) else float("nan")
-
-
 def _separated(a: pd.Series, b: pd.Series) -> bool:
     """True when two summary rows' 95% intervals do not overlap (an effect beyond seed noise)."""
     return bool(a["ci_low"] > b["ci_high"] or b["ci_low"] > a["ci_high"])
