@@ -46,13 +46,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: --jobs = {args.jobs}: must be >= 1", file=sys.stderr)
         return EXIT_BAD_PARAMS
     if args.dry_run:
+        from . import cost
+
         print(runner.describe_plan(profile, args.runs_dir))
-        try:
-            from . import cost
-        except ImportError:
-            cost = None
-        if cost is not None:
-            print(cost.describe_cost(profile))
+        print(cost.describe_cost(profile))
         return 0
     result = runner.run(profile, jobs=args.jobs, only=args.only, runs_dir=args.runs_dir, notebooks=args.notebooks,
                         executor=args.executor)
