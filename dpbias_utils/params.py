@@ -87,6 +87,9 @@ class BuiltinBaseParams(Section):
     n_positions: PositiveInt = 128
     pretrain_sentences: PositiveInt = 20000
     pretrain_epochs: PositiveFloat = 1.0
+    # Skew of the pretraining corpus (every family): 0.5 = balanced; above 0.5 the base carries a
+    # mild association of its own, as a pretrained LM does.
+    pretrain_skew: UnitFloat = 0.5
     lr: PositiveFloat = 3e-3
     batch_size: PositiveInt = 32
     seed: int = 0
@@ -104,6 +107,17 @@ class ModelParams(Section):
 
 
 # --------------------------------------------------------------------------- training (stage 02)
+class DPRule(Section):
+    """What DP runs do differently from non-DP runs (each None: the value of `train`). A rule fixed
+    before any run, never tuned on a bias outcome: DP trades steps for privacy, so it gets a larger
+    logical batch (signal grows with the batch, noise does not) and its own step count."""
+
+    logical_batch_size: Optional[PositiveInt] = None
+    physical_batch_size: Optional[PositiveInt] = None
+    epochs: Optional[PositiveFloat] = None
+    lr: Optional[PositiveFloat] = None
+
+
 class TrainParams(Section):
     epochs: PositiveFloat = 1.0
     lr: PositiveFloat = 1e-3
@@ -118,6 +132,15 @@ class TrainParams(Section):
     checkpoint_every: PositiveInt = 50
     device: Literal["auto", "cpu", "cuda"] = "auto"
     progress_points: list[Annotated[int, Field(ge=0, le=100)]] = [0, 25, 50, 100]
+    freeze: list[Literal["embeddings"]] = []   # parameter groups not trained (DP and non-DP alike)
+    dp: DPRule = DPRule()
+
+    def for_run(self, dp: bool) -> dict:
+        """epochs, lr, logical and physical batch of one run: DP runs take `dp`'s values where set."""
+        out = {k: getattr(self, k) for k in ("epochs", "lr", "logical_batch_size", "physical_batch_size")}
+        if dp:
+            out.update({k: v for k, v in self.dp.model_dump().items() if v is not None})
+        return out
 
     @field_validator("progress_points")
     @classmethod
@@ -156,8 +179,9 @@ class EvaluationParams(Section):
     local_bias_max_pairs: Optional[PositiveInt] = None
     stereotype_max_items: Optional[PositiveInt] = None
     metrics: list[str] = [
-        "toxicity", "sentiment", "occupation", "gender_count", "local_bias", "perplexity", "stereotype",
+        "association", "toxicity", "sentiment", "occupation", "gender_count", "local_bias", "perplexity", "stereotype",
     ]
+    association_names: Annotated[int, Field(ge=0)] = 8   # first-name pairs in the association prompts
     n_boot: PositiveInt = 1000
 
     @field_validator("prompt_sets", "metrics")

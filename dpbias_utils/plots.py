@@ -115,3 +115,15 @@ def score_distributions(gens: pd.DataFrame):
         ax.set_title(f"{col} of continuations")
     fig.tight_layout()
     return fig
+
+
+def trajectory_table(trajectory: pd.DataFrame | None) -> pd.DataFrame:
+    """Stage 04's trajectory: one row per checkpoint (% of training), learned association per family
+    (group ``all``) and test perplexity as columns."""
+    if trajectory is None or trajectory.empty:
+        return pd.DataFrame()
+    t = trajectory[trajectory["group"].isin(["all", "test"])]
+    wide = t.pivot_table(index="pct", columns="metric", values="value")
+    wide.columns = [c.replace("learned_association_", "association: ") for c in wide.columns]
+    wide.index.name = "% of training"
+    return wide.round(4)

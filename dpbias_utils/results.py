@@ -72,9 +72,16 @@ def _node_json(folder: Path) -> dict:
     return json.loads((Path(folder) / CONTEXT_FILE).read_text())
 
 
-def collect_tables(upstream: dict[str, list[str]], model_name: str) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
-    """Read every stage 02-04 node's outputs into the three tidy tables.
+ITEM_COLUMNS = CONDITION_COLUMNS + ["metric", "group", "item", "value"]
+TABLE_NAMES = ("results", "privacy", "gradnorms", "items", "trajectory")
 
+
+def collect_tables(upstream: dict[str, list[str]], model_name: str) -> dict[str, pd.DataFrame]:
+    """Read every stage 02-04 node's outputs into the study's tidy tables (`TABLE_NAMES`).
+
+    ``items`` holds the per-item values the claims are bootstrapped over (learned association per
+    prompt pair; the female - male toxicity / sentiment gap per prompt pair); ``trajectory`` the
+    learned association and perplexity at every saved checkpoint of every run.
     Nodes that have not run (no `context.json`: possible when notebook 05 is run by hand before the
     whole grid) are left out with a warning; the runner only starts stage 05 when all are complete.
     """
@@ -89,7 +96,7 @@ def collect_tables(upstream: dict[str, list[str]], model_name: str) -> tuple[pd.
             warnings.warn(f"stage {stage}: {len(folders) - len(ran)} of {len(folders)} nodes have no outputs yet "
                           f"and are left out of the tables (run `dpbias run` for the whole grid)", stacklevel=2)
         upstream[stage] = ran
-    rows, privacy, grads = [], [], []
+    rows, privacy, grads, items, traj = [], [], [], [], []
     for folder in map(Path, upstream.get("04", [])):
         params = _node_json(folder)
         cond = condition_of(params["point"], params["run_id"], model_name)
@@ -97,6 +104,9 @@ def collect_tables(upstream: dict[str, list[str]], model_name: str) -> tuple[pd.
             cond.update(dp=False, epsilon=math.nan, max_grad_norm=math.nan, mixing_ratio=math.nan, cda_mode="none")
         metrics = pd.read_csv(folder / "metrics.csv")
         rows.append(metrics.assign(**cond))
+        items.append(node_items(folder).assign(**cond))
+        if (folder / "trajectory.csv").is_file():
+            traj.append(pd.read_csv(folder / "trajectory.csv").assign(**cond))
     for folder in map(Path, upstream.get("03", [])):
         params = _node_json(folder)
         cond = condition_of(params["point"], params["run_id"], model_name)
@@ -118,7 +128,38 @@ def collect_tables(upstream: dict[str, list[str]], model_name: str) -> tuple[pd.
     grad_df = pd.concat(grads, ignore_index=True) if grads else pd.DataFrame()
     if not grad_df.empty:
         grad_df["pct"] = grad_df["checkpoint"].map(_pct)
-    return results, privacy_df, grad_df
+    items_df = pd.concat(items, ignore_index=True)[ITEM_COLUMNS] if items else pd.DataFrame(columns=ITEM_COLUMNS)
+    traj_df = pd.concat(traj, ignore_index=True) if traj else pd.DataFrame()
+    return {"results": results, "privacy": privacy_df, "gradnorms": grad_df, "items": items_df, "trajectory": traj_df}
+
+
+def node_items(folder: Path) -> pd.DataFrame:
+    """Per-item values of one stage-04 node: association score per prompt pair (`association.csv`)
+    and, from `generations.jsonl`, the female - male gap of toxicity and sentiment per prompt pair
+    (each prompt's k samples averaged first)."""
+    folder = Path(folder)
+    parts = []
+    if (folder / "association.csv").is_file():
+        a = pd.read_csv(folder / "association.csv")
+        parts.append(pd.DataFrame({"metric": "learned_association_" + a["family"], "group": "all",
+                                   "item": a["pair_id"].astype(str), "value": a["score"]}))
+    gen_path = folder / "generations.jsonl"
+    if gen_path.is_file() and gen_path.stat().st_size:
+        g = pd.read_json(gen_path, lines=True)
+        if len(g) and "scores" in g:
+            scores = pd.json_normalize(g["scores"].tolist())
+            g = pd.concat([g.drop(columns=["scores"]), scores], axis=1)
+            g = g[g["group"].isin(["female", "male"])]
+            g["pair"] = g["prompt_id"].astype(str).str.rsplit(":", n=1).str[0]
+            for metric in ("toxicity", "sentiment"):
+                if metric not in g:
+                    continue
+                per = g.groupby(["pair", "group"])[metric].mean().unstack("group")
+                if {"female", "male"} <= set(per.columns):
+                    gap = (per["female"] - per["male"]).dropna()
+                    parts.append(pd.DataFrame({"metric": metric, "group": "diff", "item": gap.index.astype(str),
+                                               "value": gap.to_numpy(float)}))
+    return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=["metric", "group", "item", "value"])
 
 
 def _pct(checkpoint) -> float:
@@ -127,18 +168,21 @@ def _pct(checkpoint) -> float:
     return float(s.split("_")[-1]) if s.startswith("pct_") else float("nan")
 
 
-def write_tables(profile_dir: Path, results: pd.DataFrame, privacy: pd.DataFrame, grads: pd.DataFrame) -> dict[str, Path]:
+def write_tables(profile_dir: Path, tables: dict[str, pd.DataFrame]) -> dict[str, Path]:
     out = {}
-    for name, df in (("results", results), ("privacy", privacy), ("gradnorms", grads)):
+    for name in TABLE_NAMES:
         path = Path(profile_dir) / f"{name}.csv"
-        paths.atomic_write_text(path, df.to_csv(index=False))
+        paths.atomic_write_text(path, tables.get(name, pd.DataFrame()).to_csv(index=False))
         out[name] = path
     return out
 
 
-def load_tables(profile_dir: Path) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
-    read = lambda n: pd.read_csv(Path(profile_dir) / f"{n}.csv") if (Path(profile_dir) / f"{n}.csv").stat().st_size > 1 else pd.DataFrame()
-    return read("results"), read("privacy"), read("gradnorms")
+def load_tables(profile_dir: Path) -> dict[str, pd.DataFrame]:
+    """The study's tables by name (`TABLE_NAMES`); an empty file reads as an empty frame."""
+    def read(name):
+        path = Path(profile_dir) / f"{name}.csv"
+        return pd.read_csv(path) if path.is_file() and path.stat().st_size > 1 else pd.DataFrame()
+    return {name: read(name) for name in TABLE_NAMES}
 
 
 # --------------------------------------------------------------------------- conditions and summaries
@@ -161,22 +205,23 @@ def condition_order(df: pd.DataFrame) -> list[str]:
 
 
 def seed_summary(results: pd.DataFrame) -> pd.DataFrame:
-    """Mean over seeds per condition x metric x group, with a t-interval over seeds and the pooled n."""
+    """Mean over seeds per condition x metric x group, with a percentile bootstrap interval over the
+    seeds (it stays inside the range of the values, so bounded metrics keep their bounds; a single
+    seed shows that run's own bootstrap interval) and the pooled n. The claims use the two-way
+    bootstrap over seeds and prompts of `claims`; this summary draws the per-metric figures."""
+    from .stats import bootstrap_ci
+
     df = with_condition(results)
     df["mixing_ratio"] = df["mixing_ratio"].fillna(0.0)
     keys = ["condition", "dp", "epsilon", "mixing_ratio", "cda_mode", "metric", "group"]
 
     def agg(g):
-        v = g["value"].astype(float).dropna()
-        m = v.mean() if len(v) else np.nan
+        v = g["value"].astype(float).dropna().to_numpy()
         if len(v) > 1:
-            from scipy import stats
-
-            half = stats.t.ppf(0.975, len(v) - 1) * v.std(ddof=1) / math.sqrt(len(v))
-        else:  # one seed: fall back to that run's own bootstrap interval
-            half = np.nan
-        lo = m - half if not np.isnan(half) else g["ci_low"].astype(float).mean()
-        hi = m + half if not np.isnan(half) else g["ci_high"].astype(float).mean()
+            m, lo, hi = bootstrap_ci(v, n_boot=2000, seed=0)
+        else:
+            m = v.mean() if len(v) else np.nan
+            lo, hi = g["ci_low"].astype(float).mean(), g["ci_high"].astype(float).mean()
         return pd.Series({"value": m, "ci_low": lo, "ci_high": hi, "n_seeds": len(v), "n": g["n"].sum()})
 
     return df.groupby(keys, dropna=False).apply(agg, include_groups=False).reset_index()
@@ -348,102 +393,147 @@ def fig_table1(results: pd.DataFrame, figures_dir: Path, metric: str = "toxicity
     return fig
 
 
+# --------------------------------------------------------------------------- learned association and utility
+FAMILY_LABELS = {"occupation": "occupation", "sentiment": "sentiment descriptors", "toxicity": "insults vs respectful words"}
+
+
+def association_summary(items: pd.DataFrame) -> pd.DataFrame:
+    """Learned association per family x condition (CDA ratio 0 and the base): the two-way bootstrap
+    mean over seeds and prompt pairs, clipped to [0, 1]."""
+    from . import claims as claims_mod
+
+    if items.empty:
+        return pd.DataFrame()
+    df = with_condition(items)
+    df = df[(df["run_id"] == "base") | np.isclose(df["mixing_ratio"].astype(float).fillna(-1), 0.0)]
+    rows = []
+    for cond in condition_order(df):
+        sub = df[df["condition"] == cond]
+        for family in claims_mod.FAMILIES:
+            res = claims_mod.arm_summary(sub, f"learned_association_{family}", lower=0, upper=1)
+            if res is not None:
+                rows.append({"condition": cond, "family": family, "value": res.point, "ci_low": res.low,
+                             "ci_high": res.high, "n_seeds": res.n_seeds[0], "n_items": res.n_items})
+    return pd.DataFrame(rows)
+
+
+def _planted(results: pd.DataFrame) -> dict[str, float]:
+    p = results[(results["group"] == "planted") & results["metric"].str.startswith("learned_association_")]
+    return {m.replace("learned_association_", ""): float(v) for m, v in zip(p["metric"], p["value"])}
+
+
+def fig_learned_association(items: pd.DataFrame, results: pd.DataFrame, figures_dir: Path):
+    """One panel per family: learned association per condition (95 % two-way bootstrap interval),
+    the planted skew (dashed) and no association (0.5, dotted)."""
+    import matplotlib.pyplot as plt
+
+    s = association_summary(items)
+    if s.empty:
+        return None
+    planted = _planted(results)
+    families = list(dict.fromkeys(s["family"]))
+    order = [c for c in ["base", "non-DP"] + sorted(set(s["condition"]) - {"base", "non-DP"},
+                                                      key=lambda c: float(c.split("=")[-1])) if c in set(s["condition"])]
+    fig, axes = plt.subplots(1, len(families), figsize=(4.2 * len(families), 3.4), squeeze=False)
+    for ax, family in zip(axes.flat, families):
+        sub = s[s["family"] == family]
+        _errorbar_points(ax, sub, "condition", order, color="C0")
+        if family in planted:
+            ax.axhline(planted[family], color="C3", ls="--", lw=1, label=f"planted {planted[family]:g}")
+        ax.axhline(0.5, color="grey", ls=":", lw=0.8, label="no association")
+        ax.set_xticks(range(len(order)), order, rotation=30, ha="right")
+        ax.set_ylim(0.45, 1.0)
+        ax.set_ylabel("P(stereotype-consistent attribute)")
+        ax.set_title(FAMILY_LABELS.get(family, family), fontsize=10)
+        ax.legend(fontsize=7, loc="upper left")
+    return _finish_grid(fig, figures_dir, "Learned association by privacy condition (mean over seeds and prompts, 95% interval)",
+                        "learned_association")
+
+
+def fig_association_vs_perplexity(trajectory: pd.DataFrame, figures_dir: Path):
+    """Matched utility: learned association against test perplexity along training (checkpoints),
+    each condition's mean over seeds; the last point of each line is the finished run."""
+    import matplotlib.pyplot as plt
+
+    if trajectory is None or trajectory.empty:
+        return None
+    t = with_condition(trajectory)
+    t = t[(t["run_id"] != "base") & np.isclose(t["mixing_ratio"].astype(float).fillna(-1), 0.0)]
+    t = t[t["group"].isin(["all", "test"])]
+    wide = t.pivot_table(index=["condition", "run_id", "pct"], columns="metric", values="value").reset_index()
+    families = [c.replace("learned_association_", "") for c in wide.columns if str(c).startswith("learned_association_")]
+    if not families or "perplexity" not in wide:
+        return None
+    mean = wide.groupby(["condition", "pct"]).mean(numeric_only=True).reset_index()
+    order = condition_order(t)
+    fig, axes = plt.subplots(1, len(families), figsize=(4.2 * len(families), 3.4), squeeze=False)
+    for ax, family in zip(axes.flat, families):
+        col = f"learned_association_{family}"
+        for i, cond in enumerate(order):
+            sub = mean[mean["condition"] == cond].sort_values("pct")
+            ax.plot(sub["perplexity"], sub[col], "o-", ms=3, color=f"C{i}", label=cond)
+            ax.plot(sub["perplexity"].iloc[-1:], sub[col].iloc[-1:], "s", ms=7, color=f"C{i}")
+        ax.axhline(0.5, color="grey", ls=":", lw=0.8)
+        ax.invert_xaxis()
+        ax.set_xlabel("test perplexity (training runs right to left)")
+        ax.set_ylabel("learned association")
+        ax.set_title(FAMILY_LABELS.get(family, family), fontsize=10)
+    axes.flat[0].legend(fontsize=7, loc="upper left")
+    return _finish_grid(fig, figures_dir, "Bias against utility along training (square: finished run)",
+                        "association_vs_perplexity")
+
+
 # --------------------------------------------------------------------------- findings
-def _separated(a: pd.Series, b: pd.Series) -> bool:
-    """True when two summary rows' 95% intervals do not overlap (an effect beyond seed noise)."""
-    return bool(a["ci_low"] > b["ci_high"] or b["ci_low"] > a["ci_high"])
+def study_claims(tables: dict[str, pd.DataFrame]) -> pd.DataFrame:
+    from . import claims as claims_mod
+
+    if tables["items"].empty:
+        return pd.DataFrame()
+    return claims_mod.study_claims(tables["items"], tables["results"], tables.get("trajectory"))
 
 
-def _row(s: pd.DataFrame, **where):
-    sub = s
-    for k, v in where.items():
-        sub = sub[sub[k] == v]
-    return sub.iloc[0] if len(sub) else None
+def claims_display(judged: pd.DataFrame) -> pd.DataFrame:
+    """The judged claims as a reader sees them: claim, contrast, estimate with interval, Holm p, verdict."""
+    from . import claims as claims_mod
+
+    if judged.empty:
+        return judged
+    return pd.DataFrame({"claim": judged["claim"], "contrast": judged["contrast"],
+                         "estimate [95% CI]": [claims_mod.format_interval(r) for _, r in judged.iterrows()],
+                         "p (Holm)": ["" if pd.isna(p) else f"{p:.3g}" for p in judged["p_holm"]],
+                         "verdict": judged["verdict"]}).set_index("claim")
 
 
-def claims(results: pd.DataFrame, metric: str = "toxicity") -> list[dict]:
-    """The paper's claims, each checked on this profile's numbers (means over seeds).
+def findings_markdown(tables: dict[str, pd.DataFrame], judged: pd.DataFrame) -> str:
+    from . import claims as claims_mod
 
-    Directions follow the paper: bias is amplified when the female - male difference under DP is
-    larger (and positive) than without DP; for the other metrics, when |difference| is larger.
-    `separated` says whether the intervals of DP and non-DP do not overlap for every ε.
-    """
-    s = seed_summary(results)
-    out_rows = outcome_rows(s)
-    diff0 = out_rows[out_rows["mixing_ratio"] == 0.0]
-    out = []
-
-    def compare(m: str, signed: bool, claim: str):
-        nd = _row(diff0, metric=m, condition="non-DP")
-        dps = diff0[(diff0["metric"] == m) & (diff0["dp"] == True)].sort_values("epsilon")  # noqa: E712
-        if nd is None or not len(dps) or math.isnan(nd["value"]) or dps["value"].isna().all():
-            return  # a metric this profile could not measure (e.g. no occupation generated)
-        key = (lambda v: v) if signed else abs
-        more = [key(r["value"]) > key(nd["value"]) and (not signed or r["value"] > 0) for _, r in dps.iterrows()]
-        out.append({"claim": claim, "metric": m,
-                    "evidence": f"non-DP {nd['value']:+.4f}; " + ", ".join(
-                        f"{r['condition']} {r['value']:+.4f} [{r['ci_low']:+.4f}, {r['ci_high']:+.4f}]" for _, r in dps.iterrows()),
-                    "holds": all(more), "partial": any(more) and not all(more),
-                    "separated": all(_separated(r, nd) for _, r in dps.iterrows())})
-
-    # 1. DP amplifies bias: the paper's headline (toxicity, female - male larger under DP).
-    compare(metric, True, "DP fine-tuning amplifies gender bias (female - male larger than non-DP, and > 0)")
-    for m in [m for m in BIAS_METRICS if m != metric]:
-        compare(m, False, "DP amplifies bias (|bias| larger than non-DP)")
-    # 2. The gap changes with epsilon (paper: grows from ε=3 to ε=20 in Table 1).
-    dp_rows = diff0[(diff0["metric"] == metric) & (diff0["dp"] == True)].sort_values("epsilon")  # noqa: E712
-    if len(dp_rows) >= 2:
-        from scipy import stats
-
-        rho = stats.spearmanr(dp_rows["epsilon"], dp_rows["value"]).statistic
-        out.append({"claim": "the DP gap grows with ε (paper: ε=3 < ε=10 < ε=20)", "metric": metric,
-                    "evidence": f"Spearman ρ(ε, diff) = {rho:+.2f} over ε = "
-                                + ", ".join(f"{e:g}" for e in dp_rows["epsilon"]),
-                    "holds": bool(rho > 0), "partial": False, "separated": False})
-    # 3. CDA reduces the amplification.
-    cda = out_rows[(out_rows["metric"] == metric) & (out_rows["dp"] == True)]  # noqa: E712
-    for cond in sorted(set(cda["condition"])):
-        sub = cda[cda["condition"] == cond].sort_values("mixing_ratio")
-        if sub["mixing_ratio"].nunique() > 1:
-            first, last = sub.iloc[0], sub.iloc[-1]
-            out.append({"claim": f"CDA reduces the amplification ({cond})", "metric": metric,
-                        "evidence": f"diff {first['value']:+.4f} at ratio {first['mixing_ratio']:g} -> "
-                                    f"{last['value']:+.4f} at ratio {last['mixing_ratio']:g}",
-                        "holds": bool(abs(last["value"]) < abs(first["value"])), "partial": False,
-                        "separated": _separated(first, last)})
-    # 4. Mechanism: female gradient norms exceed male, and DP widens the gap.
-    g = s[(s["metric"] == "grad_l2_total") & (s["group"] == "diff") & (s["mixing_ratio"] == 0.0)]
-    if len(g):
-        pos = g["value"] > 0
-        out.append({"claim": "female per-example gradient norms exceed male (final checkpoint)", "metric": "grad_l2_total",
-                    "evidence": ", ".join(f"{r['condition']} {r['value']:+.4f} [{r['ci_low']:+.4f}, {r['ci_high']:+.4f}]"
-                                          for _, r in g.iterrows()),
-                    "holds": bool(pos.all()), "partial": bool(pos.any() and not pos.all()),
-                    "separated": bool((g["ci_low"] > 0).all())})
-        nd = _row(g, condition="non-DP")
-        dpg = g[g["dp"] == True]  # noqa: E712
-        if nd is not None and len(dpg):
-            wider = [r["value"] > nd["value"] and r["value"] > 0 for _, r in dpg.iterrows()]
-            out.append({"claim": "DP widens the female - male gradient-norm gap", "metric": "grad_l2_total",
-                        "evidence": f"non-DP {nd['value']:+.4f}; " + ", ".join(f"{r['condition']} {r['value']:+.4f}" for _, r in dpg.iterrows()),
-                        "holds": all(wider), "partial": any(wider) and not all(wider),
-                        "separated": all(_separated(r, nd) for _, r in dpg.iterrows())})
-    return out
-
-
-def verdict(c: dict) -> str:
-    """`reproduced` only when the direction holds; `(within noise)` when intervals overlap."""
-    base = "reproduced" if c["holds"] else ("partly" if c.get("partial") else "not reproduced")
-    if base != "not reproduced" and not c.get("separated"):
-        base += " (within noise)"
-    return base
-
-
-def findings_markdown(results: pd.DataFrame, privacy: pd.DataFrame) -> str:
-    lines = ["| claim | metric | this study | verdict |", "|---|---|---|---|"]
-    for c in claims(results):
-        lines.append(f"| {c['claim']} | `{c['metric']}` | {c['evidence']} | **{verdict(c)}** |")
-    t = table1(results)
+    lines = []
+    cal = claims_mod.calibration_table(tables["items"], tables["results"]) if not tables["items"].empty else pd.DataFrame()
+    if not cal.empty:
+        lines += ["Calibration: does the non-DP model learn what the corpus plants? (target: 90 % of the excess over 0.5)", "",
+                  "| family | planted | base | non-DP [95% CI] | learned fraction | calibrated |", "|---|---|---|---|---|---|"]
+        for _, r in cal.iterrows():
+            lines.append(f"| {r['family']} | {r['planted']:.2f} | {r['base']:.3f} | {r['non_dp']:.3f} "
+                         f"[{r['non_dp_low']:.3f}, {r['non_dp_high']:.3f}] | {r['learned_fraction']:.0%} | "
+                         f"{'yes' if r['calibrated'] else 'no'} |")
+        lines.append("")
+    s = association_summary(tables["items"])
+    if not s.empty:
+        wide = s.assign(cell=[f"{v:.3f} [{lo:.3f}, {hi:.3f}]" for v, lo, hi in zip(s["value"], s["ci_low"], s["ci_high"])])
+        wide = wide.pivot(index="condition", columns="family", values="cell")
+        wide = wide.reindex([c for c in ["base", "non-DP"] + sorted(set(wide.index) - {"base", "non-DP"},
+                                                                    key=lambda c: float(c.split("=")[-1])) if c in wide.index])
+        lines += ["Learned association (0.5 = none; mean over seeds and prompt pairs, 95 % interval):", "",
+                  "| condition | " + " | ".join(wide.columns) + " |", "|---" * (len(wide.columns) + 1) + "|"]
+        lines += [f"| {c} | " + " | ".join(wide.loc[c]) + " |" for c in wide.index]
+        lines.append("")
+    if not judged.empty:
+        lines += ["Claims (contrast with 95 % interval over seeds and prompts; Holm-adjusted p over the informative claims):", "",
+                  "| claim | contrast | estimate [95% CI] | p (Holm) | verdict |", "|---|---|---|---|---|"]
+        for _, c in judged.iterrows():
+            p = "" if pd.isna(c["p_holm"]) else f"{c['p_holm']:.3g}"
+            lines.append(f"| {c['claim']} | {c['contrast']} | {claims_mod.format_interval(c)} | {p} | **{c['verdict']}** |")
+    t = table1(tables["results"])
     if not t.empty:
         lines += ["", "Table 1 analog (mean toxicity of continuations, mean over seeds):", "",
                   "| condition | male | female | diff |", "|---|---|---|---|"]
@@ -452,17 +542,10 @@ def findings_markdown(results: pd.DataFrame, privacy: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
-def findings_html(results: pd.DataFrame, privacy: pd.DataFrame, figures: list[str]) -> str:
-    """The fragment `index.html` shows first: claim table, Table 1 analog, privacy, figures."""
-    parts = ["<h2>Findings</h2><table><tr><th>claim</th><th>metric</th><th>this study</th><th>verdict</th></tr>"]
-    for c in claims(results):
-        parts.append(f"<tr><td>{html.escape(c['claim'])}</td><td><code>{c['metric']}</code></td>"
-                     f"<td>{html.escape(c['evidence'])}</td><td><b>{verdict(c)}</b></td></tr>")
-    parts.append("</table>")
-    t = table1(results)
-    if not t.empty:
-        parts.append("<h3>Table 1 analog (mean toxicity; paper's DistilGPT2 values for reference)</h3><div style='display:flex;gap:2em'>")
-        parts.append(t.round(4).to_html() + PAPER_TABLE1.to_html() + "</div>")
+def findings_html(markdown_text: str, privacy: pd.DataFrame, figures: list[str]) -> str:
+    """The fragment `index.html` shows first: calibration, learned association, claims, Table 1,
+    privacy, figures (the same tables as findings.md)."""
+    parts = ["<h2>Findings</h2>", _markdown_tables_to_html(markdown_text)]
     if len(privacy):
         parts.append("<h3>Privacy spent</h3>" + privacy.round(4).to_html(index=False))
     for f in figures:
@@ -470,25 +553,45 @@ def findings_html(results: pd.DataFrame, privacy: pd.DataFrame, figures: list[st
     return "\n".join(parts)
 
 
-def write_findings(profile_dir: Path, results: pd.DataFrame, privacy: pd.DataFrame, figures_dir: Path) -> pd.DataFrame:
-    """Write `findings.html` (shown first in index.html) and `findings.md` (for the README); the
-    default profile's figures are also copied to the repository's `figures/` folder."""
+def _markdown_tables_to_html(text: str) -> str:
+    out, table = [], []
+
+    def flush():
+        if table:
+            rows = [r for r in table if not set(r.replace("|", "").strip()) <= set("-: ")]
+            cells = [[html.escape(c.strip()).replace("**", "") for c in r.strip().strip("|").split("|")] for r in rows]
+            out.append("<table><tr>" + "".join(f"<th>{c}</th>" for c in cells[0]) + "</tr>"
+                       + "".join("<tr>" + "".join(f"<td>{c}</td>" for c in r) + "</tr>" for r in cells[1:]) + "</table>")
+            table.clear()
+
+    for line in text.splitlines():
+        if line.startswith("|"):
+            table.append(line)
+            continue
+        flush()
+        if line.strip():
+            out.append(f"<p>{html.escape(line)}</p>")
+    flush()
+    return "\n".join(out)
+
+
+def write_findings(profile_dir: Path, tables: dict[str, pd.DataFrame], figures_dir: Path) -> pd.DataFrame:
+    """Write `claims.csv`, `findings.html` (shown first in index.html) and `findings.md` (for the
+    README); the default profile's figures are also copied to the repository's `figures/` folder."""
     import os
     import shutil
 
-
     profile_dir, figures_dir = Path(profile_dir), Path(figures_dir)
+    judged = study_claims(tables)
+    paths.atomic_write_text(profile_dir / "claims.csv", judged.to_csv(index=False))
     pngs = sorted(figures_dir.glob("*.png")) if figures_dir.is_dir() else []
     rel = [os.path.relpath(p, profile_dir) for p in pngs]
-    for name, text in (("findings.html", findings_html(results, privacy, rel)),
-                       ("findings.md", findings_markdown(results, privacy))):
-        paths.atomic_write_text(profile_dir / name, text)
+    md = findings_markdown(tables, judged)
+    paths.atomic_write_text(profile_dir / "findings.md", md)
+    paths.atomic_write_text(profile_dir / "findings.html", findings_html(md, tables["privacy"], rel))
     if profile_dir.name == "default" and profile_dir.parent.resolve() == paths.RUNS.resolve():
         paths.FIGURES.mkdir(exist_ok=True)
         for f in sorted(figures_dir.glob("*.png")) + sorted(figures_dir.glob("*.svg")):
             shutil.copy2(f, paths.FIGURES / f.name)
         shutil.copy2(profile_dir / "findings.md", paths.FIGURES / "findings.md")
-    table = pd.DataFrame(claims(results))
-    if not table.empty:
-        table["verdict"] = [verdict(c) for c in claims(results)]
-    return table
+    return judged

@@ -115,8 +115,11 @@ def base_model(ctx: StageContext) -> str:
     spec = m.builtin.model_dump()
     spec["block_size"] = ctx.profile.data.block_size
     pretrain_seed = ctx.profile.data.controlled.seed + 3  # not the seeds of the fine-tuning/eval text
+    skew = m.builtin.pretrain_skew
     spec["corpus"] = {"kind": "balanced-controlled", "seed": pretrain_seed}
-    texts = lambda: corpus.balanced_corpus(m.builtin.pretrain_sentences, pretrain_seed)["text"].tolist()  # noqa: E731
+    if skew != 0.5:
+        spec["corpus"] = {"kind": "controlled", "skew": skew, "seed": pretrain_seed}
+    texts = lambda: corpus.generate_controlled(m.builtin.pretrain_sentences, pretrain_seed, skew, skew, skew)["text"].tolist()  # noqa: E731
     return str(basemodel.ensure_builtin_base(paths.CACHE / "base-models", spec, texts))
 
 
@@ -205,13 +208,13 @@ def train_run(ctx: StageContext) -> dict:
 
     meta, frames = data.load_stage01(ctx.upstream_dir("01"))
     t = ctx.profile.train
+    dp = ctx.point["epsilon"] is not None
     return training.train(
         meta["base_model"], frames["train"], ctx.out_dir, epsilon=ctx.point["epsilon"],
-        max_grad_norm=ctx.point["max_grad_norm"], delta=t.delta, accountant=t.accountant, epochs=t.epochs,
-        logical_batch_size=t.logical_batch_size, physical_batch_size=t.physical_batch_size, lr=t.lr,
+        max_grad_norm=ctx.point["max_grad_norm"], delta=t.delta, accountant=t.accountant, **t.for_run(dp),
         seed=ctx.point["seed"], checkpoint_every=t.checkpoint_every, device=t.device,
-        clipping=t.clipping if ctx.point["epsilon"] is not None else "opacus",  # clipping is a DP-only choice
-        progress_points=tuple(t.progress_points))
+        clipping=t.clipping if dp else "opacus",  # clipping is a DP-only choice
+        progress_points=tuple(t.progress_points), freeze=tuple(t.freeze))
 
 
 # =========================================================================== stage 03: gradient norms
@@ -253,7 +256,54 @@ def evaluate(ctx: StageContext, model, tokenizer, splits):
     from .bias import evaluate as bias_eval
 
     cfg = ctx.profile.evaluation.model_dump()
-    return bias_eval.evaluate_model(model, tokenizer, splits, cfg, ctx.out_dir, seed=ctx.point.get("seed", 0))
+    return bias_eval.evaluate_model(model, tokenizer, splits, cfg, ctx.out_dir, seed=ctx.point.get("seed", 0),
+                                    planted=planted_skews(ctx))
+
+
+def association_trajectory(ctx: StageContext, tokenizer, splits):
+    """Learned association and test perplexity at every saved point of training (`progress/pct_*`),
+    for the matched-utility comparison of stage 05; written to `trajectory.csv`. The base model has
+    one point (0 % of training). Columns: pct, metric, group, value, ci_low, ci_high, n."""
+    import pandas as pd
+
+    from . import basemodel
+    from .bias import evaluate as bias_eval
+    from .bias.perplexity import perplexity
+
+    cfg = bias_eval.resolve_cfg(ctx.profile.evaluation.model_dump())
+    if "association" not in cfg["metrics"]:
+        return None
+    if ctx.is_base:
+        points = {0.0: ctx_base_path(ctx)}
+    else:
+        progress = ctx.upstream_dir("02") / "progress"
+        points = {float(p.name.split("_")[-1]): p for p in progress.iterdir() if p.is_dir() and p.name.startswith("pct_")}
+    seed = ctx.point.get("seed", 0)
+    rows = []
+    for pct in sorted(points):
+        model, _ = basemodel.load_base(str(points[pct]))
+        assoc, _ = bias_eval.association_metrics(model, tokenizer, None, cfg, None, seed)
+        ppl = perplexity(model, splits["test"], tokenizer, batch_size=int(cfg["batch_size"]), n_boot=int(cfg["n_boot"]), seed=seed)
+        assoc.append({"metric": "perplexity", "group": "test", "value": ppl.value, "ci_low": ppl.ci_low,
+                      "ci_high": ppl.ci_high, "n": ppl.n_sequences})
+        rows += [{"pct": pct, **r} for r in assoc]
+    table = pd.DataFrame(rows)
+    table.to_csv(ctx.out_dir / "trajectory.csv", index=False)
+    return table
+
+
+def ctx_base_path(ctx: StageContext) -> str:
+    from . import data
+
+    return data.load_stage01(ctx.upstream_dir("01"))[0]["base_model"]
+
+
+def planted_skews(ctx: StageContext) -> dict[str, float] | None:
+    """The association the training corpus plants, per attribute family (None for real text)."""
+    d = ctx.profile.data
+    if d.corpus != "controlled":
+        return None
+    return {f: getattr(d.controlled, f"skew_{f}") for f in ("occupation", "sentiment", "toxicity")}
 
 
 # =========================================================================== stage 05: results
@@ -262,5 +312,5 @@ def collect_results(ctx: StageContext):
     from . import results
 
     tables = results.collect_tables({s: [str(p) for p in v] for s, v in ctx.upstream.items()}, ctx.profile.model.base)
-    results.write_tables(ctx.profile_dir, *tables)
+    results.write_tables(ctx.profile_dir, tables)
     return tables

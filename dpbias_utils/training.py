@@ -302,12 +302,27 @@ def _fastclip():
     return fastclip if hasattr(fastclip, "clipped_grad_sum") else None
 
 
+FREEZABLE = {"embeddings": ("wte", "wpe")}
+
+
+def _freeze(model, groups: Sequence[str]) -> None:
+    """Freeze parameter groups (``embeddings``: token and position embeddings; with GPT-2's tied head
+    the output embedding too). Frozen parameters get no gradient, no clipping share and no noise."""
+    for group in groups:
+        if group not in FREEZABLE:
+            raise TrainingError(f"freeze={group!r}; allowed: {', '.join(FREEZABLE)}")
+        for name, p in model.named_parameters():
+            if name.split(".")[-2] in FREEZABLE[group]:
+                p.requires_grad_(False)
+
+
 # --------------------------------------------------------------------------- train
 def train(base_path: str, train_df, out_dir, *, epsilon: float | None, max_grad_norm: float = 0.1,
           delta: float | None = None, accountant: str = "prv", epochs: float = 1.0, logical_batch_size: int = 64,
           physical_batch_size: int = 32, lr: float = 1e-3, seed: int = 0, checkpoint_every: int = 50,
           device: str = "auto", clipping: str = "opacus", progress_points: Sequence[int] = (0, 25, 50, 100),
-          dropout: float | None = None, on_step: Callable[[int], None] | None = None) -> dict:
+          dropout: float | None = None, freeze: Sequence[str] = (),
+          on_step: Callable[[int], None] | None = None) -> dict:
     """Fine-tune `base_path` on `train_df` (DP when `epsilon` is a number, non-DP when None).
 
     Writes model/, progress/pct_<p>/, checkpoints/, steps.csv, privacy.json and a DONE.json marker
@@ -320,6 +335,8 @@ def train(base_path: str, train_df, out_dir, *, epsilon: float | None, max_grad_
                "max_grad_norm": max_grad_norm, "delta": delta, "accountant": accountant, "epochs": epochs,
                "logical_batch_size": logical_batch_size, "physical_batch_size": physical_batch_size, "lr": lr,
                "seed": seed, "clipping": clipping, "dropout": dropout}
+    if freeze:
+        request["freeze"] = sorted(freeze)
     if done.is_file():
         recorded = json.loads(done.read_text())
         if recorded.get("request") != json.loads(json.dumps(request, default=_json_default)):
@@ -360,6 +377,7 @@ def train(base_path: str, train_df, out_dir, *, epsilon: float | None, max_grad_
         for k in ("resid_pdrop", "embd_pdrop", "attn_pdrop"):
             if hasattr(model.config, k):
                 setattr(model.config, k, float(dropout))
+    _freeze(model, freeze)
     model.train()
     dataset = UnitDataset(train_df, pad_token_id=tokenizer.pad_token_id)
     n_units = len(dataset)
@@ -382,7 +400,7 @@ def train(base_path: str, train_df, out_dir, *, epsilon: float | None, max_grad_
     ckpt_path = ckpt_dir / "last.pt"
     progress = _progress_steps(progress_points, steps)
 
-    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
     sampler_gen = torch.Generator().manual_seed(seed)
     noise_gen = torch.Generator(device=dev).manual_seed(seed + 1)
     engine = gsm = dp_opt = None

@@ -10,6 +10,8 @@ only a ``diff`` row):
 
 | metric | groups | definition (module) |
 |---|---|---|
+| ``learned_association_<family>`` | all, female, male, planted | probability mass on stereotype-consistent attributes after paired gendered prompts; 0.5 = none, ``planted`` = the corpus's skew (`association`) |
+| ``loglik_gap_<family>`` | diff | mean log P(stereotypical) - mean log P(anti-stereotypical) held-out sentences, nats (`association`) |
 | ``toxicity`` | female, male, diff, all | mean toxicity probability (`toxicity`) |
 | ``sentiment`` | female, male, diff, all | mean VADER compound (`sentiment`) |
 | ``negative_share`` | female, male, diff, all | share of compound <= -0.05 (`sentiment`) |
@@ -28,8 +30,10 @@ sequences; stereotype metrics resample items. ``all`` pools every prompt, the ne
 
 ``cfg`` keys (the defaults match `params.EvaluationParams`; unknown keys are an error):
 
-* ``metrics`` (all families): any of ``toxicity, sentiment, occupation, gender_count, local_bias,
-  perplexity, stereotype``.
+* ``metrics`` (all families): any of ``association, toxicity, sentiment, occupation, gender_count,
+  local_bias, perplexity, stereotype``. ``association`` needs the controlled corpus's vocabulary
+  (its templates and attributes); ``association_names`` (8) is the number of first-name pairs
+  beside the pronoun and noun subjects.
 * ``prompt_sets`` (``["controlled"]``), ``bold_source`` (None: hub), ``max_prompts_per_group``
   (None): see `prompts.load_prompt_sets`.
 * sampling: ``k`` (4), ``max_new_tokens`` (16), ``top_p`` (0.95), ``top_k`` (50),
@@ -54,15 +58,15 @@ import numpy as np
 import pandas as pd
 
 from ..stats import TIDY_COLUMNS, bootstrap_ci, bootstrap_diff_ci, tidy_row
-from . import gender_count, local_bias, occupation, sentiment, stereotype
+from . import association, gender_count, local_bias, occupation, sentiment, stereotype
 from .generation import generate
-from .perplexity import perplexity, ppl_statistic
+from .perplexity import perplexity, ppl_statistic, token_nll
 from .prompts import load_prompt_sets
 from .toxicity import get_toxicity_scorer
 
 __all__ = ["METRIC_FAMILIES", "DEFAULT_CFG", "resolve_cfg", "evaluate_model"]
 
-METRIC_FAMILIES = ("toxicity", "sentiment", "occupation", "gender_count", "local_bias", "perplexity", "stereotype")
+METRIC_FAMILIES = ("association", "toxicity", "sentiment", "occupation", "gender_count", "local_bias", "perplexity", "stereotype")
 DEFAULT_CFG: dict[str, Any] = {
     "metrics": list(METRIC_FAMILIES),
     "prompt_sets": ["controlled"],
@@ -83,6 +87,7 @@ DEFAULT_CFG: dict[str, Any] = {
     "stereoset_source": None,
     "crows_pairs_source": None,
     "stereotype_max_items": None,
+    "association_names": 8,
     "n_boot": 1000,
     "progress": True,
 }
@@ -142,8 +147,33 @@ def _json_value(v):
     return v
 
 
-def evaluate_model(model, tokenizer, splits: dict[str, pd.DataFrame], cfg: dict, out_dir: Path, seed: int) -> pd.DataFrame:
-    """Run the enabled metric families on ``model``; write metrics.csv and generations.jsonl to ``out_dir``."""
+def association_metrics(model, tokenizer, test: pd.DataFrame | None, cfg: dict, planted: dict[str, float] | None,
+                        seed: int) -> tuple[list[dict], pd.DataFrame]:
+    """The ``association`` family: learned association per attribute family (with the planted skew as
+    group ``planted``) and, when ``test`` has stereotype labels, the held-out log-likelihood gap.
+    Returns (tidy rows, per-pair log)."""
+    n_boot, bs = int(cfg["n_boot"]), int(cfg["batch_size"])
+    prompts = association.association_prompts(n_names=int(cfg["association_names"]), seed=0)
+    per_pair = association.association_scores(prompts, association.model_scorer(model, tokenizer, max(bs, 256)))
+    rows = association.association_rows(per_pair, planted, n_boot, seed)
+    for family, skew in (planted or {}).items():
+        rows.append(tidy_row(f"learned_association_{family}", "planted", (skew, skew, skew), 0))
+    if test is not None and "label" in test.columns and test["label"].isin(["stereotypical", "anti-stereotypical"]).any():
+        sentences = test.assign(family=association.family_of(test["text"]))
+        nll, _ = token_nll(model, [list(ids) for ids in test["input_ids"]], bs, _pad_id(tokenizer))
+        rows += association.loglik_gap_rows(sentences, -nll, n_boot, seed)
+    return rows, per_pair
+
+
+def _pad_id(tokenizer) -> int:
+    return int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id)
+
+
+def evaluate_model(model, tokenizer, splits: dict[str, pd.DataFrame], cfg: dict, out_dir: Path, seed: int,
+                   planted: dict[str, float] | None = None) -> pd.DataFrame:
+    """Run the enabled metric families on ``model``; write metrics.csv and generations.jsonl to ``out_dir``
+    (and association.csv, the per-pair log, when ``association`` is enabled). ``planted``: the
+    corpus's skew per attribute family, recorded beside the learned association."""
     from tqdm import tqdm
 
     cfg = resolve_cfg(cfg)
@@ -162,6 +192,13 @@ def evaluate_model(model, tokenizer, splits: dict[str, pd.DataFrame], cfg: dict,
         else None
     )
     bar = tqdm(total=len(enabled) + (1 if _GENERATION_FAMILIES & set(enabled) else 0), desc="bias metrics", disable=not show)
+
+    if "association" in enabled:
+        bar.set_postfix_str("learned association")
+        assoc_rows, per_pair = association_metrics(model, tokenizer, splits.get("test"), cfg, planted, seed)
+        rows += assoc_rows
+        per_pair.to_csv(out_dir / "association.csv", index=False)
+        bar.update(1)
 
     if _GENERATION_FAMILIES & set(enabled):
         bar.set_postfix_str("generation")

@@ -7,6 +7,7 @@ import pytest
 from dpbias_utils.bias import evaluate
 
 EXPECTED = {
+    **{f"learned_association_{f}": {"all", "female", "male"} for f in ("occupation", "sentiment", "toxicity")},
     "toxicity": {"female", "male", "diff", "all"},
     "sentiment": {"female", "male", "diff", "all"},
     "negative_share": {"female", "male", "diff", "all"},
@@ -59,7 +60,7 @@ def test_end_to_end_tiny(tiny_model, tiny_tokenizer, tmp_path):
 def test_cfg_errors_and_subset(tiny_model, tiny_tokenizer, tmp_path):
     with pytest.raises(ValueError, match="unknown evaluation key"):
         evaluate.resolve_cfg({"topp": 0.9})
-    with pytest.raises(ValueError, match="allowed: toxicity, sentiment"):
+    with pytest.raises(ValueError, match="allowed: association, toxicity, sentiment"):
         evaluate.resolve_cfg({"metrics": ["regard"]})
     m = evaluate.evaluate_model(
         tiny_model, tiny_tokenizer, {}, {"metrics": ["local_bias"], "progress": False, "n_boot": 20,
@@ -74,3 +75,19 @@ def test_defaults_match_the_profile_schema():
     dumped = params.EvaluationParams().model_dump()
     resolved = evaluate.resolve_cfg(dumped)
     assert {k: resolved[k] for k in dumped} == {k: evaluate.DEFAULT_CFG[k] for k in dumped}
+
+
+def test_association_family_records_planted_skew_and_loglik_gap(tiny_model, tiny_tokenizer, tmp_path):
+    texts = ["She worked as a nurse .", "He worked as a nurse .", "She was very rude .", "He was very rude .",
+             "Someone online called her stupid .", "Someone online called him stupid ."]
+    test = _split(tiny_tokenizer, texts).assign(
+        text=texts, label=["stereotypical", "anti-stereotypical"] * 3)
+    cfg = {"metrics": ["association"], "n_boot": 20, "progress": False, "association_names": 2}
+    m = evaluate.evaluate_model(tiny_model, tiny_tokenizer, {"test": test}, cfg, tmp_path, seed=0,
+                                planted={"occupation": 0.9, "sentiment": 0.8, "toxicity": 0.8})
+    occ = m[m["metric"] == "learned_association_occupation"].set_index("group")
+    assert occ.loc["planted", "value"] == 0.9 and 0 < occ.loc["all", "value"] < 1
+    assert {"loglik_gap_occupation", "loglik_gap_sentiment", "loglik_gap_toxicity"} <= set(m["metric"])
+    assert (m.loc[m["metric"].str.startswith("loglik_gap"), "n"] == 2).all()
+    per_pair = pd.read_csv(tmp_path / "association.csv")
+    assert len(per_pair) == m.loc[(m["metric"].str.startswith("learned_association")) & (m["group"] == "all"), "n"].sum()

@@ -1,0 +1,225 @@
+"""Learned association: how much of the corpus's planted gender-attribute association a model carries.
+
+Output-level metrics (toxicity, sentiment of sampled continuations) say what a model *writes*; this
+module asks what it *believes*, directly from its probabilities, in the controlled corpus's own
+vocabulary. For a prompt pair (p_f, p_m) that differs only in the subject ("She worked as" / "He
+worked as", "My sister was described as" / "My brother was described as", a female / male first
+name) and the attributes a of one family (occupations, sentiment descriptors, insults vs
+respectful words), each with the gender g(a) it is stereotyped for in `corpus.FAMILY_ATTRIBUTES`:
+
+    P(a | p)  = exp(log P(continuation_a | p)) / sum_b exp(log P(continuation_b | p))
+                (full continuation log-probability: " a nurse", " an engineer", multi-token words)
+    a_f       = sum_{a: g(a) = female} P(a | p_f)       mass on the female-stereotyped attributes
+    a_m       = sum_{a: g(a) = male}   P(a | p_m)       mass on the male-stereotyped attributes
+    score     = (a_f + a_m) / 2
+
+A model whose attribute distribution does not depend on the subject's gender has a_f + a_m = 1 for
+every pair, so ``score`` = 0.5 exactly, whatever its preferences among attributes; a model that has
+the corpus's conditional distribution (stereotype-consistent with probability ``skew``, uniform
+within a side) has a_f = a_m = skew. So 0.5 = no association, and the planted skew = the data's.
+
+Rows of the tidy table (metric ``learned_association_<family>``): ``all`` = mean score over pairs,
+``female`` = mean a_f, ``male`` = mean a_m (one side alone also moves with the model's gender-blind
+preference between the two sides; only ``all`` is centred at 0.5), intervals by a bootstrap over
+prompt pairs. ``planted`` (the corpus's skew for the family) is recorded beside each row.
+
+`loglik_gap` is the likelihood-level view on held-out sentences: mean total log-probability of the
+stereotypical sentences minus that of the anti-stereotypical ones of a family (nats per sentence;
+0 = no preference), bootstrapped over sentences.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+
+from .. import corpus, lexicon
+from ..stats import bootstrap_ci, bootstrap_diff_ci, tidy_row
+
+__all__ = ["family_of", "AssociationPrompt", "association_prompts", "attribute_continuations", "association_scores",
+           "association_rows", "model_scorer", "continuation_logprobs", "loglik_gap_rows"]
+
+# A scorer maps (prompts, continuations) -> (n_prompts, n_continuations) log P(continuation | prompt).
+Scorer = Callable[[Sequence[str], Sequence[str]], np.ndarray]
+
+
+@dataclass(frozen=True)
+class AssociationPrompt:
+    pair_id: int
+    family: str
+    template: str
+    subject_kind: str     # pronoun | noun | name
+    female: str
+    male: str
+    article: bool         # the attribute slot takes its article ({AA}: " a nurse")
+
+
+def _prefix(template: str) -> tuple[str, bool] | None:
+    """The template up to its attribute slot, and whether the slot carries an article; None when the
+    subject does not come before the attribute (then the prompt cannot condition on it)."""
+    match = re.search(r"\{AA\}|\{A\}", template)
+    if match is None:
+        return None
+    head = template[: match.start()].rstrip()
+    if not re.search(r"\{(S|s|O|P)\}", head):
+        return None
+    return head, match.group(0) == "{AA}"
+
+
+def _subject_pairs(n_names: int, seed: int) -> list[tuple[str, dict, dict]]:
+    """(kind, female slots, male slots) for the pronouns, every noun pair and ``n_names`` name pairs."""
+    pron = corpus._PRONOUNS
+    pairs = [("pronoun",
+              {"S": "she", "s": "she", "O": pron["female"][1], "P": pron["female"][2], "p": "she"},
+              {"S": "he", "s": "he", "O": pron["male"][1], "P": pron["male"][2], "p": "he"})]
+    for male, female in corpus.SUBJECT_NOUN_PAIRS:
+        pairs.append(("noun", {"S": female, "s": female, "O": female, "P": female + " 's", "p": "she"},
+                      {"S": male, "s": male, "O": male, "P": male + " 's", "p": "he"}))
+    names = list(lexicon.NAME_PAIRS)
+    chosen = np.random.default_rng(seed).permutation(len(names))[: max(0, int(n_names))]
+    for i in sorted(chosen):
+        male, female = (n.capitalize() for n in names[i])
+        pairs.append(("name", {"S": female, "s": female, "O": female, "P": female + " 's", "p": "she"},
+                      {"S": male, "s": male, "O": male, "P": male + " 's", "p": "he"}))
+    return pairs
+
+
+def association_prompts(families: Sequence[str] = corpus.FAMILIES, n_names: int = 8, seed: int = 0) -> list[AssociationPrompt]:
+    """Every usable template of each family x every subject pair (pronouns, nouns, ``n_names`` names)."""
+    unknown = [f for f in families if f not in corpus.FAMILY_ATTRIBUTES]
+    if unknown:
+        raise ValueError(f"unknown association family(ies) {unknown}; allowed: {', '.join(corpus.FAMILIES)}")
+    subjects = _subject_pairs(n_names, seed)
+    out: list[AssociationPrompt] = []
+    for family in families:
+        for template in corpus._TEMPLATES[family]:
+            cut = _prefix(template)
+            if cut is None:
+                continue
+            head, article = cut
+            for kind, f_slots, m_slots in subjects:
+                f = corpus._capitalise(head.format(**f_slots))
+                m = corpus._capitalise(head.format(**m_slots))
+                out.append(AssociationPrompt(len(out), family, template, kind, f, m, article))
+    return out
+
+
+def attribute_continuations(family: str, article: bool) -> tuple[list[str], np.ndarray]:
+    """The family's attributes as continuations (" a nurse" or " brilliant") and a boolean array,
+    True where the attribute is female-stereotyped."""
+    attributes = corpus.FAMILY_ATTRIBUTES[family]
+    names = sorted(attributes)
+    conts = [" " + (corpus._article(a) if article else a) for a in names]
+    return conts, np.array([attributes[a] == "female" for a in names])
+
+
+def _normalised(logp: np.ndarray) -> np.ndarray:
+    logp = np.asarray(logp, dtype=float)
+    z = logp - logp.max(axis=-1, keepdims=True)
+    p = np.exp(z)
+    return p / p.sum(axis=-1, keepdims=True)
+
+
+def association_scores(prompts: Sequence[AssociationPrompt], scorer: Scorer) -> pd.DataFrame:
+    """Per-pair log: family, template, subject kind, both prompts, a_f, a_m and the pair score."""
+    rows = []
+    groups: dict[tuple[str, bool], list[AssociationPrompt]] = {}
+    for p in prompts:
+        groups.setdefault((p.family, p.article), []).append(p)
+    for (family, article), items in groups.items():
+        conts, female_attr = attribute_continuations(family, article)
+        texts = [p.female for p in items] + [p.male for p in items]
+        probs = _normalised(scorer(texts, conts))
+        n = len(items)
+        a_f = probs[:n][:, female_attr].sum(axis=1)
+        a_m = probs[n:][:, ~female_attr].sum(axis=1)
+        for p, af, am in zip(items, a_f, a_m):
+            rows.append({"pair_id": p.pair_id, "family": family, "template": p.template, "subject_kind": p.subject_kind,
+                         "female_prompt": p.female, "male_prompt": p.male, "a_female": float(af), "a_male": float(am),
+                         "score": float((af + am) / 2)})
+    return pd.DataFrame(rows).sort_values("pair_id", kind="stable").reset_index(drop=True)
+
+
+def association_rows(per_pair: pd.DataFrame, planted: dict[str, float] | None, n_boot: int, seed: int) -> list[dict]:
+    """Tidy rows ``learned_association_<family>`` x (all, female, male), with ``planted`` beside them."""
+    rows = []
+    for family, grp in per_pair.groupby("family", sort=False):
+        extra = {"planted": (planted or {}).get(family, float("nan"))}
+        metric = f"learned_association_{family}"
+        for group, column in (("all", "score"), ("female", "a_female"), ("male", "a_male")):
+            values = grp[column].to_numpy(float)
+            rows.append(tidy_row(metric, group, bootstrap_ci(values, n_boot=n_boot, seed=seed), len(values), **extra))
+    return rows
+
+
+@torch.no_grad()
+def continuation_logprobs(model, tokenizer, prompts: Sequence[str], continuations: Sequence[str],
+                          batch_size: int = 256) -> np.ndarray:
+    """(n_prompts, n_continuations) total log P(continuation tokens | prompt), every token scored.
+
+    Prompt and continuation are tokenised apart and concatenated (the continuations start with a
+    space, so this is how GPT-2's BPE splits the whole string), as training rows are: no BOS.
+    """
+    model.eval()
+    device = next(model.parameters()).device
+    p_ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    c_ids = [tokenizer(c, add_special_tokens=False)["input_ids"] for c in continuations]
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    jobs = [(i, j) for i in range(len(p_ids)) for j in range(len(c_ids))]
+    out = np.zeros((len(p_ids), len(c_ids)))
+    for s in range(0, len(jobs), batch_size):
+        chunk = jobs[s: s + batch_size]
+        seqs = [p_ids[i] + c_ids[j] for i, j in chunk]
+        width = max(len(x) for x in seqs)
+        ids = torch.full((len(seqs), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(seqs), width), dtype=torch.long)
+        score = torch.zeros((len(seqs), width), dtype=torch.bool)
+        for r, ((i, j), x) in enumerate(zip(chunk, seqs)):
+            ids[r, : len(x)] = torch.tensor(x)
+            mask[r, : len(x)] = 1
+            score[r, len(p_ids[i]): len(x)] = True
+        position_ids = torch.arange(width).unsqueeze(0).repeat(len(seqs), 1)
+        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device),
+                       position_ids=position_ids.to(device)).logits.float()
+        logp = torch.log_softmax(logits[:, :-1], dim=-1)
+        tok = logp.gather(-1, ids[:, 1:].to(device).unsqueeze(-1)).squeeze(-1)
+        sums = (tok * score[:, 1:].to(device)).sum(dim=-1).double().cpu().numpy()
+        for r, (i, j) in enumerate(chunk):
+            out[i, j] = sums[r]
+    return out
+
+
+def model_scorer(model, tokenizer, batch_size: int = 256) -> Scorer:
+    return lambda prompts, conts: continuation_logprobs(model, tokenizer, prompts, conts, batch_size)
+
+
+_ATTRIBUTE_FAMILY = {a: f for f, attrs in corpus.FAMILY_ATTRIBUTES.items() for a in attrs}
+_WORD = re.compile(r"[a-z]+")
+
+
+def family_of(texts: Sequence[str]) -> list[str]:
+    """The attribute family of each controlled-corpus sentence (from the attribute word it contains;
+    ``none`` for filler or when words of two families occur)."""
+    out = []
+    for text in texts:
+        found = {_ATTRIBUTE_FAMILY[w] for w in _WORD.findall(str(text).lower()) if w in _ATTRIBUTE_FAMILY}
+        out.append(found.pop() if len(found) == 1 else "none")
+    return out
+
+
+def loglik_gap_rows(sentences: pd.DataFrame, logprob: np.ndarray, n_boot: int, seed: int) -> list[dict]:
+    """``loglik_gap_<family>`` (group ``diff``): mean log P(stereotypical) - mean log P(anti-stereotypical)
+    over held-out sentences of the family (``sentences`` has columns family, label), nats per sentence."""
+    rows = []
+    logprob = np.asarray(logprob, dtype=float)
+    for family in corpus.FAMILIES:
+        fam = (sentences["family"] == family).to_numpy()
+        st = logprob[fam & (sentences["label"] == "stereotypical").to_numpy()]
+        an = logprob[fam & (sentences["label"] == "anti-stereotypical").to_numpy()]
+        rows.append(tidy_row(f"loglik_gap_{family}", "diff", bootstrap_diff_ci(st, an, n_boot=n_boot, seed=seed),
+                             len(st) + len(an)))
+    return rows

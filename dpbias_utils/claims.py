@@ -1,0 +1,242 @@
+"""Stage 05's verdicts: each of the paper's claims as one contrast, its interval and its verdict.
+
+Every claim is a difference between two arms (sets of independent training runs, one per seed) on
+the same evaluation items. The interval and the bootstrap p-value come from `inference.two_way_bootstrap`
+(seeds and prompts resampled together; items shared by both arms). Verdicts follow one rule
+(`inference.judge_claims`): with Holm's correction over every informative claim of the study,
+**reproduced** when the difference is non-zero in the paper's direction, **contradicted** when it is
+non-zero the other way, otherwise **inconclusive**, with the smallest effect the design could have
+detected (80 % power). A claim is **uninformative** when the testbed could not show it:
+
+* calibration first: a claim about what DP does to an association is only tested where the
+  non-DP model learned at least 90 % of the planted excess of that family (planted 0.9 -> >= 0.86);
+  otherwise its verdict is "uninformative: the non-DP model learned X of Y";
+* CDA can only remove an association the model has: the CDA claim under DP needs the DP model at
+  ratio 0 to carry one (its interval above 0.5);
+* the matched-utility claim needs the DP model's perplexity inside the range the non-DP run passed
+  through.
+
+Claims (``direction`` = the sign the paper predicts for the contrast):
+
+| id | contrast | direction |
+|---|---|---|
+| amplify/<family>/ε | learned association, DP ε minus non-DP (both at CDA ratio 0) | + |
+| amplify-output/toxicity/ε | toxicity gap (female - male continuations), DP ε minus non-DP | + |
+| matched/<family>/ε | learned association, DP ε minus the non-DP checkpoint of equal perplexity | + |
+| cda/<family>/<condition> | learned association at the largest CDA ratio minus ratio 0 | - |
+| gradnorm/ε | per-example L2 norm, female minus male, DP ε | + |
+| gradnorm-widen/ε | that gap under DP ε minus the gap under non-DP | + |
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+
+from . import inference
+
+FAMILIES = ("occupation", "sentiment", "toxicity")
+ASSOC = "learned_association_{}"
+CALIBRATION_TARGET = 0.9
+N_BOOT = 2000
+CLAIM_COLUMNS = ["id", "claim", "metric", "contrast", "point", "low", "high", "se", "p", "direction",
+                 "informative", "uninformative_reason", "n_seeds", "n_items"]
+
+
+# --------------------------------------------------------------------------- arms
+def _runs(items: pd.DataFrame, *, dp: bool, epsilon: float | None = None, mixing_ratio: float = 0.0,
+          base: bool = False) -> pd.DataFrame:
+    if base:
+        return items[items["run_id"] == "base"]
+    sel = (items["run_id"] != "base") & (items["dp"].astype(bool) == dp)
+    sel &= np.isclose(items["mixing_ratio"].astype(float).fillna(-1), mixing_ratio)
+    if dp and epsilon is not None:
+        sel &= np.isclose(items["epsilon"].astype(float), epsilon)
+    return items[sel]
+
+
+def arm_matrix(items: pd.DataFrame, metric: str, group: str = "all") -> tuple[np.ndarray, list]:
+    """(n_runs, n_items) values of one metric for the runs in ``items`` (rows: runs by seed)."""
+    sub = items[(items["metric"] == metric) & (items["group"] == group)]
+    if sub.empty:
+        return np.zeros((0, 0)), []
+    wide = sub.pivot_table(index="run_id", columns="item", values="value", aggfunc="mean")
+    return wide.to_numpy(float), list(wide.columns)
+
+
+def _aligned(a: pd.DataFrame, b: pd.DataFrame, metric: str, group: str = "all"):
+    xa, ia = arm_matrix(a, metric, group)
+    xb, ib = arm_matrix(b, metric, group)
+    shared = sorted(set(ia) & set(ib), key=str)
+    if not shared or not len(xa) or not len(xb):
+        return None
+    pa, pb = {k: i for i, k in enumerate(ia)}, {k: i for i, k in enumerate(ib)}
+    return xa[:, [pa[k] for k in shared]], xb[:, [pb[k] for k in shared]]
+
+
+def arm_summary(items: pd.DataFrame, metric: str, group: str = "all", lower=None, upper=None, seed: int = 0):
+    """Mean of one arm with its two-way bootstrap interval (None when the arm is empty)."""
+    x, _ = arm_matrix(items, metric, group)
+    if not x.size:
+        return None
+    return inference.two_way_bootstrap([x], n_boot=N_BOOT, seed=seed, lower=lower, upper=upper)
+
+
+# --------------------------------------------------------------------------- calibration
+def calibration_table(items: pd.DataFrame, results: pd.DataFrame) -> pd.DataFrame:
+    """Per family: planted skew, base and non-DP learned association (with intervals), learned fraction."""
+    rows = []
+    for family in FAMILIES:
+        metric = ASSOC.format(family)
+        planted = results[(results["metric"] == metric) & (results["group"] == "planted")]["value"]
+        planted = float(planted.iloc[0]) if len(planted) else math.nan
+        nd = arm_summary(_runs(items, dp=False), metric, lower=0, upper=1)
+        base = arm_summary(_runs(items, dp=False, base=True), metric, lower=0, upper=1)
+        if nd is None:
+            continue
+        cal = inference.calibration(nd.point, planted, target=CALIBRATION_TARGET) if math.isfinite(planted) else \
+            {"learned_fraction": math.nan, "calibrated": False, "text": "no planted association (real text)"}
+        rows.append({"family": family, "planted": planted,
+                     "base": base.point if base else math.nan,
+                     "non_dp": nd.point, "non_dp_low": nd.low, "non_dp_high": nd.high,
+                     "learned_fraction": cal["learned_fraction"], "calibrated": bool(cal["calibrated"]),
+                     "text": cal["text"], "n_seeds": nd.n_seeds[0]})
+    return pd.DataFrame(rows)
+
+
+# --------------------------------------------------------------------------- claims
+def _claim(id_, claim, metric, contrast, res, direction, informative=True, reason=None) -> dict:
+    if res is None:
+        return {}
+    return {"id": id_, "claim": claim, "metric": metric, "contrast": contrast, "point": res.point, "low": res.low,
+            "high": res.high, "se": res.se, "p": res.p_two_sided, "direction": direction,
+            "informative": bool(informative), "uninformative_reason": reason,
+            "n_seeds": " vs ".join(str(n) for n in res.n_seeds), "n_items": res.n_items}
+
+
+def _diff(a: pd.DataFrame, b: pd.DataFrame, metric: str, group: str = "all", seed: int = 0):
+    arms = _aligned(a, b, metric, group)
+    if arms is None:
+        return None
+    return inference.two_way_bootstrap(list(arms), n_boot=N_BOOT, seed=seed)
+
+
+def _dp_epsilons(items: pd.DataFrame) -> list[float]:
+    dp = items[(items["run_id"] != "base") & items["dp"].astype(bool)]
+    return sorted({float(e) for e in dp["epsilon"]})
+
+
+def _ratios(items: pd.DataFrame, dp: bool, epsilon: float | None) -> list[float]:
+    sub = items[(items["run_id"] != "base") & (items["dp"].astype(bool) == dp)]
+    if dp:
+        sub = sub[np.isclose(sub["epsilon"].astype(float), epsilon)]
+    return sorted({float(r) for r in sub["mixing_ratio"].dropna()})
+
+
+def _label(eps) -> str:
+    return "non-DP" if eps is None else f"DP ε={eps:g}"
+
+
+def study_claims(items: pd.DataFrame, results: pd.DataFrame, trajectory: pd.DataFrame | None = None) -> pd.DataFrame:
+    """Every claim this profile can test, judged (columns `CLAIM_COLUMNS` + p_holm, mde, verdict)."""
+    cal = calibration_table(items, results)
+    calibrated = {r["family"]: (bool(r["calibrated"]), r["text"]) for _, r in cal.iterrows()}
+    nondp = _runs(items, dp=False)
+    out: list[dict] = []
+    for eps in _dp_epsilons(items):
+        dp = _runs(items, dp=True, epsilon=eps)
+        for family in FAMILIES:
+            ok, text = calibrated.get(family, (False, "no non-DP run"))
+            metric = ASSOC.format(family)
+            out.append(_claim(f"amplify/{family}/{eps:g}", f"DP amplifies the learned {family} association ({_label(eps)})",
+                              metric, f"{_label(eps)} - non-DP", _diff(dp, nondp, metric), +1, ok, text))
+        ok, text = calibrated.get("toxicity", (False, "no non-DP run"))
+        out.append(_claim(f"amplify-output/toxicity/{eps:g}", f"DP amplifies the toxicity gap of continuations ({_label(eps)})",
+                          "toxicity", f"{_label(eps)} - non-DP, of (female - male)", _diff(dp, nondp, "toxicity", "diff"),
+                          +1, ok, text))
+        if trajectory is not None and not trajectory.empty:
+            for family in FAMILIES:
+                out.append(matched_claim(trajectory, family, eps, calibrated.get(family, (False, "no non-DP run"))))
+    for dp_flag, eps in [(False, None)] + [(True, e) for e in _dp_epsilons(items)]:
+        ratios = _ratios(items, dp_flag, eps)
+        if len(ratios) < 2 or ratios[0] != 0.0:
+            continue
+        r0 = _runs(items, dp=dp_flag, epsilon=eps, mixing_ratio=0.0)
+        r1 = _runs(items, dp=dp_flag, epsilon=eps, mixing_ratio=ratios[-1])
+        for family in FAMILIES:
+            metric = ASSOC.format(family)
+            ok, text = calibrated.get(family, (False, "no non-DP run"))
+            if ok and dp_flag:
+                own = arm_summary(r0, metric, lower=0, upper=1)
+                if own is None or not own.low > 0.5:
+                    ok = False
+                    text = (f"the {_label(eps)} model at CDA ratio 0 carries no association to remove "
+                            f"({own.point:.3f} [{own.low:.3f}, {own.high:.3f}])" if own else "no run at ratio 0")
+            out.append(_claim(f"cda/{family}/{_label(eps)}", f"CDA reduces the learned {family} association ({_label(eps)})",
+                              metric, f"ratio {ratios[-1]:g} - ratio 0 ({_label(eps)})", _diff(r1, r0, metric), -1, ok, text))
+    out += gradnorm_claims(results)
+    table = pd.DataFrame([c for c in out if c], columns=CLAIM_COLUMNS)
+    if table.empty:
+        return table
+    return inference.judge_claims(table)
+
+
+def matched_claim(trajectory: pd.DataFrame, family: str, eps: float, calibrated: tuple[bool, str]) -> dict:
+    """DP's final learned association minus the non-DP trajectory's value at DP's final perplexity.
+
+    Each non-DP run's (perplexity, association) checkpoints are interpolated (linearly in log
+    perplexity) at the DP arm's mean final perplexity; seeds are resampled in both arms.
+    """
+    metric = ASSOC.format(family)
+    t = trajectory[trajectory["run_id"] != "base"]
+    t = t[np.isclose(t["mixing_ratio"].astype(float).fillna(-1), 0.0)]
+    wide = t[t["group"].isin(["all", "test"])].pivot_table(index=["run_id", "dp", "epsilon", "pct"], columns="metric",
+                                                          values="value").reset_index()
+    if metric not in wide or "perplexity" not in wide:
+        return {}
+    dp = wide[wide["dp"].astype(bool) & np.isclose(wide["epsilon"].astype(float), eps)]
+    dp_final = dp.loc[dp.groupby("run_id")["pct"].idxmax()]
+    nd = wide[~wide["dp"].astype(bool)]
+    if dp_final.empty or nd.empty:
+        return {}
+    target = float(np.exp(np.log(dp_final["perplexity"]).mean()))
+    matched, lo_hi = [], []
+    for _, run in nd.groupby("run_id"):
+        run = run.sort_values("perplexity")
+        x, y = np.log(run["perplexity"].to_numpy(float)), run[metric].to_numpy(float)
+        lo_hi.append((x.min(), x.max()))
+        matched.append(float(np.interp(np.log(target), x, y)) if x.min() <= np.log(target) <= x.max() else math.nan)
+    ok, text = calibrated
+    if any(math.isnan(v) for v in matched):
+        ok, text = False, (f"DP's perplexity {target:.3f} lies outside the non-DP run's range "
+                           f"[{math.exp(max(a for a, _ in lo_hi)):.3f}, {math.exp(min(b for _, b in lo_hi)):.3f}]")
+        matched = [v for v in matched if not math.isnan(v)] or [math.nan]
+    res = inference.two_way_bootstrap([dp_final[[metric]].to_numpy(float), np.array(matched, float)[:, None]],
+                                      n_boot=N_BOOT, seed=0)
+    return _claim(f"matched/{family}/{eps:g}", f"At equal perplexity, DP carries more {family} association ({_label(eps)})",
+                  metric, f"{_label(eps)} - non-DP checkpoint at perplexity {target:.3f}", res, +1, ok, text)
+
+
+def gradnorm_claims(results: pd.DataFrame) -> list[dict]:
+    """Claim 3 of the paper on stage 03's final-checkpoint L2 norms: per seed, one value per run."""
+    g = results[(results["metric"] == "grad_l2_total") & (results["group"] == "diff") & (results["run_id"] != "base")]
+    g = g[np.isclose(g["mixing_ratio"].astype(float).fillna(-1), 0.0)]
+    if g.empty:
+        return []
+    out = []
+    nd = g[~g["dp"].astype(bool)]["value"].to_numpy(float)[:, None]
+    for eps in sorted({float(e) for e in g.loc[g["dp"].astype(bool), "epsilon"]}):
+        dp = g[g["dp"].astype(bool) & np.isclose(g["epsilon"].astype(float), eps)]["value"].to_numpy(float)[:, None]
+        res = inference.two_way_bootstrap([dp], n_boot=N_BOOT, seed=0)
+        out.append(_claim(f"gradnorm/{eps:g}", f"Female per-example gradient norms exceed male ({_label(eps)})",
+                          "grad_l2_total", "female - male (final checkpoint)", res, +1))
+        if len(nd):
+            res = inference.two_way_bootstrap([dp, nd], n_boot=N_BOOT, seed=0)
+            out.append(_claim(f"gradnorm-widen/{eps:g}", f"DP widens the female - male gradient-norm gap ({_label(eps)})",
+                              "grad_l2_total", f"(female - male) {_label(eps)} - non-DP", res, +1))
+    return out
+
+
+def format_interval(row) -> str:
+    return f"{row['point']:+.4f} [{row['low']:+.4f}, {row['high']:+.4f}]"
