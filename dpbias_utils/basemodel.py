@@ -16,7 +16,7 @@ import random
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -84,8 +84,15 @@ def _train_tokenizer(texts: list[str], vocab_size: int, folder: Path):
 
 def build_builtin_base(out_dir, texts: list[str], vocab_size: int = 2000, n_layer: int = 2, n_head: int = 4,
                        n_embd: int = 64, n_positions: int = 128, pretrain_epochs: float = 1, lr: float = 3e-3,
-                       batch_size: int = 32, block_size: int = 64, seed: int = 0) -> Path:
-    """Train a BPE tokenizer and pretrain a tied-embedding GPT-2 on `texts`; save atomically to out_dir."""
+                       batch_size: int = 32, block_size: int = 64, seed: int = 0,
+                       phases: Sequence[tuple] = ()) -> Path:
+    """Train a BPE tokenizer and pretrain a tied-embedding GPT-2 on `texts`; save atomically to out_dir.
+
+    ``phases``: after the block pretraining, each ``(sentences, steps)`` or ``(sentences, steps,
+    until)`` trains up to ``steps`` more Adam steps (``lr``, ``batch_size`` sentences a batch, one
+    sentence a row, per-row mean loss: the fine-tuning objective) on that text, in order; ``until``
+    (model, tokenizer) -> bool is asked every `PHASE_CHECK_EVERY` steps and ends the phase early.
+    The steps each phase took are written to ``phases.json``."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
     texts = [t for t in texts if t and t.strip()]
@@ -135,11 +142,64 @@ def build_builtin_base(out_dir, texts: list[str], vocab_size: int = 2000, n_laye
             opt.step()
             sched.step()
             bar.set_postfix(loss=f"{loss.item():.3f}")
+        record = []
+        for k, (sentences, steps, *until) in enumerate(phases):
+            taken = _sentence_phase(model, tok, list(sentences), int(steps), lr, batch_size, seed + 1 + k,
+                                    f"base phase {k + 1}", until[0] if until else None)
+            record.append({"phase": k + 1, "max_steps": int(steps), "steps": taken})
         model.eval()
         save_model_atomic(model, tok, out_dir)
+        if record:
+            (out_dir / "phases.json").write_text(json.dumps(record, indent=1))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
+
+
+PHASE_CHECK_EVERY = 250
+
+
+def _sentence_phase(model, tok, sentences: list[str], steps: int, lr: float, batch_size: int, seed: int,
+                    desc: str, until=None) -> int:
+    """Up to `steps` Adam steps on batches of whole sentences (right-padded rows, per-row mean loss);
+    returns the steps taken (fewer when `until(model, tok)` said stop)."""
+    import torch.nn.functional as F
+
+    if steps <= 0:
+        return 0
+    rows = [ids for ids in tok(sentences, add_special_tokens=False)["input_ids"] if len(ids) >= 2]
+    if not rows:
+        raise ModelError(f"{desc}: no sentence of two or more tokens to train on")
+    gen = torch.Generator().manual_seed(seed)
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    model.train()
+    order, pos = torch.randperm(len(rows), generator=gen), 0
+    for step in tqdm(range(steps), desc=desc, leave=False):
+        if until is not None and step and step % PHASE_CHECK_EVERY == 0:
+            model.eval()
+            done = bool(until(model, tok))
+            model.train()
+            if done:
+                return step
+        if pos + batch_size > len(rows):
+            order, pos = torch.randperm(len(rows), generator=gen), 0
+        batch = [rows[i] for i in order[pos: pos + batch_size].tolist()]
+        pos += batch_size
+        width = max(len(r) for r in batch)
+        ids = torch.full((len(batch), width), tok.eos_token_id, dtype=torch.long)
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for i, r in enumerate(batch):
+            ids[i, : len(r)] = torch.tensor(r)
+            mask[i, : len(r)] = 1
+        logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1]
+        target = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
+        ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=-100,
+                             reduction="none").view(target.shape)
+        loss = (ce.sum(1) / (target != -100).sum(1).clamp(min=1)).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return steps
 
 
 def save_model_atomic(model, tokenizer, dest: Path) -> None:
@@ -163,10 +223,12 @@ def spec_hash(spec: dict) -> str:
     return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def ensure_builtin_base(cache_root, spec: dict, texts_fn: Callable[[], list[str]]) -> Path:
+def ensure_builtin_base(cache_root, spec: dict, texts_fn: Callable[[], list[str]],
+                        phases_fn: Callable[[], list[tuple[list[str], int]]] | None = None) -> Path:
     """Cached built-in base for `spec` (build_builtin_base keywords; others only enter the hash).
 
-    A file lock makes concurrent callers wait for a single build; `texts_fn` is only called to build.
+    A file lock makes concurrent callers wait for a single build; `texts_fn` and `phases_fn` (the
+    sentence phases of `build_builtin_base`) are only called to build.
     """
     cache_root = Path(cache_root)
     cache_root.mkdir(parents=True, exist_ok=True)
@@ -175,13 +237,13 @@ def ensure_builtin_base(cache_root, spec: dict, texts_fn: Callable[[], list[str]
     marker = out / "spec.json"
     if marker.is_file():
         return out
-    accepted = set(inspect.signature(build_builtin_base).parameters) - {"out_dir", "texts"}
+    accepted = set(inspect.signature(build_builtin_base).parameters) - {"out_dir", "texts", "phases"}
     kwargs = {k: v for k, v in spec.items() if k in accepted}
     with open(cache_root / f"builtin-{key}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
             if not marker.is_file():
-                build_builtin_base(out, list(texts_fn()), **kwargs)
+                build_builtin_base(out, list(texts_fn()), phases=list(phases_fn()) if phases_fn else (), **kwargs)
                 tmp = out / "spec.json.tmp"
                 tmp.write_text(json.dumps(spec, sort_keys=True, indent=2, default=str))
                 os.replace(tmp, marker)

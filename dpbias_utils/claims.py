@@ -13,6 +13,8 @@ detected (80 % power). A claim is **uninformative** when the testbed could not s
   otherwise its verdict is "uninformative: the non-DP model learned X of Y";
 * CDA can only remove an association the model has: the CDA claim under DP needs the DP model at
   ratio 0 to carry one (its interval above 0.5);
+* every arm needs at least `MIN_SEEDS` independent runs (seeds), or the interval would ignore
+  training randomness;
 * the matched-utility claim needs the DP model's perplexity inside the range the non-DP run passed
   through.
 
@@ -40,6 +42,8 @@ FAMILIES = ("occupation", "sentiment", "toxicity")
 ASSOC = "learned_association_{}"
 CALIBRATION_TARGET = 0.9
 N_BOOT = 2000
+# Fewer seeds than this in an arm and the interval cannot carry seed-to-seed variation: no verdict.
+MIN_SEEDS = 3
 CLAIM_COLUMNS = ["id", "claim", "metric", "contrast", "point", "low", "high", "se", "p", "direction",
                  "informative", "uninformative_reason", "n_seeds", "n_items"]
 
@@ -109,6 +113,9 @@ def calibration_table(items: pd.DataFrame, results: pd.DataFrame) -> pd.DataFram
 def _claim(id_, claim, metric, contrast, res, direction, informative=True, reason=None) -> dict:
     if res is None:
         return {}
+    if informative and min(res.n_seeds) < MIN_SEEDS:
+        informative, reason = False, (f"{' vs '.join(str(n) for n in res.n_seeds)} seeds; a verdict needs at least "
+                                      f"{MIN_SEEDS} independent runs per arm")
     return {"id": id_, "claim": claim, "metric": metric, "contrast": contrast, "point": res.point, "low": res.low,
             "high": res.high, "se": res.se, "p": res.p_two_sided, "direction": direction,
             "informative": bool(informative), "uninformative_reason": reason,
@@ -189,7 +196,7 @@ def matched_claim(trajectory: pd.DataFrame, family: str, eps: float, calibrated:
     perplexity) at the DP arm's mean final perplexity; seeds are resampled in both arms.
     """
     metric = ASSOC.format(family)
-    t = trajectory[trajectory["run_id"] != "base"]
+    t = with_base_start(trajectory)
     t = t[np.isclose(t["mixing_ratio"].astype(float).fillna(-1), 0.0)]
     wide = t[t["group"].isin(["all", "test"])].pivot_table(index=["run_id", "dp", "epsilon", "pct"], columns="metric",
                                                           values="value").reset_index()
@@ -201,26 +208,42 @@ def matched_claim(trajectory: pd.DataFrame, family: str, eps: float, calibrated:
     if dp_final.empty or nd.empty:
         return {}
     target = float(np.exp(np.log(dp_final["perplexity"]).mean()))
-    matched, lo_hi = [], []
+    matched, inside, lo_hi = [], [], []
     for _, run in nd.groupby("run_id"):
         run = run.sort_values("perplexity")
         x, y = np.log(run["perplexity"].to_numpy(float)), run[metric].to_numpy(float)
         lo_hi.append((x.min(), x.max()))
-        matched.append(float(np.interp(np.log(target), x, y)) if x.min() <= np.log(target) <= x.max() else math.nan)
+        matched.append(float(np.interp(np.log(target), x, y)))  # clamped at the ends; flagged below
+        inside.append(bool(x.min() <= np.log(target) <= x.max()))
     ok, text = calibrated
-    if any(math.isnan(v) for v in matched):
+    if not all(inside):
         ok, text = False, (f"DP's perplexity {target:.3f} lies outside the non-DP run's range "
                            f"[{math.exp(max(a for a, _ in lo_hi)):.3f}, {math.exp(min(b for _, b in lo_hi)):.3f}]")
-        matched = [v for v in matched if not math.isnan(v)] or [math.nan]
     res = inference.two_way_bootstrap([dp_final[[metric]].to_numpy(float), np.array(matched, float)[:, None]],
                                       n_boot=N_BOOT, seed=0)
     return _claim(f"matched/{family}/{eps:g}", f"At equal perplexity, DP carries more {family} association ({_label(eps)})",
                   metric, f"{_label(eps)} - non-DP checkpoint at perplexity {target:.3f}", res, +1, ok, text)
 
 
+def with_base_start(trajectory: pd.DataFrame) -> pd.DataFrame:
+    """Every run's trajectory with the base model's point (0 % of training, where each run starts)
+    added in front; the base's own rows are dropped."""
+    base = trajectory[trajectory["run_id"] == "base"]
+    runs = trajectory[trajectory["run_id"] != "base"]
+    if base.empty:
+        return runs
+    conds = runs.drop_duplicates("run_id")[[c for c in runs.columns if c not in base.columns or c in
+                                            ("run_id", "dp", "epsilon", "max_grad_norm", "mixing_ratio", "cda_mode", "seed")]]
+    starts = [base[["pct", "metric", "group", "value", "ci_low", "ci_high", "n"]].assign(
+        pct=0.0, **{c: r[c] for c in conds.columns}) for _, r in conds.iterrows()]
+    return pd.concat([runs] + starts, ignore_index=True)
+
+
 def gradnorm_claims(results: pd.DataFrame) -> list[dict]:
     """Claim 3 of the paper on stage 03's final-checkpoint L2 norms: per seed, one value per run."""
     g = results[(results["metric"] == "grad_l2_total") & (results["group"] == "diff") & (results["run_id"] != "base")]
+    if g.empty:
+        return []
     g = g[np.isclose(g["mixing_ratio"].astype(float).fillna(-1), 0.0)]
     if g.empty:
         return []

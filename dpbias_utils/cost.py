@@ -331,9 +331,10 @@ def estimate(profile: Profile, gpus: Optional[list[str]] = None, throughput_csv:
         p = n.point
         extra = p["mixing_ratio"] * size.gendered_share if p["cda_mode"] == "augment" else 0.0
         rows_per_unit = 1.0 + extra
-        steps = max(1, int(round(t.epochs * size.n_units / t.logical_batch_size)))
-        tokens = t.epochs * size.tokens * rows_per_unit
-        compute = t.epochs * size.n_units * rows_per_unit * size.padded_len
+        run = t.for_run(p["epsilon"] is not None)  # DP runs follow the profile's `train.dp` rule
+        steps = max(1, int(round(run["epochs"] * size.n_units / run["logical_batch_size"])))
+        tokens = run["epochs"] * size.tokens * rows_per_unit
+        compute = run["epochs"] * size.n_units * rows_per_unit * size.padded_len
         runs.append({"node": n.node_id, "mode": mode_of(p, profile), "epsilon": p["epsilon"], "n_units": size.n_units,
                      "steps": steps, "tokens": tokens, "compute_tokens": compute})
     measured_gpus = sorted({r.device for r in table if r.device in GPU_PEAK_TFLOPS})
@@ -373,6 +374,9 @@ def describe_cost(profile: Profile, gpus: Optional[list[str]] = None, throughput
     lines += [f"    note: {n}" for n in size.notes]
     lines.append(f"  per run: epochs {t.epochs:g} x {size.n_units:,} units / logical batch {t.logical_batch_size} "
                  f"= steps; padded row length ~{size.padded_len:.0f} (block {profile.data.block_size})")
+    dp_rule = {k: v for k, v in t.dp.model_dump().items() if v is not None}
+    if dp_rule:
+        lines.append("  DP runs (train.dp rule): " + ", ".join(f"{k} {v:g}" for k, v in dp_rule.items()))
     by_mode: dict[tuple, list] = {}
     for r in runs:
         by_mode.setdefault((r["mode"], r["steps"], round(r["tokens"]), round(r["compute_tokens"])), []).append(r)

@@ -90,6 +90,15 @@ class BuiltinBaseParams(Section):
     # Skew of the pretraining corpus (every family): 0.5 = balanced; above 0.5 the base carries a
     # mild association of its own, as a pretrained LM does.
     pretrain_skew: UnitFloat = 0.5
+    # Sentence-level phases after the block pretraining (0 steps: none). A model this small forms
+    # the subject-gender -> attribute circuit only after ~1,000 steps of a strong signal, and when
+    # is a matter of chance, so the base first sees up to `circuit_steps` steps of text at
+    # `circuit_skew`, stopping once every family's association is halfway from 0.5 to that skew
+    # (checked every 250 steps), then `settle_steps` steps of text at `pretrain_skew`, which leaves
+    # it the pretraining corpus's mild association with the circuit in place.
+    circuit_skew: UnitFloat = 0.9
+    circuit_steps: Annotated[int, Field(ge=0)] = 0
+    settle_steps: Annotated[int, Field(ge=0)] = 0
     lr: PositiveFloat = 3e-3
     batch_size: PositiveInt = 32
     seed: int = 0

@@ -457,8 +457,10 @@ def fig_association_vs_perplexity(trajectory: pd.DataFrame, figures_dir: Path):
 
     if trajectory is None or trajectory.empty:
         return None
-    t = with_condition(trajectory)
-    t = t[(t["run_id"] != "base") & np.isclose(t["mixing_ratio"].astype(float).fillna(-1), 0.0)]
+    from .claims import with_base_start
+
+    t = with_condition(with_base_start(trajectory))
+    t = t[np.isclose(t["mixing_ratio"].astype(float).fillna(-1), 0.0)]
     t = t[t["group"].isin(["all", "test"])]
     wide = t.pivot_table(index=["condition", "run_id", "pct"], columns="metric", values="value").reset_index()
     families = [c.replace("learned_association_", "") for c in wide.columns if str(c).startswith("learned_association_")]

@@ -115,12 +115,35 @@ def base_model(ctx: StageContext) -> str:
     spec = m.builtin.model_dump()
     spec["block_size"] = ctx.profile.data.block_size
     pretrain_seed = ctx.profile.data.controlled.seed + 3  # not the seeds of the fine-tuning/eval text
-    skew = m.builtin.pretrain_skew
+    b = m.builtin
+    skew = b.pretrain_skew
     spec["corpus"] = {"kind": "balanced-controlled", "seed": pretrain_seed}
-    if skew != 0.5:
+    if skew != 0.5 or b.circuit_steps or b.settle_steps:
         spec["corpus"] = {"kind": "controlled", "skew": skew, "seed": pretrain_seed}
-    texts = lambda: corpus.generate_controlled(m.builtin.pretrain_sentences, pretrain_seed, skew, skew, skew)["text"].tolist()  # noqa: E731
-    return str(basemodel.ensure_builtin_base(paths.CACHE / "base-models", spec, texts))
+    texts = lambda: corpus.generate_controlled(b.pretrain_sentences, pretrain_seed, skew, skew, skew)["text"].tolist()  # noqa: E731
+
+    def phases():
+        circuit = corpus.generate_controlled(b.pretrain_sentences, pretrain_seed + 10, b.circuit_skew, b.circuit_skew,
+                                             b.circuit_skew)["text"].tolist()
+        settle = corpus.generate_controlled(b.pretrain_sentences, pretrain_seed + 20, skew, skew, skew)["text"].tolist()
+        return [(circuit, b.circuit_steps, circuit_formed(b.circuit_skew)), (settle, b.settle_steps)]
+
+    return str(basemodel.ensure_builtin_base(paths.CACHE / "base-models", spec, texts, phases))
+
+
+def circuit_formed(circuit_skew: float):
+    """The circuit phase's stopping rule: every family's learned association is at least halfway
+    from 0.5 to the phase's skew (the base is checked, never a fine-tuned model or a DP outcome)."""
+    from .bias import association
+
+    prompts = association.association_prompts(n_names=0)
+    threshold = 0.5 + (circuit_skew - 0.5) / 2
+
+    def until(model, tokenizer) -> bool:
+        scores = association.association_scores(prompts, association.model_scorer(model, tokenizer, 512))
+        return bool(scores.groupby("family")["score"].mean().min() >= threshold)
+
+    return until
 
 
 def load_texts(ctx: StageContext) -> dict:
@@ -262,8 +285,9 @@ def evaluate(ctx: StageContext, model, tokenizer, splits):
 
 def association_trajectory(ctx: StageContext, tokenizer, splits):
     """Learned association and test perplexity at every saved point of training (`progress/pct_*`),
-    for the matched-utility comparison of stage 05; written to `trajectory.csv`. The base model has
-    one point (0 % of training). Columns: pct, metric, group, value, ci_low, ci_high, n."""
+    for the matched-utility comparison of stage 05; written to `trajectory.csv`. The base node writes
+    the one point at 0 % of training that every run starts from. Columns: pct, metric, group, value,
+    ci_low, ci_high, n."""
     import pandas as pd
 
     from . import basemodel
@@ -277,7 +301,9 @@ def association_trajectory(ctx: StageContext, tokenizer, splits):
         points = {0.0: ctx_base_path(ctx)}
     else:
         progress = ctx.upstream_dir("02") / "progress"
-        points = {float(p.name.split("_")[-1]): p for p in progress.iterdir() if p.is_dir() and p.name.startswith("pct_")}
+        # 0 % of training is the base model, evaluated once by the base node
+        points = {float(p.name.split("_")[-1]): p for p in progress.iterdir()
+                  if p.is_dir() and p.name.startswith("pct_") and p.name != "pct_0"}
     seed = ctx.point.get("seed", 0)
     rows = []
     for pct in sorted(points):

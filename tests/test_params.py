@@ -18,8 +18,14 @@ def test_default_profile_is_valid():
     pts = profile.points()
     eps = {p["epsilon"] for p in pts}
     assert {None, 3.0, 10.0, 20.0} <= eps
-    assert {0.0, 0.5, 1.0} <= {p["mixing_ratio"] for p in pts}
-    assert len({p["seed"] for p in pts}) >= 2
+    assert {0.0, 1.0} <= {p["mixing_ratio"] for p in pts if p["epsilon"] is not None}  # CDA 0 vs 1 under DP
+    # the main contrasts carry five independent seeds each
+    for e in (None, 3.0, 10.0, 20.0):
+        assert len({p["seed"] for p in pts if p["epsilon"] == e and p["mixing_ratio"] == 0.0}) >= 5
+    assert len({p["seed"] for p in pts if p["epsilon"] == 10.0 and p["mixing_ratio"] == 1.0}) >= 5
+    # DP runs follow the profile's written rule; non-DP runs do not
+    t = profile.train
+    assert t.for_run(True)["logical_batch_size"] == 256 and t.for_run(False)["logical_batch_size"] == 32
 
 
 def test_grid_is_union_of_products_without_duplicates():

@@ -60,6 +60,27 @@ def test_report_and_figures(tiny_study):
     for stage in paths.STAGE_NOTEBOOKS:
         assert f"Stage {stage}" in index
     figs = {p.name for p in (tiny_study / "figures").iterdir()}
-    for name in ("bias_vs_epsilon", "bias_vs_mixing_ratio", "gradnorm_gap", "perplexity_vs_epsilon", "table1_toxicity"):
+    for name in ("learned_association", "association_vs_perplexity", "bias_vs_epsilon", "bias_vs_mixing_ratio",
+                 "gradnorm_gap", "perplexity_vs_epsilon", "table1_toxicity"):
         assert f"{name}.png" in figs and f"{name}.svg" in figs
     assert (tiny_study / "findings.md").read_text().count("|") > 10
+
+
+@pytest.mark.slow
+def test_association_items_trajectory_and_verdicts(tiny_study):
+    table = pd.read_csv(tiny_study / "results.csv")
+    assoc = table[table["metric"] == "learned_association_occupation"]
+    assert {"all", "female", "male", "planted"} <= set(assoc["group"])
+    assert (assoc.loc[assoc["group"] == "planted", "value"] == 0.9).all()  # the tiny profile's default skew
+    items = pd.read_csv(tiny_study / "items.csv")
+    assert list(items.columns) == results.ITEM_COLUMNS
+    per_run = items[items["metric"] == "learned_association_occupation"].groupby("run_id")["item"].nunique()
+    assert per_run.nunique() == 1 and per_run.iloc[0] > 100  # every run is scored on the same prompt pairs
+    traj = pd.read_csv(tiny_study / "trajectory.csv")
+    assert set(traj.loc[traj["run_id"] == "base", "pct"]) == {0.0}
+    assert set(traj.loc[traj["run_id"] != "base", "pct"]) == {50.0, 100.0}  # tiny's progress points, 0 = base
+    claims = pd.read_csv(tiny_study / "claims.csv")
+    # one seed per arm and an untrained toy model: no claim may get a verdict other than uninformative
+    assert len(claims) and claims["verdict"].str.startswith("uninformative").all()
+    findings = (tiny_study / "findings.md").read_text()
+    assert "Calibration" in findings and "not reproduced" not in findings

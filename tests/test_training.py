@@ -273,3 +273,16 @@ def test_unreachable_or_invalid_refused(base, tmp_path, kwargs, err, match):
     with pytest.raises(err, match=match):
         train(base, frame(24), tmp_path, **{**KW, **kwargs})
     assert not (tmp_path / "model").exists()
+
+
+@pytest.mark.parametrize("epsilon,clipping", [(None, "opacus"), (8.0, "fast"), (8.0, "opacus")])
+def test_frozen_embeddings_stay_put_and_the_rest_trains(base, tmp_path, epsilon, clipping):
+    before = load_file(str(__import__("pathlib").Path(base) / "model.safetensors"))
+    train(base, frame(24), tmp_path, **{**KW, "epsilon": epsilon, "clipping": clipping, "freeze": ("embeddings",),
+                                        "progress_points": (100,)})
+    after = _weights(tmp_path)
+    for name in ("transformer.wte.weight", "transformer.wpe.weight"):
+        assert torch.equal(before[name], after[name]), name
+    assert not torch.equal(before["transformer.h.0.mlp.c_fc.weight"], after["transformer.h.0.mlp.c_fc.weight"])
+    with pytest.raises(TrainingError, match="freeze='lm_head'; allowed: embeddings"):
+        train(base, frame(24), tmp_path / "bad", **{**KW, "freeze": ("lm_head",)})

@@ -183,14 +183,22 @@ def continuation_logprobs(model, tokenizer, prompts: Sequence[str], continuation
             mask[r, : len(x)] = 1
             score[r, len(p_ids[i]): len(x)] = True
         position_ids = torch.arange(width).unsqueeze(0).repeat(len(seqs), 1)
-        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device),
-                       position_ids=position_ids.to(device)).logits.float()
-        logp = torch.log_softmax(logits[:, :-1], dim=-1)
-        tok = logp.gather(-1, ids[:, 1:].to(device).unsqueeze(-1)).squeeze(-1)
-        sums = (tok * score[:, 1:].to(device)).sum(dim=-1).double().cpu().numpy()
+        # Only the positions that predict a continuation token go through the LM head (the head
+        # over the whole vocabulary is most of the cost of a small model).
+        rows, cols = score[:, 1:].nonzero(as_tuple=True)
+        hidden = _body(model)(input_ids=ids.to(device), attention_mask=mask.to(device),
+                              position_ids=position_ids.to(device)).last_hidden_state
+        logits = model.get_output_embeddings()(hidden[rows.to(device), cols.to(device)]).float()
+        tok = torch.log_softmax(logits, dim=-1).gather(-1, ids[rows, cols + 1].to(device).unsqueeze(-1)).squeeze(-1)
+        sums = torch.zeros(len(seqs), dtype=torch.float64).index_add_(0, rows, tok.double().cpu()).numpy()
         for r, (i, j) in enumerate(chunk):
             out[i, j] = sums[r]
     return out
+
+
+def _body(model):
+    """The transformer under a causal-LM head (GPT-2's ``transformer``; other HF models' base model)."""
+    return getattr(model, "transformer", None) or model.base_model
 
 
 def model_scorer(model, tokenizer, batch_size: int = 256) -> Scorer:
