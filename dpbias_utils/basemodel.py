@@ -108,6 +108,8 @@ def build_builtin_base(out_dir, texts: list[str], vocab_size: int = 2000, n_laye
     np.random.seed(seed)
     torch.manual_seed(seed)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.bpe.", dir=out_dir.parent))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the same base on every machine: summation order depends on threads
     try:
         tok = _train_tokenizer(texts, vocab_size, tmp)
         config = GPT2Config(vocab_size=len(tok), n_layer=n_layer, n_head=n_head, n_embd=n_embd,
@@ -152,6 +154,7 @@ def build_builtin_base(out_dir, texts: list[str], vocab_size: int = 2000, n_laye
         if record:
             (out_dir / "phases.json").write_text(json.dumps(record, indent=1))
     finally:
+        torch.set_num_threads(threads)
         shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
 
@@ -264,3 +267,50 @@ def load_tokenizer(name_or_path: str):
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+def base_for_profile(profile) -> str:
+    """The base model a profile's stages start from: a hub id, a local folder, or the offline
+    built-in one (a small GPT-2 with its own BPE tokenizer, pretrained on the controlled corpus as
+    `params.BuiltinBaseParams` describes), built once per specification and cached under
+    `paths.CACHE`."""
+    from . import corpus, paths
+    from .params import BUILTIN, resolve_path
+
+    m = profile.model
+    if m.base in HUB_MODELS:
+        return m.base
+    if m.base != BUILTIN:
+        return str(resolve_path(m.base))
+    spec = m.builtin.model_dump()
+    spec["block_size"] = profile.data.block_size
+    pretrain_seed = profile.data.controlled.seed + 3  # not the seeds of the fine-tuning/eval text
+    b = m.builtin
+    skew = b.pretrain_skew
+    spec["corpus"] = {"kind": "balanced-controlled", "seed": pretrain_seed}
+    if skew != 0.5 or b.circuit_steps or b.settle_steps:
+        spec["corpus"] = {"kind": "controlled", "skew": skew, "seed": pretrain_seed}
+    texts = lambda: corpus.generate_controlled(b.pretrain_sentences, pretrain_seed, skew, skew, skew)["text"].tolist()  # noqa: E731
+
+    def phases():
+        circuit = corpus.generate_controlled(b.pretrain_sentences, pretrain_seed + 10, b.circuit_skew, b.circuit_skew,
+                                             b.circuit_skew)["text"].tolist()
+        settle = corpus.generate_controlled(b.pretrain_sentences, pretrain_seed + 20, skew, skew, skew)["text"].tolist()
+        return [(circuit, b.circuit_steps, circuit_formed(b.circuit_skew)), (settle, b.settle_steps)]
+
+    return str(ensure_builtin_base(paths.CACHE / "base-models", spec, texts, phases))
+
+
+def circuit_formed(circuit_skew: float):
+    """The circuit phase's stopping rule: every family's learned association is at least halfway
+    from 0.5 to the phase's skew (the base is checked, never a fine-tuned model or a DP outcome)."""
+    from .bias import association
+
+    prompts = association.association_prompts(n_names=0)
+    threshold = 0.5 + (circuit_skew - 0.5) / 2
+
+    def until(model, tokenizer) -> bool:
+        scores = association.association_scores(prompts, association.model_scorer(model, tokenizer, 512))
+        return bool(scores.groupby("family")["score"].mean().min() >= threshold)
+
+    return until

@@ -41,7 +41,7 @@ from . import inference
 FAMILIES = ("occupation", "sentiment", "toxicity")
 ASSOC = "learned_association_{}"
 CALIBRATION_TARGET = 0.9
-N_BOOT = 2000
+N_BOOT = 5000  # smallest two-sided p = 2/5001, so Holm over ~30 claims can still reject
 # Fewer seeds than this in an arm and the interval cannot carry seed-to-seed variation: no verdict.
 MIN_SEEDS = 3
 CLAIM_COLUMNS = ["id", "claim", "metric", "contrast", "point", "low", "high", "se", "p", "direction",

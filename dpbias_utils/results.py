@@ -477,7 +477,7 @@ def fig_association_vs_perplexity(trajectory: pd.DataFrame, figures_dir: Path):
             ax.plot(sub["perplexity"].iloc[-1:], sub[col].iloc[-1:], "s", ms=7, color=f"C{i}")
         ax.axhline(0.5, color="grey", ls=":", lw=0.8)
         ax.invert_xaxis()
-        ax.set_xlabel("test perplexity (training runs right to left)")
+        ax.set_xlabel("test perplexity (axis reversed: training moves right)")
         ax.set_ylabel("learned association")
         ax.set_title(FAMILY_LABELS.get(family, family), fontsize=10)
     axes.flat[0].legend(fontsize=7, loc="upper left")
@@ -528,6 +528,16 @@ def findings_markdown(tables: dict[str, pd.DataFrame], judged: pd.DataFrame) -> 
         lines += ["Learned association (0.5 = none; mean over seeds and prompt pairs, 95 % interval):", "",
                   "| condition | " + " | ".join(wide.columns) + " |", "|---" * (len(wide.columns) + 1) + "|"]
         lines += [f"| {c} | " + " | ".join(wide.loc[c]) + " |" for c in wide.index]
+        lines.append("")
+    ppl = seed_summary(tables["results"])
+    ppl = ppl[(ppl["metric"] == "perplexity") & (ppl["group"] == "test") & (ppl["mixing_ratio"] == 0.0)]
+    if not ppl.empty:
+        order = condition_order(ppl)
+        ppl = ppl.set_index("condition").reindex(order)
+        lines += ["Utility: test perplexity (mean over seeds, 95 % bootstrap interval over seeds):", "",
+                  "| condition | perplexity | seeds |", "|---|---|---|"]
+        lines += [f"| {c} | {r['value']:.3f} [{r['ci_low']:.3f}, {r['ci_high']:.3f}] | {int(r['n_seeds'])} |"
+                  for c, r in ppl.iterrows()]
         lines.append("")
     if not judged.empty:
         lines += ["Claims (contrast with 95 % interval over seeds and prompts; Holm-adjusted p over the informative claims):", "",

@@ -240,6 +240,21 @@ class RunReport:
         return not self.failed and not self.blocked
 
 
+def prebuild_base(profile: Profile, progress: bool = True) -> None:
+    """Build (or find cached) the built-in base model in this process with every core, before the
+    node pool starts: otherwise the first stage-01 node builds it on cores // jobs threads while the
+    others wait on its lock. Stage 01 then finds it in the cache."""
+    from .params import BUILTIN
+
+    if profile.model.base != BUILTIN:
+        return
+    from . import basemodel
+
+    if progress:
+        print(f"{profile.name}: built-in base model (built once, then cached under {paths.CACHE})", flush=True)
+    basemodel.base_for_profile(profile)
+
+
 def run(profile: Profile, *, jobs: int = 1, only: Optional[str] = None, runs_dir: Optional[Path] = None,
         notebooks: Optional[Path] = None, progress: bool = True, executor: str = "local") -> RunReport:
     """Execute every incomplete node whose upstream is complete; independent nodes in parallel."""
@@ -268,6 +283,8 @@ def run(profile: Profile, *, jobs: int = 1, only: Optional[str] = None, runs_dir
 
         return slurm.run(profile, nodes, pending, profile_dir, notebooks, result, progress=progress)
 
+    if any(n.stage == "01" for n in pending):
+        prebuild_base(profile, progress)
     bar = tqdm(total=len(selected), initial=len(result.skipped), desc=f"{profile.name}: nodes", unit="node",
                disable=not progress)
     running = {}

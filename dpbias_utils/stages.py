@@ -99,51 +99,10 @@ def context(stage: str, namespace: dict[str, Any]) -> StageContext:
 
 # =========================================================================== stage 01: data & CDA
 def base_model(ctx: StageContext) -> str:
-    """The base model every stage starts from: a hub id, a local folder, or the offline built-in one.
+    """The base model every stage starts from (`basemodel.base_for_profile`)."""
+    from . import basemodel
 
-    The built-in base (a small GPT-2 with its own BPE tokenizer, pretrained on the balanced
-    controlled corpus) is built once per specification and cached under `paths.CACHE`.
-    """
-    from . import basemodel, corpus
-    from .params import BUILTIN, HUB_MODELS, resolve_path
-
-    m = ctx.profile.model
-    if m.base in HUB_MODELS:
-        return m.base
-    if m.base != BUILTIN:
-        return str(resolve_path(m.base))
-    spec = m.builtin.model_dump()
-    spec["block_size"] = ctx.profile.data.block_size
-    pretrain_seed = ctx.profile.data.controlled.seed + 3  # not the seeds of the fine-tuning/eval text
-    b = m.builtin
-    skew = b.pretrain_skew
-    spec["corpus"] = {"kind": "balanced-controlled", "seed": pretrain_seed}
-    if skew != 0.5 or b.circuit_steps or b.settle_steps:
-        spec["corpus"] = {"kind": "controlled", "skew": skew, "seed": pretrain_seed}
-    texts = lambda: corpus.generate_controlled(b.pretrain_sentences, pretrain_seed, skew, skew, skew)["text"].tolist()  # noqa: E731
-
-    def phases():
-        circuit = corpus.generate_controlled(b.pretrain_sentences, pretrain_seed + 10, b.circuit_skew, b.circuit_skew,
-                                             b.circuit_skew)["text"].tolist()
-        settle = corpus.generate_controlled(b.pretrain_sentences, pretrain_seed + 20, skew, skew, skew)["text"].tolist()
-        return [(circuit, b.circuit_steps, circuit_formed(b.circuit_skew)), (settle, b.settle_steps)]
-
-    return str(basemodel.ensure_builtin_base(paths.CACHE / "base-models", spec, texts, phases))
-
-
-def circuit_formed(circuit_skew: float):
-    """The circuit phase's stopping rule: every family's learned association is at least halfway
-    from 0.5 to the phase's skew (the base is checked, never a fine-tuned model or a DP outcome)."""
-    from .bias import association
-
-    prompts = association.association_prompts(n_names=0)
-    threshold = 0.5 + (circuit_skew - 0.5) / 2
-
-    def until(model, tokenizer) -> bool:
-        scores = association.association_scores(prompts, association.model_scorer(model, tokenizer, 512))
-        return bool(scores.groupby("family")["score"].mean().min() >= threshold)
-
-    return until
+    return basemodel.base_for_profile(ctx.profile)
 
 
 def load_texts(ctx: StageContext) -> dict:
@@ -283,11 +242,14 @@ def evaluate(ctx: StageContext, model, tokenizer, splits):
                                     planted=planted_skews(ctx))
 
 
-def association_trajectory(ctx: StageContext, tokenizer, splits):
+def association_trajectory(ctx: StageContext, tokenizer, splits, metrics):
     """Learned association and test perplexity at every saved point of training (`progress/pct_*`),
     for the matched-utility comparison of stage 05; written to `trajectory.csv`. The base node writes
-    the one point at 0 % of training that every run starts from. Columns: pct, metric, group, value,
-    ci_low, ci_high, n."""
+    the one point at 0 % of training that every run starts from; the finished model's point (100 %,
+    or the base's 0 %) is taken from this node's `metrics` rather than computed twice. The
+    matched-utility comparison needs the whole path of the non-DP runs only, so DP runs record their
+    finished model alone (the time budget of the default study). Columns: pct, metric, group,
+    value, ci_low, ci_high, n."""
     import pandas as pd
 
     from . import basemodel
@@ -297,15 +259,17 @@ def association_trajectory(ctx: StageContext, tokenizer, splits):
     cfg = bias_eval.resolve_cfg(ctx.profile.evaluation.model_dump())
     if "association" not in cfg["metrics"]:
         return None
-    if ctx.is_base:
-        points = {0.0: ctx_base_path(ctx)}
-    else:
+    final = metrics[(metrics["metric"].str.startswith("learned_association_") & metrics["group"].isin(["all", "female", "male"]))
+                    | ((metrics["metric"] == "perplexity") & (metrics["group"] == "test"))]
+    rows = [{"pct": 0.0 if ctx.is_base else 100.0, **r} for r in final[["metric", "group", "value", "ci_low", "ci_high", "n"]]
+            .to_dict("records")]
+    points = {}
+    if not ctx.is_base and ctx.point.get("epsilon") is None:  # DP runs: the finished model only
         progress = ctx.upstream_dir("02") / "progress"
-        # 0 % of training is the base model, evaluated once by the base node
+        # 0 % of training is the base model (the base node's point); 100 % is this node's own metrics
         points = {float(p.name.split("_")[-1]): p for p in progress.iterdir()
-                  if p.is_dir() and p.name.startswith("pct_") and p.name != "pct_0"}
+                  if p.is_dir() and p.name.startswith("pct_") and p.name not in ("pct_0", "pct_100")}
     seed = ctx.point.get("seed", 0)
-    rows = []
     for pct in sorted(points):
         model, _ = basemodel.load_base(str(points[pct]))
         assoc, _ = bias_eval.association_metrics(model, tokenizer, None, cfg, None, seed)
@@ -313,15 +277,9 @@ def association_trajectory(ctx: StageContext, tokenizer, splits):
         assoc.append({"metric": "perplexity", "group": "test", "value": ppl.value, "ci_low": ppl.ci_low,
                       "ci_high": ppl.ci_high, "n": ppl.n_sequences})
         rows += [{"pct": pct, **r} for r in assoc]
-    table = pd.DataFrame(rows)
+    table = pd.DataFrame(rows).sort_values("pct", kind="stable").reset_index(drop=True)
     table.to_csv(ctx.out_dir / "trajectory.csv", index=False)
     return table
-
-
-def ctx_base_path(ctx: StageContext) -> str:
-    from . import data
-
-    return data.load_stage01(ctx.upstream_dir("01"))[0]["base_model"]
 
 
 def planted_skews(ctx: StageContext) -> dict[str, float] | None:

@@ -89,3 +89,17 @@ def test_matched_utility_interpolates_the_non_dp_trajectory():
     far = pd.DataFrame(rows).assign(value=lambda d: np.where((d["run_id"].str.startswith("dp")) & (d["metric"] == "perplexity"), 9.0, d["value"]))
     c = claims.matched_claim(far, "occupation", 10.0, (True, ""))
     assert not c["informative"] and "outside the non-DP run's range" in c["uninformative_reason"]
+
+
+def test_every_run_starts_from_the_base_point():
+    t = pd.DataFrame([
+        {"run_id": "base", "dp": False, "epsilon": np.nan, "max_grad_norm": np.nan, "mixing_ratio": np.nan,
+         "cda_mode": "none", "seed": 0, "pct": 0.0, "metric": "perplexity", "group": "test", "value": 4.0,
+         "ci_low": 3.9, "ci_high": 4.1, "n": 10},
+        {"run_id": "r1", "dp": True, "epsilon": 3.0, "max_grad_norm": 0.1, "mixing_ratio": 0.0, "cda_mode": "substitute",
+         "seed": 2, "pct": 100.0, "metric": "perplexity", "group": "test", "value": 3.0, "ci_low": 2.9,
+         "ci_high": 3.1, "n": 10}])
+    out = claims.with_base_start(t)
+    assert "base" not in set(out["run_id"])
+    start = out[(out["run_id"] == "r1") & (out["pct"] == 0.0)].iloc[0]
+    assert start["value"] == 4.0 and start["epsilon"] == 3.0 and start["seed"] == 2
