@@ -452,7 +452,8 @@ def fig_learned_association(items: pd.DataFrame, results: pd.DataFrame, figures_
 
 def fig_association_vs_perplexity(trajectory: pd.DataFrame, figures_dir: Path):
     """Matched utility: learned association against test perplexity along training (checkpoints),
-    each condition's mean over seeds; the last point of each line is the finished run."""
+    each condition's mean over seeds; the last point of each line is the finished run. DP runs
+    record only their start (the base) and their finished model, so their lines are chords."""
     import matplotlib.pyplot as plt
 
     if trajectory is None or trajectory.empty:
@@ -481,8 +482,8 @@ def fig_association_vs_perplexity(trajectory: pd.DataFrame, figures_dir: Path):
         ax.set_ylabel("learned association")
         ax.set_title(FAMILY_LABELS.get(family, family), fontsize=10)
     axes.flat[0].legend(fontsize=7, loc="upper left")
-    return _finish_grid(fig, figures_dir, "Bias against utility along training (square: finished run)",
-                        "association_vs_perplexity")
+    return _finish_grid(fig, figures_dir, "Bias against utility along training (non-DP: every checkpoint; "
+                        "DP: base and finished model only; square: finished run)", "association_vs_perplexity")
 
 
 # --------------------------------------------------------------------------- findings
