@@ -36,9 +36,9 @@ import math
 import numpy as np
 import pandas as pd
 
-from . import inference
+from . import corpus, inference
 
-FAMILIES = ("occupation", "sentiment", "toxicity")
+FAMILIES = corpus.FAMILIES
 ASSOC = "learned_association_{}"
 CALIBRATION_TARGET = 0.9
 N_BOOT = 5000  # smallest two-sided p = 2/5001, so Holm over ~30 claims can still reject

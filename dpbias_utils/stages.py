@@ -284,10 +284,12 @@ def association_trajectory(ctx: StageContext, tokenizer, splits, metrics):
 
 def planted_skews(ctx: StageContext) -> dict[str, float] | None:
     """The association the training corpus plants, per attribute family (None for real text)."""
+    from .corpus import FAMILIES
+
     d = ctx.profile.data
     if d.corpus != "controlled":
         return None
-    return {f: getattr(d.controlled, f"skew_{f}") for f in ("occupation", "sentiment", "toxicity")}
+    return {f: getattr(d.controlled, f"skew_{f}") for f in FAMILIES}
 
 
 # =========================================================================== stage 05: results
