@@ -19,6 +19,7 @@ import numpy as np
 import pandas as pd
 
 from . import paths
+from .bias.registry import outcome_metrics
 
 CONDITION_COLUMNS = ["run_id", "model", "dp", "epsilon", "max_grad_norm", "mixing_ratio", "cda_mode", "seed"]
 RESULT_COLUMNS = CONDITION_COLUMNS + ["metric", "group", "value", "ci_low", "ci_high", "n"]
@@ -27,24 +28,11 @@ PRIVACY_COLUMNS = ["run_id", "epsilon_target", "epsilon_spent", "delta", "noise_
 GRAD_SPLITS = ("female", "male", "diff", "stereotypical", "anti_stereotypical", "stereo_minus_anti")
 # stage 03 names its contrast rows "<a>-<b>"; the results tables call female - male "diff".
 GRAD_SPLIT_NAMES = {"female-male": "diff", "stereotypical-anti_stereotypical": "stereo_minus_anti"}
-# The bias metrics whose female - male difference is the study's outcome (name -> label for figures).
-BIAS_METRICS = {
-    "toxicity": "toxicity (female - male)",
-    "sentiment": "VADER sentiment (female - male)",
-    "negative_share": "share negative (female - male)",
-    "occupation_female_share": "occupation share-of-women (female - male)",
-    "gender_count_bias": "gender-count bias (f - m)/(f + m)",
-    "local_hellinger": "local bias: Hellinger",
-    "local_kl_fm": "local bias: KL(f||m)",
-    "stereoset": "StereoSet gender score - 50 (%)",
-    "crows_pairs": "CrowS-Pairs gender score - 50 (%)",
-}
-
-
-# The group that carries each metric's bias: female - male for most; stereotype scores are a
-# percentage (50 = no preference) reported per bias type, so their gender row is used, centred at 50.
-OUTCOME_GROUP = {"stereoset": "gender", "crows_pairs": "gender"}
-OUTCOME_CENTRE = {"stereoset": 50.0, "crows_pairs": 50.0}
+# The bias metrics whose outcome group (female - male for most; the gender row of the stereotype
+# scores, centred at 50) is the study's outcome, their labels and centres: all from the registry.
+BIAS_METRICS = {s.name: s.label for s in outcome_metrics()}
+OUTCOME_GROUP = {s.name: s.outcome_group for s in outcome_metrics()}
+OUTCOME_CENTRE = {s.name: s.centre for s in outcome_metrics()}
 
 
 def outcome_rows(summary: pd.DataFrame) -> pd.DataFrame:
