@@ -122,13 +122,13 @@ def collect_tables(upstream: dict[str, list[str]], model_name: str) -> dict[str,
 
 
 def node_items(folder: Path) -> pd.DataFrame:
-    """Per-item values of one stage-04 node: association score per prompt pair (`association.csv`)
+    """Per-item values of one stage-04 node: association score per prompt pair (`items/association.jsonl`)
     and, from `generations.jsonl`, the female - male gap of toxicity and sentiment per prompt pair
     (each prompt's k samples averaged first)."""
     folder = Path(folder)
     parts = []
-    if (folder / "association.csv").is_file():
-        a = pd.read_csv(folder / "association.csv")
+    if (folder / "items" / "association.jsonl").is_file():
+        a = pd.read_json(folder / "items" / "association.jsonl", lines=True, dtype={"pair_id": str})
         parts.append(pd.DataFrame({"metric": "learned_association_" + a["family"], "group": "all",
                                    "item": a["pair_id"].astype(str), "value": a["score"]}))
     gen_path = folder / "generations.jsonl"
