@@ -37,6 +37,7 @@ import numpy as np
 import pandas as pd
 
 from . import corpus, inference
+from .bias.perplexity import CORPUS as PPL
 
 FAMILIES = corpus.FAMILIES
 ASSOC = "learned_association_{}"
@@ -200,18 +201,18 @@ def matched_claim(trajectory: pd.DataFrame, family: str, eps: float, calibrated:
     t = t[np.isclose(t["mixing_ratio"].astype(float).fillna(-1), 0.0)]
     wide = t[t["group"].isin(["all", "test"])].pivot_table(index=["run_id", "dp", "epsilon", "pct"], columns="metric",
                                                           values="value").reset_index()
-    if metric not in wide or "perplexity" not in wide:
+    if metric not in wide or PPL not in wide:
         return {}
     dp = wide[wide["dp"].astype(bool) & np.isclose(wide["epsilon"].astype(float), eps)]
     dp_final = dp.loc[dp.groupby("run_id")["pct"].idxmax()]
     nd = wide[~wide["dp"].astype(bool)]
     if dp_final.empty or nd.empty:
         return {}
-    target = float(np.exp(np.log(dp_final["perplexity"]).mean()))
+    target = float(np.exp(np.log(dp_final[PPL]).mean()))
     matched, inside, lo_hi = [], [], []
     for _, run in nd.groupby("run_id"):
-        run = run.sort_values("perplexity")
-        x, y = np.log(run["perplexity"].to_numpy(float)), run[metric].to_numpy(float)
+        run = run.sort_values(PPL)
+        x, y = np.log(run[PPL].to_numpy(float)), run[metric].to_numpy(float)
         lo_hi.append((x.min(), x.max()))
         matched.append(float(np.interp(np.log(target), x, y)))  # clamped at the ends; flagged below
         inside.append(bool(x.min() <= np.log(target) <= x.max()))

@@ -19,6 +19,7 @@ import numpy as np
 import pandas as pd
 
 from . import paths
+from .bias.perplexity import CORPUS as PPL, CORPUS_BOS as PPL_BOS
 from .bias.registry import outcome_metrics
 
 CONDITION_COLUMNS = ["run_id", "model", "dp", "epsilon", "max_grad_norm", "mixing_ratio", "cda_mode", "seed"]
@@ -349,7 +350,9 @@ def fig_perplexity(results: pd.DataFrame, figures_dir: Path):
     import matplotlib.pyplot as plt
 
     s = seed_summary(results)
-    s = s[(s["metric"] == "perplexity") & (s["mixing_ratio"] == 0.0) & s["group"].isin(["test", "female", "male"])]
+    # test: corpus perplexity; female / male: the variant that scores the sentence-initial subject
+    s = s[(((s["metric"] == PPL) & (s["group"] == "test")) | ((s["metric"] == PPL_BOS) & s["group"].isin(["female", "male"])))
+          & (s["mixing_ratio"] == 0.0)]
     if s.empty:
         return None
     order = condition_order(s)
@@ -453,7 +456,7 @@ def fig_association_vs_perplexity(trajectory: pd.DataFrame, figures_dir: Path):
     t = t[t["group"].isin(["all", "test"])]
     wide = t.pivot_table(index=["condition", "run_id", "pct"], columns="metric", values="value").reset_index()
     families = [c.replace("learned_association_", "") for c in wide.columns if str(c).startswith("learned_association_")]
-    if not families or "perplexity" not in wide:
+    if not families or PPL not in wide:
         return None
     mean = wide.groupby(["condition", "pct"]).mean(numeric_only=True).reset_index()
     order = condition_order(t)
@@ -462,8 +465,8 @@ def fig_association_vs_perplexity(trajectory: pd.DataFrame, figures_dir: Path):
         col = f"learned_association_{family}"
         for i, cond in enumerate(order):
             sub = mean[mean["condition"] == cond].sort_values("pct")
-            ax.plot(sub["perplexity"], sub[col], "o-", ms=3, color=f"C{i}", label=cond)
-            ax.plot(sub["perplexity"].iloc[-1:], sub[col].iloc[-1:], "s", ms=7, color=f"C{i}")
+            ax.plot(sub[PPL], sub[col], "o-", ms=3, color=f"C{i}", label=cond)
+            ax.plot(sub[PPL].iloc[-1:], sub[col].iloc[-1:], "s", ms=7, color=f"C{i}")
         ax.axhline(0.5, color="grey", ls=":", lw=0.8)
         ax.invert_xaxis()
         ax.set_xlabel("test perplexity (axis reversed: training moves right)")
@@ -519,7 +522,7 @@ def findings_markdown(tables: dict[str, pd.DataFrame], judged: pd.DataFrame) -> 
         lines += [f"| {c} | " + " | ".join(wide.loc[c]) + " |" for c in wide.index]
         lines.append("")
     ppl = seed_summary(tables["results"])
-    ppl = ppl[(ppl["metric"] == "perplexity") & (ppl["group"] == "test") & (ppl["mixing_ratio"] == 0.0)]
+    ppl = ppl[(ppl["metric"] == PPL) & (ppl["group"] == "test") & (ppl["mixing_ratio"] == 0.0)]
     if not ppl.empty:
         order = condition_order(ppl)
         ppl = ppl.set_index("condition").reindex(order)

@@ -52,8 +52,32 @@ class StageContext:
         return self.run_id == "base"
 
     def _repr_markdown_(self) -> str:
-        return (f"**stage {self.stage}** of profile `{self.profile.name}`, run `{self.run_id}`  \n"
-                f"point: `{self.point}`  \noutput: `{self.out_dir}`")
+        """What a report shows about its node: profile, condition, folder (relative to the study)."""
+        try:
+            folder = self.out_dir.relative_to(self.profile_dir)
+        except ValueError:
+            folder = self.out_dir.name
+        return ("| stage | profile | condition | node folder |\n|---|---|---|---|\n"
+                f"| {self.stage} · {paths.STAGE_NOTEBOOKS.get(self.stage, '')} | {self.profile.name} | "
+                f"{point_label(self.point, self.run_id, self.stage)} | {folder} |")
+
+
+def point_label(point: dict, run_id: Optional[str] = None, stage: str = "02") -> str:
+    """A node's condition in words: `DP ε=8 (C=0.1) · CDA 0 · seed 0`, `non-DP · ...`, `base model`."""
+    if run_id == "base":
+        return "base model (not fine-tuned)"
+    point = point or {}
+    cda = f"CDA {point.get('mixing_ratio', 0.0):g}"
+    if point.get("cda_mode", "substitute") != "substitute":
+        cda += f" ({point['cda_mode']})"
+    seed = f"seed {point.get('seed', 0)}"
+    if stage == "01":
+        return f"data · {cda} · {seed}"
+    if stage == "05":
+        return "whole study"
+    eps = point.get("epsilon")
+    priv = "non-DP" if eps is None else f"DP ε={eps:g}" + (f" (C={point['max_grad_norm']:g})" if point.get("max_grad_norm") else "")
+    return f"{priv} · {cda} · {seed}"
 
 
 def _has_outputs(folder: Path) -> bool:
@@ -254,13 +278,13 @@ def association_trajectory(ctx: StageContext, tokenizer, splits, metrics):
 
     from . import basemodel
     from .bias import evaluate as bias_eval
-    from .bias.perplexity import perplexity
+    from .bias.perplexity import CORPUS, perplexity
 
     cfg = bias_eval.resolve_cfg(ctx.profile.evaluation.model_dump())
     if "association" not in cfg["metrics"]:
         return None
     final = metrics[(metrics["metric"].str.startswith("learned_association_") & metrics["group"].isin(["all", "female", "male"]))
-                    | ((metrics["metric"] == "perplexity") & (metrics["group"] == "test"))]
+                    | ((metrics["metric"] == CORPUS) & (metrics["group"] == "test"))]
     rows = [{"pct": 0.0 if ctx.is_base else 100.0, **r} for r in final[["metric", "group", "value", "ci_low", "ci_high", "n"]]
             .to_dict("records")]
     points = {}
@@ -274,7 +298,7 @@ def association_trajectory(ctx: StageContext, tokenizer, splits, metrics):
         model, _ = basemodel.load_base(str(points[pct]))
         assoc, _ = bias_eval.association_metrics(model, tokenizer, None, cfg, None, seed)
         ppl = perplexity(model, splits["test"], tokenizer, batch_size=int(cfg["batch_size"]), n_boot=int(cfg["n_boot"]), seed=seed)
-        assoc.append({"metric": "perplexity", "group": "test", "value": ppl.value, "ci_low": ppl.ci_low,
+        assoc.append({"metric": CORPUS, "group": "test", "value": ppl.value, "ci_low": ppl.ci_low,
                       "ci_high": ppl.ci_high, "n": ppl.n_sequences})
         rows += [{"pct": pct, **r} for r in assoc]
     table = pd.DataFrame(rows).sort_values("pct", kind="stable").reset_index(drop=True)

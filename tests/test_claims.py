@@ -76,17 +76,17 @@ def test_matched_utility_interpolates_the_non_dp_trajectory():
     for s in range(4):
         for pct, ppl, assoc in [(0, 4.0, 0.5), (50, 3.0, 0.6), (100, 2.0, 0.9)]:  # non-DP: association rises as ppl falls
             rows += [{"run_id": f"nd{s}", "dp": False, "epsilon": np.inf, "mixing_ratio": 0.0, "pct": pct,
-                      "metric": "perplexity", "group": "test", "value": ppl},
+                      "metric": "perplexity_corpus", "group": "test", "value": ppl},
                      {"run_id": f"nd{s}", "dp": False, "epsilon": np.inf, "mixing_ratio": 0.0, "pct": pct,
                       "metric": "learned_association_occupation", "group": "all", "value": assoc + 0.001 * s}]
         rows += [{"run_id": f"dp{s}", "dp": True, "epsilon": 10.0, "mixing_ratio": 0.0, "pct": 100,
-                  "metric": "perplexity", "group": "test", "value": 3.0},
+                  "metric": "perplexity_corpus", "group": "test", "value": 3.0},
                  {"run_id": f"dp{s}", "dp": True, "epsilon": 10.0, "mixing_ratio": 0.0, "pct": 100,
                   "metric": "learned_association_occupation", "group": "all", "value": 0.7 + 0.002 * s}]
     c = claims.matched_claim(pd.DataFrame(rows), "occupation", 10.0, (True, ""))
     # non-DP at perplexity 3.0 carries 0.6 (+ seed offsets): DP carries 0.1 more at equal utility
     assert c["point"] == pytest.approx(0.7030 - 0.6015, abs=1e-9) and c["informative"] and c["low"] > 0
-    far = pd.DataFrame(rows).assign(value=lambda d: np.where((d["run_id"].str.startswith("dp")) & (d["metric"] == "perplexity"), 9.0, d["value"]))
+    far = pd.DataFrame(rows).assign(value=lambda d: np.where((d["run_id"].str.startswith("dp")) & (d["metric"] == "perplexity_corpus"), 9.0, d["value"]))
     c = claims.matched_claim(far, "occupation", 10.0, (True, ""))
     assert not c["informative"] and "outside the non-DP run's range" in c["uninformative_reason"]
 
@@ -94,10 +94,10 @@ def test_matched_utility_interpolates_the_non_dp_trajectory():
 def test_every_run_starts_from_the_base_point():
     t = pd.DataFrame([
         {"run_id": "base", "dp": False, "epsilon": np.nan, "max_grad_norm": np.nan, "mixing_ratio": np.nan,
-         "cda_mode": "none", "seed": 0, "pct": 0.0, "metric": "perplexity", "group": "test", "value": 4.0,
+         "cda_mode": "none", "seed": 0, "pct": 0.0, "metric": "perplexity_corpus", "group": "test", "value": 4.0,
          "ci_low": 3.9, "ci_high": 4.1, "n": 10},
         {"run_id": "r1", "dp": True, "epsilon": 3.0, "max_grad_norm": 0.1, "mixing_ratio": 0.0, "cda_mode": "substitute",
-         "seed": 2, "pct": 100.0, "metric": "perplexity", "group": "test", "value": 3.0, "ci_low": 2.9,
+         "seed": 2, "pct": 100.0, "metric": "perplexity_corpus", "group": "test", "value": 3.0, "ci_low": 2.9,
          "ci_high": 3.1, "n": 10}])
     out = claims.with_base_start(t)
     assert "base" not in set(out["run_id"])

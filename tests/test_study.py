@@ -38,7 +38,7 @@ def test_tables_schema_and_completeness(tiny_study):
     # every condition has every metric
     metrics_by_run = table.groupby("run_id")["metric"].apply(set)
     eval_metrics = set(table.loc[table["run_id"] == "base", "metric"])
-    assert {"toxicity", "sentiment", "perplexity", "local_hellinger", "gender_count_bias"} <= eval_metrics
+    assert {"toxicity", "sentiment", "perplexity_corpus", "local_hellinger", "gender_count_bias"} <= eval_metrics
     for run in trained:
         assert eval_metrics <= metrics_by_run[run], run
         assert any(m.startswith("grad_") for m in metrics_by_run[run]), run
