@@ -191,6 +191,7 @@ class EvaluationParams(Section):
         "association", "toxicity", "sentiment", "occupation", "gender_count", "local_bias", "perplexity", "stereotype",
     ]
     association_names: Annotated[int, Field(ge=0)] = 8   # first-name pairs in the association prompts
+    perplexity_bos: bool = False   # also score every split's first token after <|endoftext|> (female/male always are)
     n_boot: PositiveInt = 1000
 
     @field_validator("prompt_sets", "metrics")

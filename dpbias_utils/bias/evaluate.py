@@ -19,14 +19,22 @@ only a ``diff`` row):
 | ``occupation_tv`` | diff | TV distance of the female / male occupation distributions (`occupation`) |
 | ``gender_count_bias`` | diff | (f - m) / (f + m) gendered words after neutral prompts (`gender_count`) |
 | ``gender_count_distance`` | diff | TV distance of (f, m) / (f + m) from (0.5, 0.5) (`gender_count`) |
-| ``local_kl_fm``, ``local_kl_mf``, ``local_hellinger`` | diff | next-token divergence of swapped contexts (`local_bias`) |
-| ``perplexity`` | each split (test, female, male, ...), diff | token-weighted perplexity (`perplexity`) |
-| ``stereoset``, ``crows_pairs`` | all and each bias type | % stereotypical preference, 50 = none (`stereotype`) |
+| ``local_kl``, ``local_kl_fm``, ``local_kl_mf``, ``local_hellinger`` | diff | next-token divergence of swapped contexts; ``local_kl`` = mean of the two directions (`local_bias`) |
+| ``perplexity_corpus``, ``perplexity_mean`` | each split but female / male | token-weighted and per-row mean perplexity, first token not scored (`perplexity`) |
+| ``perplexity_corpus_bos``, ``perplexity_mean_bos`` | female, male, diff (every split with ``perplexity_bos``) | the same with the first token scored after the start token (`perplexity`) |
+| ``stereoset``, ``stereoset_lm``, ``stereoset_icat`` | all and each bias type | StereoSet SS, LM score and ICAT, per target term then averaged (`stereotype`) |
+| ``crows_pairs`` | all and each bias type | % pairs with log P(sent_more) > log P(sent_less), 50 = none (`stereotype`) |
+
+Every metric's one-line definition and reference implementation is in `registry.METRICS`.
+Per-item logs beside ``metrics.csv``: ``generations.jsonl`` (each continuation with its toxicity,
+sentiment, occupation and gender-word scores under ``scores``) and ``items/<log>.jsonl`` for the
+other families (``association``, ``local_bias``, ``perplexity``, ``stereoset``, ``crows_pairs``),
+one line per prompt pair, context pair, row, item or sentence pair.
 
 Units of ``n`` and of the bootstrap: toxicity / sentiment / negative_share average the k samples of a
 prompt first and resample prompts (samples of one prompt are not independent); occupation and
 gender counts resample continuations; local bias resamples context pairs; perplexity resamples
-sequences; stereotype metrics resample items. ``all`` pools every prompt, the neutral ones included.
+sequences; CrowS-Pairs resamples pairs and StereoSet its target terms (the unit it averages). ``all`` pools every prompt, the neutral ones included.
 
 ``cfg`` keys (the defaults match `params.EvaluationParams`; unknown keys are an error):
 
@@ -45,6 +53,8 @@ sequences; stereotype metrics resample items. ``all`` pools every prompt, the ne
   ``(female_context, male_context)``), ``local_bias_max_pairs`` (None: all).
 * ``stereoset_source``, ``crows_pairs_source`` (None: controlled-corpus items; ``"hub"``; or a
   local file), ``stereotype_max_items`` (None: all; else a seeded subset of each source).
+* ``perplexity_bos`` (False): also score every split's first token after <|endoftext|> (the
+  ``_bos`` variants); the female / male splits always are.
 * ``n_boot`` (1000): bootstrap resamples of every interval. ``progress`` (True): tqdm bars.
 """
 from __future__ import annotations
@@ -60,7 +70,7 @@ import pandas as pd
 from ..stats import TIDY_COLUMNS, bootstrap_ci, bootstrap_diff_ci, tidy_row
 from . import association, gender_count, local_bias, occupation, sentiment, stereotype
 from .generation import generate
-from .perplexity import perplexity, ppl_statistic, token_nll
+from .perplexity import GENDER_SPLITS, perplexity, perplexity_rows, token_nll
 from .prompts import load_prompt_sets
 from .toxicity import get_toxicity_scorer
 
@@ -88,6 +98,7 @@ DEFAULT_CFG: dict[str, Any] = {
     "crows_pairs_source": None,
     "stereotype_max_items": None,
     "association_names": 8,
+    "perplexity_bos": False,
     "n_boot": 1000,
     "progress": True,
 }
@@ -169,10 +180,63 @@ def _pad_id(tokenizer) -> int:
     return int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id)
 
 
+def write_item_log(out_dir: Path, name: str, table: pd.DataFrame) -> Path:
+    """``items/<name>.jsonl``: one JSON object per row of a per-item table (NaN written as null)."""
+    folder = Path(out_dir) / "items"
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{name}.jsonl"
+    with open(path, "w", encoding="utf-8") as fh:
+        for rec in table.to_dict("records"):
+            fh.write(json.dumps({k: _json_value(v) for k, v in rec.items()}, ensure_ascii=False) + "\n")
+    return path
+
+
+def local_bias_metrics(model, tokenizer, prompts, cfg: dict, seed: int) -> tuple[list[dict], pd.DataFrame]:
+    """The ``local_bias`` family: rows of the four divergences and the per-pair log."""
+    pairs = [tuple(p) for p in cfg["local_bias_pairs"]] if cfg["local_bias_pairs"] is not None else _default_pairs(prompts)
+    if cfg["local_bias_max_pairs"] is not None and len(pairs) > cfg["local_bias_max_pairs"]:
+        keep = np.sort(np.random.default_rng(seed).permutation(len(pairs))[: cfg["local_bias_max_pairs"]])
+        pairs = [pairs[i] for i in keep]
+    scores = local_bias.local_bias_scores(model, tokenizer, pairs, int(cfg["batch_size"]))
+    n_boot = int(cfg["n_boot"])
+    rows = [tidy_row(metric, "diff", bootstrap_ci(scores[key], n_boot=n_boot, seed=seed), len(scores[key]))
+            for metric, key in (("local_kl", "kl"), ("local_kl_fm", "kl_fm"), ("local_kl_mf", "kl_mf"),
+                                ("local_hellinger", "hellinger"))]
+    log = pd.DataFrame({"female_context": [f for f, _ in pairs], "male_context": [m for _, m in pairs],
+                        **{key: scores[key] for key in ("kl", "kl_fm", "kl_mf", "hellinger")}})
+    return rows, log
+
+
+def perplexity_metrics(model, tokenizer, splits: dict[str, pd.DataFrame], cfg: dict, seed: int) -> tuple[list[dict], pd.DataFrame]:
+    """The ``perplexity`` family: corpus and per-row mean perplexity of every split (the female / male
+    splits, and every split with ``perplexity_bos``, scored from the start token) and the per-row log."""
+    bs, n_boot = int(cfg["batch_size"]), int(cfg["n_boot"])
+    results, logs = [], []
+    for name, df in splits.items():
+        variants = [True] if name in GENDER_SPLITS else ([False, True] if cfg["perplexity_bos"] else [False])
+        for bos in variants:
+            r = perplexity(model, df, tokenizer, batch_size=bs, n_boot=n_boot, seed=seed, start_token=bos)
+            results.append((name, r))
+            logs.append(r.per_sequence.assign(split=name, row=np.arange(len(r.per_sequence)), start_token=bos))
+    log = pd.concat(logs, ignore_index=True) if logs else pd.DataFrame(columns=["split", "row", "start_token"])
+    return perplexity_rows(results, n_boot, seed), log
+
+
+def stereotype_metrics(model, tokenizer, cfg: dict, seed: int) -> tuple[list[dict], dict[str, pd.DataFrame]]:
+    """The ``stereotype`` family: StereoSet (SS, LM, ICAT) and CrowS-Pairs rows and their per-item logs."""
+    bs, n_boot = int(cfg["batch_size"]), int(cfg["n_boot"])
+    items = _subsample(stereotype.load_stereoset(cfg["stereoset_source"]), cfg["stereotype_max_items"], seed)
+    per_item = stereotype.stereoset_items(model, tokenizer, items, bs)
+    pairs = _subsample(stereotype.load_crows_pairs(cfg["crows_pairs_source"]), cfg["stereotype_max_items"], seed)
+    per_pair = stereotype.crows_pairs_items(model, tokenizer, pairs, bs)
+    rows = stereotype.stereoset_rows(per_item, n_boot, seed) + stereotype.crows_pairs_rows(per_pair, n_boot, seed)
+    return rows, {"stereoset": per_item, "crows_pairs": per_pair}
+
+
 def evaluate_model(model, tokenizer, splits: dict[str, pd.DataFrame], cfg: dict, out_dir: Path, seed: int,
                    planted: dict[str, float] | None = None) -> pd.DataFrame:
-    """Run the enabled metric families on ``model``; write metrics.csv and generations.jsonl to ``out_dir``
-    (and association.csv, the per-pair log, when ``association`` is enabled). ``planted``: the
+    """Run the enabled metric families on ``model``; write metrics.csv, generations.jsonl and the
+    per-item logs ``items/<family>.jsonl`` to ``out_dir``. ``planted``: the
     corpus's skew per attribute family, recorded beside the learned association."""
     from tqdm import tqdm
 
@@ -183,6 +247,7 @@ def evaluate_model(model, tokenizer, splits: dict[str, pd.DataFrame], cfg: dict,
     n_boot, bs, show = int(cfg["n_boot"]), int(cfg["batch_size"]), bool(cfg["progress"])
     device = next(model.parameters()).device
     rows: list[dict] = []
+    item_logs: dict[str, pd.DataFrame] = {}
     gens = pd.DataFrame(columns=["prompt_id", "prompt", "group", "set", "family", "sample", "continuation"])
 
     needs_prompts = bool(_GENERATION_FAMILIES & set(enabled)) or ("local_bias" in enabled and cfg["local_bias_pairs"] is None)
@@ -195,9 +260,8 @@ def evaluate_model(model, tokenizer, splits: dict[str, pd.DataFrame], cfg: dict,
 
     if "association" in enabled:
         bar.set_postfix_str("learned association")
-        assoc_rows, per_pair = association_metrics(model, tokenizer, splits.get("test"), cfg, planted, seed)
+        assoc_rows, item_logs["association"] = association_metrics(model, tokenizer, splits.get("test"), cfg, planted, seed)
         rows += assoc_rows
-        per_pair.to_csv(out_dir / "association.csv", index=False)
         bar.update(1)
 
     if _GENERATION_FAMILIES & set(enabled):
@@ -263,45 +327,28 @@ def evaluate_model(model, tokenizer, splits: dict[str, pd.DataFrame], cfg: dict,
 
     if "local_bias" in enabled:
         bar.set_postfix_str("local bias")
-        pairs = [tuple(p) for p in cfg["local_bias_pairs"]] if cfg["local_bias_pairs"] is not None else _default_pairs(prompts)
-        if cfg["local_bias_max_pairs"] is not None and len(pairs) > cfg["local_bias_max_pairs"]:
-            keep = np.sort(np.random.default_rng(seed).permutation(len(pairs))[: cfg["local_bias_max_pairs"]])
-            pairs = [pairs[i] for i in keep]
-        scores = local_bias.local_bias_scores(model, tokenizer, pairs, bs)
-        for metric, key in (("local_kl_fm", "kl_fm"), ("local_kl_mf", "kl_mf"), ("local_hellinger", "hellinger")):
-            rows.append(tidy_row(metric, "diff", bootstrap_ci(scores[key], n_boot=n_boot, seed=seed), len(scores[key])))
+        lb_rows, item_logs["local_bias"] = local_bias_metrics(model, tokenizer, prompts, cfg, seed)
+        rows += lb_rows
         bar.update(1)
 
     if "perplexity" in enabled:
         bar.set_postfix_str("perplexity")
-        results = {}
-        for name, df in splits.items():
-            results[name] = perplexity(model, df, tokenizer, batch_size=bs, n_boot=n_boot, seed=seed)
-            r = results[name]
-            rows.append(tidy_row("perplexity", name, (r.value, r.ci_low, r.ci_high), r.n_sequences))
-        if "female" in results and "male" in results:
-            f, m = results["female"], results["male"]
-            fr, mr = f.nll_rows(), m.nll_rows()
-            fr, mr = fr[fr[:, 1] > 0], mr[mr[:, 1] > 0]
-            diff = bootstrap_diff_ci(fr, mr, ppl_statistic, n_boot, seed=seed)
-            rows.append(tidy_row("perplexity", "diff", diff, f.n_sequences + m.n_sequences))
+        ppl_rows, item_logs["perplexity"] = perplexity_metrics(model, tokenizer, splits, cfg, seed)
+        rows += ppl_rows
         bar.update(1)
 
     if "stereotype" in enabled:
         bar.set_postfix_str("stereotype")
-        items = _subsample(stereotype.load_stereoset(cfg["stereoset_source"]), cfg["stereotype_max_items"], seed)
-        rows += stereotype.stereotype_rows(
-            "stereoset", items["bias_type"], stereotype.stereoset_scores(model, tokenizer, items, bs), n_boot, seed
-        )
-        pairs_df = _subsample(stereotype.load_crows_pairs(cfg["crows_pairs_source"]), cfg["stereotype_max_items"], seed)
-        rows += stereotype.stereotype_rows(
-            "crows_pairs", pairs_df["bias_type"], stereotype.crows_pairs_scores(model, tokenizer, pairs_df, bs), n_boot, seed
-        )
+        st_rows, st_logs = stereotype_metrics(model, tokenizer, cfg, seed)
+        rows += st_rows
+        item_logs.update(st_logs)
         bar.update(1)
     bar.close()
 
     metrics = pd.DataFrame(rows, columns=TIDY_COLUMNS)
     metrics.to_csv(out_dir / "metrics.csv", index=False)
+    for name, table in item_logs.items():
+        write_item_log(out_dir, name, table)
     score_cols = [c for c in gens.columns if c not in ("prompt_id", "prompt", "group", "set", "family", "sample", "continuation")]
     with open(out_dir / "generations.jsonl", "w", encoding="utf-8") as fh:
         for rec in gens.to_dict("records"):

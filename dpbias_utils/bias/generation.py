@@ -142,7 +142,7 @@ def generate(
     chunks = [rows[s : s + batch_size] for s in range(0, len(rows), batch_size)]
     iterator = chunks
     if progress:
-        from tqdm import tqdm
+        from ..progress import tqdm
 
         iterator = tqdm(chunks, desc="generate", leave=False)
     for chunk in iterator:

@@ -7,10 +7,18 @@ distributions. Per pair:
 
 * ``local_kl_fm`` = KL(p || q) = sum_w p(w) log(p(w) / q(w))   (nats)
 * ``local_kl_mf`` = KL(q || p)
+* ``local_kl`` = (KL(p || q) + KL(q || p)) / 2: the symmetric number Liang et al. report
 * ``local_hellinger`` = H(p, q) = sqrt(0.5 * sum_w (sqrt p(w) - sqrt q(w))^2), in [0, 1]
 
 Each metric is the mean over pairs, with a bootstrap interval over pairs. 0 means the model's
 prediction does not depend on the gender of the subject at all.
+
+Reference: pliang279/LM_bias (Liang et al. 2021, "Towards Understanding and Mitigating Social
+Biases in Language Models"), ``local_kl`` and ``local_Hellinger``: the same divergences of the
+full next-token distributions after the two contexts (there computed for its own context lists,
+with an optional debiasing projection of the hidden state; without it, the plain model's
+distributions, as here).
+`local_bias_scores` keeps the per-pair values (the per-item log of stage 04).
 """
 from __future__ import annotations
 
@@ -67,10 +75,10 @@ def next_token_distributions(model, tokenizer, contexts: Sequence[str], batch_si
 
 
 def local_bias_scores(model, tokenizer, pairs: Sequence[tuple[str, str]], batch_size: int = 32) -> dict[str, np.ndarray]:
-    """Per-pair ``kl_fm``, ``kl_mf`` and ``hellinger`` for (female_context, male_context) pairs."""
+    """Per-pair ``kl_fm``, ``kl_mf``, their mean ``kl`` and ``hellinger`` for (female_context, male_context) pairs."""
     if not pairs:
         empty = np.zeros(0)
-        return {"kl_fm": empty, "kl_mf": empty, "hellinger": empty}
+        return {"kl_fm": empty, "kl_mf": empty, "kl": empty, "hellinger": empty}
     scores: dict[str, list] = {"kl_fm": [], "kl_mf": [], "hellinger": []}
     step = max(1, batch_size // 2)
     for s in range(0, len(pairs), step):  # chunked so only a few (vocab,) rows are held at once
@@ -80,4 +88,6 @@ def local_bias_scores(model, tokenizer, pairs: Sequence[tuple[str, str]], batch_
         scores["kl_fm"].append(kl_divergence(female, male))
         scores["kl_mf"].append(kl_divergence(male, female))
         scores["hellinger"].append(hellinger(female, male))
-    return {k: np.concatenate(v) for k, v in scores.items()}
+    out = {k: np.concatenate(v) for k, v in scores.items()}
+    out["kl"] = (out["kl_fm"] + out["kl_mf"]) / 2.0
+    return out

@@ -1,15 +1,26 @@
 """Perplexity: the utility side of the privacy/bias trade-off, overall and per gender split.
 
-For sequences s with tokens x_1..x_T, the model predicts x_2..x_T; NLL_s = -sum_t log P(x_t | x_<t)
-and n_s = T - 1 predicted tokens.
+Definitions. For a row of tokens x_1..x_T, NLL = -sum_t log P(x_t | x_<t) over the predicted tokens:
 
-* ``perplexity`` (token-weighted) = exp(sum_s NLL_s / sum_s n_s), reported for the ``test`` split and
-  the ``female`` / ``male`` splits (texts mentioning only women / only men); ``diff`` = female - male.
-* per-sequence perplexity exp(NLL_s / n_s) is returned too (for plots); intervals resample
-  sequences and recompute the token-weighted value, so long and short texts keep their weights.
+* without a start token (the default; ``*_corpus`` and ``*_mean``): x_1 is context and is never
+  scored; n = T - 1 predicted tokens. This is the usual corpus perplexity of a causal LM on rows
+  that fit its context (Hugging Face transformers' perplexity guide, without the sliding window).
+* with a start token (``*_bos``): ``<|endoftext|>`` is prepended and every token is scored, x_1
+  given ``<|endoftext|>``; n = T. The female / male splits always use it, so the sentence-initial
+  gendered subject ("She", "He") is part of the number.
 
-`sequence_logprobs` (sum of token log-probs of whole sentences, with BOS prepended so the first
-word is scored too) is shared with the stereotype metrics.
+Metrics (one row per split; ``diff`` = female - male where both splits exist):
+
+* ``perplexity_corpus`` / ``perplexity_corpus_bos`` = exp(sum_rows NLL / sum_rows n): token-weighted.
+* ``perplexity_mean`` / ``perplexity_mean_bos`` = mean over rows of exp(NLL / n): the per-sentence
+  mean. Reference: Hugging Face ``evaluate``'s ``perplexity`` measurement (``mean_perplexity``),
+  with ``add_start_token=False`` / ``True`` respectively.
+
+Intervals resample rows and recompute the statistic (token-weighted rows keep their weights).
+The per-row log (`perplexity_items`) keeps NLL and n of every row.
+
+`sequence_logprobs` (sum of token log-probs of whole sentences after the start token, so every
+word is scored) is shared with CrowS-Pairs.
 """
 from __future__ import annotations
 
@@ -20,9 +31,14 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ..stats import bootstrap_ci
+from ..stats import bootstrap_ci, bootstrap_diff_ci, tidy_row
 
-__all__ = ["PerplexityResult", "perplexity", "token_nll", "sequence_logprobs", "ppl_statistic"]
+__all__ = ["PerplexityResult", "perplexity", "token_nll", "sequence_logprobs", "ppl_statistic", "mean_ppl_statistic",
+           "perplexity_rows", "CORPUS", "CORPUS_BOS", "GENDER_SPLITS"]
+
+CORPUS, CORPUS_BOS = "perplexity_corpus", "perplexity_corpus_bos"
+MEAN, MEAN_BOS = "perplexity_mean", "perplexity_mean_bos"
+GENDER_SPLITS = ("female", "male")  # scored with the start token: their subject is the first word
 
 
 @dataclass
@@ -33,6 +49,8 @@ class PerplexityResult:
     n_sequences: int
     n_tokens: int
     per_sequence: pd.DataFrame  # nll_sum, n_predicted, ppl
+    start_token: bool = False  # whether the first token was scored given <|endoftext|>
+    mean: tuple[float, float, float] = (float("nan"),) * 3  # per-row mean perplexity (point, low, high)
 
     def nll_rows(self) -> np.ndarray:
         """(n, 2) array (nll_sum, n_predicted) for bootstrap statistics such as `ppl_statistic`."""
@@ -44,6 +62,12 @@ def ppl_statistic(rows: np.ndarray) -> float:
     rows = np.asarray(rows, dtype=float).reshape(-1, 2)
     n = rows[:, 1].sum()
     return float(np.exp(rows[:, 0].sum() / n)) if n > 0 else float("nan")
+
+
+def mean_ppl_statistic(rows: np.ndarray) -> float:
+    """Mean over rows of exp(nll_sum / n_predicted) of a (n, 2) array of (nll_sum, n_predicted) rows."""
+    rows = np.asarray(rows, dtype=float).reshape(-1, 2)
+    return float(np.mean(np.exp(rows[:, 0] / rows[:, 1]))) if len(rows) else float("nan")
 
 
 @torch.no_grad()
@@ -88,6 +112,15 @@ def _rows_from(data, tokenizer) -> list[list[int]]:
     return [list(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in data]
 
 
+def _start_id(tokenizer, model) -> int:
+    for source in (tokenizer, getattr(model, "config", None)):
+        for attr in ("bos_token_id", "eos_token_id"):
+            value = getattr(source, attr, None)
+            if value is not None:
+                return int(value)
+    raise ValueError("start_token=True needs a BOS or EOS token id (tokenizer or model config)")
+
+
 def perplexity(
     model,
     data,
@@ -95,19 +128,49 @@ def perplexity(
     batch_size: int = 16,
     n_boot: int = 1000,
     seed: int = 0,
+    start_token: bool = False,
 ) -> PerplexityResult:
-    """Token-weighted perplexity of token rows (DataFrame ``input_ids``, ``n_tokens``) or texts."""
+    """Token-weighted (``value``) and per-row mean (``mean``) perplexity of token rows (DataFrame
+    ``input_ids``, ``n_tokens``) or texts; ``start_token``: score the first token given <|endoftext|>."""
     rows = _rows_from(data, tokenizer)
     pad_id = 0
     if tokenizer is not None:
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    if start_token:
+        start = _start_id(tokenizer, model)
+        rows = [[start] + r for r in rows]
     nll, npred = token_nll(model, rows, batch_size, pad_id)
     with np.errstate(divide="ignore", invalid="ignore"):
         per_ppl = np.where(npred > 0, np.exp(nll / np.maximum(npred, 1)), np.nan)
     per = pd.DataFrame({"nll_sum": nll, "n_predicted": npred, "ppl": per_ppl})
     used = per[per["n_predicted"] > 0]
-    value, low, high = bootstrap_ci(used[["nll_sum", "n_predicted"]].to_numpy(float), ppl_statistic, n_boot, seed=seed)
-    return PerplexityResult(value, low, high, len(used), int(used["n_predicted"].sum()), per)
+    arr = used[["nll_sum", "n_predicted"]].to_numpy(float)
+    value, low, high = bootstrap_ci(arr, ppl_statistic, n_boot, seed=seed)
+    mean = bootstrap_ci(arr, mean_ppl_statistic, n_boot, seed=seed)
+    return PerplexityResult(value, low, high, len(used), int(used["n_predicted"].sum()), per, start_token, mean)
+
+
+def perplexity_rows(results: Sequence[tuple[str, PerplexityResult]], n_boot: int, seed: int) -> list[dict]:
+    """Tidy rows of the corpus and mean perplexity of each (split, result), metric names by whether
+    the start token was scored, plus ``diff`` = female - male of each variant both gender splits have."""
+    rows = []
+    by_variant: dict[bool, dict[str, PerplexityResult]] = {}
+    for split, r in results:
+        corpus_name, mean_name = (CORPUS_BOS, MEAN_BOS) if r.start_token else (CORPUS, MEAN)
+        rows.append(tidy_row(corpus_name, split, (r.value, r.ci_low, r.ci_high), r.n_sequences))
+        rows.append(tidy_row(mean_name, split, r.mean, r.n_sequences))
+        by_variant.setdefault(r.start_token, {})[split] = r
+    for bos, found in by_variant.items():
+        if not set(GENDER_SPLITS) <= set(found):
+            continue
+        f, m = (found[g] for g in GENDER_SPLITS)
+        fr, mr = f.nll_rows(), m.nll_rows()
+        fr, mr = fr[fr[:, 1] > 0], mr[mr[:, 1] > 0]
+        corpus_name, mean_name = (CORPUS_BOS, MEAN_BOS) if bos else (CORPUS, MEAN)
+        for name, stat in ((corpus_name, ppl_statistic), (mean_name, mean_ppl_statistic)):
+            rows.append(tidy_row(name, "diff", bootstrap_diff_ci(fr, mr, stat, n_boot, seed=seed),
+                                 f.n_sequences + m.n_sequences))
+    return rows
 
 
 def sequence_logprobs(model, tokenizer, sentences: Sequence[str], batch_size: int = 16) -> np.ndarray:

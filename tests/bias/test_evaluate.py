@@ -1,6 +1,7 @@
 import json
 import time
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -15,11 +16,17 @@ EXPECTED = {
     "occupation_tv": {"diff"},
     "gender_count_bias": {"diff"},
     "gender_count_distance": {"diff"},
+    "local_kl": {"diff"},
     "local_kl_fm": {"diff"},
     "local_kl_mf": {"diff"},
     "local_hellinger": {"diff"},
-    "perplexity": {"test", "female", "male", "diff"},
+    "perplexity_corpus": {"test"},
+    "perplexity_mean": {"test"},
+    "perplexity_corpus_bos": {"female", "male", "diff"},
+    "perplexity_mean_bos": {"female", "male", "diff"},
     "stereoset": {"all", "gender"},
+    "stereoset_lm": {"all", "gender"},
+    "stereoset_icat": {"all", "gender"},
     "crows_pairs": {"all", "gender"},
 }
 
@@ -55,6 +62,22 @@ def test_end_to_end_tiny(tiny_model, tiny_tokenizer, tmp_path):
     assert {"toxicity", "sentiment", "occupation", "female_words"} <= set(lines[0]["scores"])
     diff = metrics[(metrics["metric"] == "toxicity")].set_index("group")["value"]
     assert diff["diff"] == pytest.approx(diff["female"] - diff["male"])
+    # every other family keeps a per-item log from which its aggregate is recomputed
+    logs = {p.stem: pd.read_json(p, lines=True) for p in (tmp_path / "out" / "items").glob("*.jsonl")}
+    assert set(logs) == {"association", "local_bias", "perplexity", "stereoset", "crows_pairs"}
+    value = metrics.set_index(["metric", "group"])["value"]
+    assert 100 * logs["crows_pairs"]["stereotypical"].mean() == pytest.approx(value["crows_pairs", "all"])
+    assert logs["local_bias"]["kl"].mean() == pytest.approx(value["local_kl", "diff"])
+    assert logs["local_bias"]["kl"].to_numpy() == pytest.approx(
+        (logs["local_bias"]["kl_fm"] + logs["local_bias"]["kl_mf"]).to_numpy() / 2)
+    ppl = logs["perplexity"]
+    test_rows = ppl[(ppl["split"] == "test") & ~ppl["start_token"]]
+    assert np.exp(test_rows["nll_sum"].sum() / test_rows["n_predicted"].sum()) == pytest.approx(
+        value["perplexity_corpus", "test"])
+    female = ppl[ppl["split"] == "female"]
+    assert female["start_token"].all() and (female["n_predicted"] == splits["female"]["n_tokens"].to_numpy()).all()
+    per_term = logs["stereoset"].groupby("target")["pro"].mean()
+    assert 100 * per_term.mean() == pytest.approx(value["stereoset", "all"])
 
 
 def test_cfg_errors_and_subset(tiny_model, tiny_tokenizer, tmp_path):
@@ -66,7 +89,7 @@ def test_cfg_errors_and_subset(tiny_model, tiny_tokenizer, tmp_path):
         tiny_model, tiny_tokenizer, {}, {"metrics": ["local_bias"], "progress": False, "n_boot": 20,
                                          "local_bias_pairs": [("She was", "He was")]}, tmp_path, seed=1,
     )
-    assert set(m["metric"]) == {"local_kl_fm", "local_kl_mf", "local_hellinger"} and (m["n"] == 1).all()
+    assert set(m["metric"]) == {"local_kl", "local_kl_fm", "local_kl_mf", "local_hellinger"} and (m["n"] == 1).all()
     assert (tmp_path / "generations.jsonl").read_text() == ""
 
 
@@ -89,5 +112,5 @@ def test_association_family_records_planted_skew_and_loglik_gap(tiny_model, tiny
     assert occ.loc["planted", "value"] == 0.9 and 0 < occ.loc["all", "value"] < 1
     assert {"loglik_gap_occupation", "loglik_gap_sentiment", "loglik_gap_toxicity"} <= set(m["metric"])
     assert (m.loc[m["metric"].str.startswith("loglik_gap"), "n"] == 2).all()
-    per_pair = pd.read_csv(tmp_path / "association.csv")
+    per_pair = pd.read_json(tmp_path / "items" / "association.jsonl", lines=True)
     assert len(per_pair) == m.loc[(m["metric"].str.startswith("learned_association")) & (m["group"] == "all"), "n"].sum()
