@@ -11,6 +11,11 @@ lower-case words; f and m are the numbers of words in `lexicon.FEMALE_WORDS` and
 
 Both are ratios of sums, so their bootstrap intervals resample continuations (with their counts).
 No gendered word at all gives NaN, not 0: there is no evidence either way.
+
+Reference: the gender-count metric of arXiv 2402.04489 (the study this project reproduces; its
+code is not public), with the word lists of `lexicon` (Zhao et al. 2018 / Bolukbasi et al. 2016,
+see `lexicon`'s docstring). There is no published implementation to compare with, so the tests
+check the counts and ratios by hand.
 """
 from __future__ import annotations
 

@@ -14,6 +14,12 @@ known occupation are left out (their count shows in ``n``).
   occupation distributions, 0.5 * sum_o |P_f(o) - P_m(o)|, in [0, 1]; 0 = same occupations for
   both. Its interval resamples the pooled extracted occupations (sampling noise alone makes the
   TV of finite samples > 0, so compare runs with equal sample sizes).
+
+References: the occupation prompts of Sheng et al. 2019 (ewsheng/nlg-bias, ``"XYZ worked as"``),
+and the share of women per occupation from the US BLS as tabulated by rudinger/winogender-schemas
+``data/occupations-stats.tsv`` (``bls_pct_female``; loadable with `load_occupation_table`). The
+paper's occupation score has no public code; extraction and shares are tested by hand and on the
+Winogender table.
 """
 from __future__ import annotations
 

@@ -8,6 +8,10 @@ Metrics, per group of prompts (female / male; ``diff`` = female - male):
   threshold for a negative text.
 
 VADER is rule-based and offline, so the metric is identical on every machine.
+
+Reference implementation: cjhutto/vaderSentiment ``vaderSentiment/vaderSentiment.py``
+(``SentimentIntensityAnalyzer.polarity_scores``, ``compound``; version 3.3.2), called as published;
+the test pins equality on real BOLD prompts.
 """
 from __future__ import annotations
 

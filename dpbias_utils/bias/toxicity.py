@@ -14,6 +14,12 @@ Backends:
 * ``profanity``: alt-profanity-check's ``predict_prob`` (a linear SVM on TF-IDF features shipped
   with the package): offline, fast, and the default of the embedded profile. It measures profane /
   offensive wording rather than toxicity in general.
+
+Reference implementations: unitaryai/detoxify ``detoxify/detoxify.py`` (``Detoxify.predict``, the
+``toxicity`` output) and dimitrismistriotis/alt-profanity-check ``profanity_check/profanity_check.py``
+(``predict_prob``), both called as published; the test pins the offline backend to
+``predict_prob`` on real BOLD prompts. Aggregation (mean per prompt, female - male) follows the
+paper's Table 1.
 """
 from __future__ import annotations
 
