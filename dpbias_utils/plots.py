@@ -5,10 +5,145 @@ table or a matplotlib figure, so the notebooks stay one call per cell.
 """
 from __future__ import annotations
 
+import base64
+import io
 import json
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
+
+# Fixed SVG ids and no date: rerunning a study with unchanged numbers rewrites identical files.
+SVG_RC = {"svg.hashsalt": "dp-bias"}
+SVG_METADATA = {"Date": None}
+
+
+# --------------------------------------------------------------------------- figures in reports
+class Shown:
+    """A finished figure as a report shows it: a PNG whose output metadata records how many panels
+    it has and which of them drew no data (`dpbias.empty_panels`), so a test can check every figure
+    of every rendered report. The matplotlib figure is closed (shown once) and kept as ``fig``."""
+
+    def __init__(self, fig):
+        import matplotlib.pyplot as plt
+
+        self.fig = fig
+        self.panels = [ax for ax in fig.axes if ax.axison]
+        self.empty = empty_panels(fig)
+        plt.close(fig)
+
+    def _repr_mimebundle_(self, include=None, exclude=None):
+        buf = io.BytesIO()
+        self.fig.savefig(buf, format="png", dpi=100, bbox_inches="tight", metadata={"Software": None})
+        data = {"image/png": base64.b64encode(buf.getvalue()).decode("ascii"),
+                "text/plain": f"figure with {len(self.panels)} panel(s)"}
+        meta = {"dpbias": {"panels": len(self.panels), "empty_panels": self.empty}}
+        return data, meta
+
+
+def _artist_has_data(artist, ax) -> bool:
+    from matplotlib.collections import PathCollection
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Rectangle
+
+    if not artist.get_visible() or not artist.get_transform().contains_branch(ax.transData):
+        return False  # reference lines (axhline) are drawn in axes coordinates: not data
+    if isinstance(artist, Line2D):
+        xy = np.asarray(artist.get_xydata(), float).reshape(-1, 2)
+        n = int(np.isfinite(xy).all(axis=1).sum())
+        return n >= 2 or (n == 1 and artist.get_marker() not in (None, "None", "", " "))
+    if isinstance(artist, PathCollection):
+        off = np.asarray(artist.get_offsets(), float).reshape(-1, 2)
+        return bool(len(off)) and bool(np.isfinite(off).all(axis=1).any())
+    if isinstance(artist, Rectangle):
+        w, h = artist.get_width(), artist.get_height()
+        return bool(np.isfinite([w, h]).all() and (w != 0 and h != 0))
+    paths = getattr(artist, "get_paths", lambda: [])()
+    return any(len(p.vertices) >= 2 and np.isfinite(p.vertices).all(axis=1).sum() >= 2 for p in paths)
+
+
+def empty_panels(fig) -> list[str]:
+    """Titles (or positions) of the visible panels of ``fig`` that draw no data point, line, bar or
+    image in data coordinates (reference lines alone do not count)."""
+    out = []
+    for i, ax in enumerate(fig.axes):
+        if not ax.axison:
+            continue
+        artists = [*ax.lines, *ax.collections, *ax.patches, *ax.images]
+        if not any(_artist_has_data(a, ax) for a in artists) and not ax.images:
+            out.append(ax.get_title() or f"panel {i + 1}")
+    return out
+
+
+def save_figure(fig, figures_dir: Path, name: str) -> list[Path]:
+    """PNG and SVG of ``fig`` under ``figures_dir``, byte-identical when the numbers are."""
+    import matplotlib
+
+    figures_dir = Path(figures_dir)
+    figures_dir.mkdir(parents=True, exist_ok=True)
+    out = []
+    with matplotlib.rc_context(SVG_RC):
+        for ext, meta in (("png", {"Software": None}), ("svg", SVG_METADATA)):
+            path = figures_dir / f"{name}.{ext}"
+            fig.savefig(path, dpi=120, bbox_inches="tight", metadata=meta)
+            out.append(path)
+    return out
+
+
+def legend_below(fig, ax=None, ncol: int | None = None, title: str | None = None):
+    """One legend for the figure, under the panels, so it never covers data."""
+    ax = ax if ax is not None else fig.axes[0]
+    handles, labels = ax.get_legend_handles_labels()
+    if not handles:
+        return None
+    for a in fig.axes:
+        if a.get_legend() is not None:
+            a.get_legend().remove()
+    return fig.legend(handles, labels, loc="lower center", bbox_to_anchor=(0.5, -0.02), ncol=ncol or min(len(labels), 6),
+                      frameon=False, title=title, fontsize=9)
+
+
+def finish(fig, title: str = "", legend: bool = False, ncol: int | None = None) -> Shown:
+    """Title, tight layout with room for a legend under the panels, and the report wrapper."""
+    if title:
+        fig.suptitle(title, fontsize=11)
+    if legend and legend_below(fig, ncol=ncol) is not None:
+        fig.tight_layout(rect=(0, 0.08, 1, 1))
+    else:
+        fig.tight_layout()
+    return Shown(fig)
+
+
+# --------------------------------------------------------------------------- small tables
+def key_value(rows: dict, header=("", "")) -> pd.DataFrame:
+    """A two-column table from a mapping (what a dict or a Series repr would show, readably)."""
+    frame = pd.DataFrame({header[1] or "value": [_fmt_value(v) for v in rows.values()]}, index=list(rows))
+    frame.index.name = header[0] or None
+    return frame
+
+
+def _fmt_value(v) -> str:
+    if v is None or (isinstance(v, float) and not np.isfinite(v)):
+        return "–"
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    if isinstance(v, float):
+        return fmt_number(v)
+    if isinstance(v, (list, tuple)):
+        return ", ".join(_fmt_value(x) for x in v)
+    return str(v)
+
+
+def fmt_number(x: float, digits: int = 4) -> str:
+    """Readable number: 6.98e-5 for small values, 0.0427, 2,993 for counts, no trailing zeros."""
+    if x is None or not np.isfinite(x):
+        return "–"
+    if x == int(x) and abs(x) >= 1:
+        return f"{int(x):,}"
+    if abs(x) < 1e-3:
+        mant, exp = f"{x:.{digits - 2}e}".split("e")
+        return f"{mant}e{int(exp)}"
+    return f"{x:.{digits}g}"
 
 
 # --------------------------------------------------------------------------- stage 01
@@ -61,60 +196,178 @@ def split_sizes(datasets: dict) -> pd.DataFrame:
     return pd.DataFrame(rows).set_index("file")
 
 
+def base_summary(base: str, tokenizer) -> pd.DataFrame:
+    """The base model and tokenizer every stage starts from (a cached folder is named, not its path)."""
+    name = Path(base).name if Path(base).is_absolute() else base
+    return key_value({"base model": name, "tokenizer vocabulary": len(tokenizer),
+                      "padding token id": tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id})
+
+
+DATA_FIELDS = {"privacy_unit": "privacy unit", "n_units": "privacy units (N)", "n_rows": "training rows",
+               "mixing_ratio": "CDA mixing ratio", "cda_mode": "CDA mode", "block_size": "block size (tokens)",
+               "corpus": "corpus"}
+
+
+def data_record(meta: dict) -> pd.DataFrame:
+    """What `data.json` records about this node's training data, as a small table."""
+    return key_value({label: meta[k] for k, label in DATA_FIELDS.items() if k in meta})
+
+
 # --------------------------------------------------------------------------- stage 02
-def training_curves(steps: pd.DataFrame, title: str = ""):
-    """Loss, ε spent and clip fraction against optimizer steps."""
+def training_summary(result: dict) -> pd.DataFrame:
+    """The finished run in one small table (the full record is `DONE.json` in the node folder)."""
+    dp = bool(result.get("dp"))
+    rows = {"condition": f"DP, target ε = {result['epsilon_target']:g}" if dp else "non-DP (no privacy guarantee)",
+            "optimizer steps": result.get("steps"), "final training loss": result.get("final_loss"),
+            "privacy units (N)": result.get("n_units"),
+            "resumed from step": result.get("resumed_from") if result.get("resumed_from") is not None else "– (fresh run)",
+            "wall time (s)": round(float(result.get("wall_seconds") or 0), 1), "device": result.get("device")}
+    return key_value(rows)
+
+
+PRIVACY_FIELDS = {"epsilon_target": "ε target", "epsilon_spent": "ε spent (accountant)", "delta": "δ",
+                  "noise_multiplier": "noise multiplier σ", "sample_rate": "sampling rate q (Poisson)",
+                  "expected_batch_size": "expected batch (units)", "steps": "steps", "n_units": "privacy units (N)",
+                  "max_grad_norm": "clipping norm C", "clipping": "clipping implementation", "accountant": "accountant",
+                  "privacy_unit": "privacy unit"}
+
+
+def privacy_record(out_dir: Path) -> pd.DataFrame:
+    """`privacy.json` as a table; a non-DP run says so instead of showing empty fields."""
+    rec = json.loads((Path(out_dir) / "privacy.json").read_text())
+    if rec.get("epsilon_target") is None:
+        return key_value({"privacy": "non-DP run: no privacy guarantee (ε = ∞)", "steps": rec.get("steps"),
+                          "privacy units (N)": rec.get("n_units"), "privacy unit": rec.get("privacy_unit")})
+    return key_value({label: rec.get(k) for k, label in PRIVACY_FIELDS.items()})
+
+
+def training_curves(steps: pd.DataFrame, title: str = "") -> Shown:
+    """Loss, ε spent and clip fraction against optimizer steps; the DP panels only for a DP run
+    (ε is logged every few steps: the points between are dropped, not drawn as gaps)."""
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.4))
+    eps = steps[["step", "epsilon_spent"]].dropna() if "epsilon_spent" in steps else pd.DataFrame()
+    clip = steps[["step", "clip_fraction"]].dropna() if "clip_fraction" in steps else pd.DataFrame()
+    n = 1 + (not eps.empty) + (not clip.empty)
+    fig, axes = plt.subplots(1, n, figsize=(4.4 * n, 3.4), squeeze=False)
+    axes = list(axes.flat)
     axes[0].plot(steps["step"], steps["loss"], lw=1)
-    axes[0].set(xlabel="step", ylabel="training loss", title="loss")
-    if steps["epsilon_spent"].notna().any():
-        axes[1].plot(steps["step"], steps["epsilon_spent"], color="C3")
-        axes[1].set(xlabel="step", ylabel="ε spent", title="privacy spent (accountant)")
-    else:
-        axes[1].text(0.5, 0.5, "non-DP run: ε = ∞", ha="center", va="center", transform=axes[1].transAxes)
-        axes[1].set_axis_off()
-    if "clip_fraction" in steps and steps["clip_fraction"].notna().any():
-        axes[2].plot(steps["step"], steps["clip_fraction"], color="C2")
-        axes[2].set(xlabel="step", ylabel="fraction of units clipped", title="clip fraction", ylim=(-0.02, 1.02))
-    else:
-        axes[2].set_axis_off()
-    fig.suptitle(title)
-    fig.tight_layout()
-    return fig
+    axes[0].set(xlabel="optimizer step", ylabel="training loss (nats per token)", title="loss")
+    if not eps.empty:
+        axes[1].plot(eps["step"], eps["epsilon_spent"], "o-", ms=3, color="C3")
+        axes[1].set(xlabel="optimizer step", ylabel="ε spent (at the run's δ)", title="privacy spent (accountant)")
+    if not clip.empty:
+        axes[-1].plot(clip["step"], clip["clip_fraction"], color="C2")
+        axes[-1].set(xlabel="optimizer step", ylabel="fraction of units clipped", title="clip fraction at C",
+                     ylim=(-0.02, 1.02))
+    return finish(fig, title if n > 1 else f"{title} (non-DP: no privacy accounting, no clipping)")
+
+
+# --------------------------------------------------------------------------- stage 03
+def gradnorm_overview(tidy: pd.DataFrame) -> pd.DataFrame:
+    """Which checkpoints and splits were measured, with how many units each."""
+    n = tidy[tidy["measure"] == tidy["measure"].iloc[0]] if len(tidy) else tidy
+    n = n[~n["split"].str.contains("-")]
+    return n.pivot_table(index="split", columns="checkpoint", values="n", aggfunc="first", sort=False).astype(int)
+
+
+def gradnorm_final(tidy: pd.DataFrame) -> pd.DataFrame:
+    """Every measure by split at the last checkpoint: mean [95 % bootstrap interval over units]."""
+    last = tidy[tidy["checkpoint"] == tidy["checkpoint"].iloc[-1]]
+    cells = last.assign(cell=[f"{v:.4g} [{lo:.4g}, {hi:.4g}]" for v, lo, hi in zip(last["value"], last["ci_low"], last["ci_high"])])
+    wide = cells.pivot_table(index="measure", columns="split", values="cell", aggfunc="first", sort=False)
+    wide.columns.name = f"split (checkpoint {tidy['checkpoint'].iloc[-1]})"
+    return wide
+
+
+GRAD_UNITS = {"l2_total": "L2 norm of the per-unit gradient", "l1_total": "L1 norm of the per-unit gradient",
+              "clip_factor": "clip factor min(1, C/‖g‖₂)", "clip_fraction": "fraction of units clipped",
+              "loss": "loss (nats per token)"}
+
+
+def gradnorm_gap(tidy: pd.DataFrame, measure: str = "l2_total", contrast: str = "female-male") -> Shown:
+    """A contrast (default female - male) of ``measure`` at each checkpoint with its 95 % bootstrap
+    interval over units; the legend sits under the panel, not on the lines."""
+    import matplotlib.pyplot as plt
+
+    d = tidy[(tidy["split"] == contrast) & (tidy["measure"] == measure)]
+    order = list(dict.fromkeys(tidy["checkpoint"].tolist()))
+    fig, ax = plt.subplots(figsize=(6.5, 3.6))
+    x = d["checkpoint"].map({c: i for i, c in enumerate(order)}).to_numpy(float)
+    y = d["value"].to_numpy(float)
+    err = np.vstack([y - d["ci_low"].to_numpy(float), d["ci_high"].to_numpy(float) - y])
+    ax.errorbar(x, y, yerr=np.where(np.isfinite(err), np.abs(err), 0), fmt="o-", capsize=3,
+                label=f"{contrast.replace('-', ' − ')} (95 % bootstrap interval over units)")
+    ax.axhline(0.0, color="grey", lw=0.8, ls=":")
+    ax.set_xticks(range(len(order)), [c.replace("pct_", "") + " %" if c.startswith("pct_") else c for c in order])
+    ax.set(xlabel="checkpoint (% of training)", ylabel=f"Δ {GRAD_UNITS.get(measure, measure)}",
+           title=f"{measure}: {contrast.replace('-', ' − ')} over training")
+    return finish(fig, legend=True)
 
 
 # --------------------------------------------------------------------------- stage 04
+def split_counts(splits: dict) -> pd.DataFrame:
+    """Rows of each evaluation split."""
+    return pd.DataFrame({"rows": {name: len(df) for name, df in splits.items()}}).rename_axis("split")
+
+
+def metrics_table(metrics: pd.DataFrame) -> pd.DataFrame:
+    """Every metric by group as `value [95 % interval]` (n in the last column), one row per metric."""
+    m = metrics.assign(cell=[_cell(v, lo, hi) for v, lo, hi in zip(metrics["value"], metrics["ci_low"], metrics["ci_high"])])
+    wide = m.pivot_table(index="metric", columns="group", values="cell", aggfunc="first", sort=False).fillna("")
+    wide["n"] = m.groupby("metric", sort=False)["n"].max().reindex(wide.index).map(lambda v: "" if pd.isna(v) else f"{int(v):,}")
+    wide.columns.name = None
+    return wide
+
+
+def _cell(v, lo, hi) -> str:
+    if pd.isna(v):
+        return "–"
+    if pd.isna(lo) or pd.isna(hi):
+        return f"{v:.4g}"
+    return f"{v:.4g} [{lo:.4g}, {hi:.4g}]"
+
+
 def read_generations(out_dir: Path) -> pd.DataFrame:
+    """`generations.jsonl` with its nested ``scores`` as columns (toxicity, sentiment, ...)."""
     with open(Path(out_dir) / "generations.jsonl", encoding="utf-8") as fh:
-        return pd.DataFrame([json.loads(line) for line in fh])
+        frame = pd.DataFrame([json.loads(line) for line in fh])
+    if "scores" in frame:
+        scores = pd.json_normalize(frame["scores"].tolist()).set_index(frame.index)
+        frame = pd.concat([frame.drop(columns=["scores"]), scores], axis=1)
+    return frame
 
 
-def example_generations(gens: pd.DataFrame, n: int = 5, seed: int = 0) -> pd.DataFrame:
+SCORE_COLUMNS = ("toxicity", "sentiment")
+
+
+def example_generations(gens: pd.DataFrame, n: int = 4, seed: int = 0) -> pd.DataFrame:
     """A few continuations per group, with their scores."""
     if gens.empty:
         return gens
-    cols = [c for c in ("group", "prompt", "continuation", "toxicity", "sentiment") if c in gens]
+    cols = [c for c in ("group", "prompt", "continuation", *SCORE_COLUMNS) if c in gens]
     picked = gens.sample(frac=1.0, random_state=seed).groupby("group").head(n)
-    return picked.sort_values("group", kind="stable")[cols].reset_index(drop=True)
+    out = picked.sort_values("group", kind="stable")[cols].reset_index(drop=True)
+    return out.round({c: 3 for c in SCORE_COLUMNS if c in out})
 
 
-def score_distributions(gens: pd.DataFrame):
+def score_distributions(gens: pd.DataFrame) -> Shown | str:
     """Distributions of per-continuation toxicity and sentiment, female vs male prompts."""
     import matplotlib.pyplot as plt
     import seaborn as sns
 
-    scores = [c for c in ("toxicity", "sentiment") if c in gens]
+    scores = [c for c in SCORE_COLUMNS if c in gens and gens[c].notna().any()]
     sub = gens[gens["group"].isin(["female", "male"])] if "group" in gens else gens
     if not scores or sub.empty:
-        return None
+        return "No scored continuations of female / male prompts in this node."
     fig, axes = plt.subplots(1, len(scores), figsize=(5.5 * len(scores), 3.4), squeeze=False)
     for ax, col in zip(axes[0], scores):
-        sns.histplot(data=sub, x=col, hue="group", stat="density", common_norm=False, bins=30, element="step", ax=ax)
-        ax.set_title(f"{col} of continuations")
-    fig.tight_layout()
-    return fig
+        sns.histplot(data=sub, x=col, hue="group", hue_order=["female", "male"], stat="density", common_norm=False,
+                     bins=20, element="step", ax=ax)
+        ax.set(title=f"{col} of continuations", xlabel=f"{col} score per continuation", ylabel="density")
+        if ax.get_legend() is not None:
+            sns.move_legend(ax, "upper center", bbox_to_anchor=(0.5, -0.25), ncol=2, frameon=False, title=None)
+    return finish(fig)
 
 
 def trajectory_table(trajectory: pd.DataFrame | None) -> pd.DataFrame:

@@ -193,37 +193,68 @@ def condition_order(df: pd.DataFrame) -> list[str]:
     return [c for c in order if c in set(df["condition"])]
 
 
-def seed_summary(results: pd.DataFrame) -> pd.DataFrame:
-    """Mean over seeds per condition x metric x group, with a percentile bootstrap interval over the
-    seeds (it stays inside the range of the values, so bounded metrics keep their bounds; a single
-    seed shows that run's own bootstrap interval) and the pooled n. The claims use the two-way
-    bootstrap over seeds and prompts of `claims`; this summary draws the per-metric figures."""
+def seed_interval(values, ci_low=None, ci_high=None) -> tuple[float, float, float]:
+    """Mean of one number per seed with a 95 % percentile bootstrap interval over the seeds (it stays
+    inside the range of the values, so bounded metrics keep their bounds). With one seed: that run's
+    own interval (``ci_low``/``ci_high``, a bootstrap over its items)."""
     from .stats import bootstrap_ci
 
+    v = np.asarray(values, float)
+    v = v[np.isfinite(v)]
+    if len(v) > 1:
+        return bootstrap_ci(v, n_boot=2000, seed=0)
+    m = float(v.mean()) if len(v) else np.nan
+    lo = float(np.nanmean(ci_low)) if ci_low is not None and np.isfinite(ci_low).any() else np.nan
+    hi = float(np.nanmean(ci_high)) if ci_high is not None and np.isfinite(ci_high).any() else np.nan
+    return m, lo, hi
+
+
+def seed_summary(results: pd.DataFrame) -> pd.DataFrame:
+    """Mean over seeds per condition x metric x group with `seed_interval`'s interval and the pooled
+    n. The claims use the two-way bootstrap over seeds and prompts of `claims`; this summary draws the
+    per-metric figures."""
     df = with_condition(results)
     df["mixing_ratio"] = df["mixing_ratio"].fillna(0.0)
     keys = ["condition", "dp", "epsilon", "mixing_ratio", "cda_mode", "metric", "group"]
 
     def agg(g):
-        v = g["value"].astype(float).dropna().to_numpy()
-        if len(v) > 1:
-            m, lo, hi = bootstrap_ci(v, n_boot=2000, seed=0)
-        else:
-            m = v.mean() if len(v) else np.nan
-            lo, hi = g["ci_low"].astype(float).mean(), g["ci_high"].astype(float).mean()
-        return pd.Series({"value": m, "ci_low": lo, "ci_high": hi, "n_seeds": len(v), "n": g["n"].sum()})
+        m, lo, hi = seed_interval(g["value"].astype(float), g["ci_low"].astype(float).to_numpy(),
+                                  g["ci_high"].astype(float).to_numpy())
+        return pd.Series({"value": m, "ci_low": lo, "ci_high": hi, "n_seeds": int(g["value"].notna().sum()),
+                          "n": g["n"].sum()})
 
     return df.groupby(keys, dropna=False).apply(agg, include_groups=False).reset_index()
 
 
-def table1(results: pd.DataFrame, metric: str = "toxicity") -> pd.DataFrame:
-    """The paper's Table 1 analog: mean male, mean female and diff per condition (no CDA)."""
+def study_overview(results: pd.DataFrame) -> pd.DataFrame:
+    """What the tables hold: per condition and CDA ratio, the runs (seeds) and metrics collected."""
+    if results.empty:
+        return pd.DataFrame()
+    df = with_condition(results)
+    df["CDA ratio"] = df["mixing_ratio"].map(lambda r: "–" if pd.isna(r) else f"{r:g}")
+    out = df.groupby(["condition", "CDA ratio"], sort=False).agg(
+        runs=("run_id", "nunique"), seeds=("seed", lambda s: ", ".join(str(int(x)) for x in sorted(set(s)))),
+        metrics=("metric", "nunique"))
+    order = {c: i for i, c in enumerate(condition_order(df))}
+    return out.sort_index(key=lambda idx: idx.map(lambda c: order.get(c, len(order))) if idx.name == "condition" else idx)
+
+
+def table1_summary(results: pd.DataFrame, metric: str = "toxicity") -> pd.DataFrame:
+    """Seed summary of the Table 1 metric (male, female, diff) per condition at CDA ratio 0."""
     s = seed_summary(results)
     s = s[(s["metric"] == metric) & (s["mixing_ratio"] == 0.0) & s["group"].isin(["male", "female", "diff"])]
-    wide = s.pivot_table(index="condition", columns="group", values="value")
-    order = [c for c in condition_order(with_condition(results)) if c in wide.index]
-    wide = wide.reindex(order)[[c for c in ("male", "female", "diff") if c in wide.columns]]
-    return wide
+    return s.assign(condition=pd.Categorical(s["condition"], condition_order(s), ordered=True)).sort_values("condition")
+
+
+def table1(results: pd.DataFrame, metric: str = "toxicity") -> pd.DataFrame:
+    """The paper's Table 1 analog: mean male, mean female and diff per condition (no CDA), each as
+    `mean [95 % interval over seeds]`."""
+    s = table1_summary(results, metric)
+    if s.empty:
+        return pd.DataFrame()
+    cells = s.assign(cell=[f"{v:.4f} [{lo:.4f}, {hi:.4f}]" for v, lo, hi in zip(s["value"], s["ci_low"], s["ci_high"])])
+    wide = cells.pivot_table(index="condition", columns="group", values="cell", aggfunc="first", observed=True)
+    return wide[[c for c in ("male", "female", "diff") if c in wide.columns]]
 
 
 PAPER_TABLE1 = pd.DataFrame(
@@ -232,117 +263,212 @@ PAPER_TABLE1 = pd.DataFrame(
     index=["base", "non-DP", "DP ε=3", "DP ε=10", "DP ε=20"])
 PAPER_TABLE1.index.name = "condition (paper, DistilGPT2)"
 
+# The score each toxicity backend reports (figure titles and the methods).
+TOXICITY_SCORES = {"profanity": "alt-profanity-check profanity probability", "detoxify": "Detoxify toxicity probability"}
+
+SEED_INTERVAL = ("bars: 95 % percentile bootstrap over seeds (with one seed, that run's bootstrap over its "
+                 "prompts or items), which stays inside a metric's range")
+FIGURE_CAPTIONS = {
+    "learned_association": "Learned association per attribute family and privacy condition (CDA ratio 0): the "
+    "probability mass on stereotype-consistent attributes after paired female / male prompts. 0.5 (dotted) = none; "
+    "dashed = the skew the corpus plants. Points: mean over seeds and prompt pairs; bars: 95 % two-way bootstrap "
+    "interval (seeds and prompt pairs resampled together).",
+    "association_vs_perplexity": "Learned association against test perplexity along training, mean over seeds per "
+    "condition (CDA ratio 0). Non-DP: every saved checkpoint from the base (right) to the finished run (square); DP: "
+    "the base and the finished model only, so its line is a chord. Bars (both axes): " + SEED_INTERVAL + ".",
+    "bias_vs_epsilon": "Output-level bias of each metric (female - male, or the gender score - 50) per privacy "
+    "condition at CDA ratio 0; dotted: no bias. Points: mean over seeds; " + SEED_INTERVAL + ".",
+    "bias_vs_mixing_ratio": "Output-level bias against the CDA mixing ratio, one line per privacy condition "
+    "(dodged sideways so the bars do not overlap). Points: mean over seeds; " + SEED_INTERVAL + ".",
+    "gradnorm_gap": "Female - male per-example gradient L2 norm (left) and clip factor min(1, C/||g||) (right) "
+    "over training, CDA ratio 0, conditions dodged sideways. Points: mean over seeds; bars: 95 % percentile "
+    "bootstrap over seeds (with one seed, that run's bootstrap over units).",
+    "perplexity_vs_epsilon": "Perplexity of the test text and of the female / male splits per privacy condition "
+    "(CDA ratio 0), linear axis. Points: mean over seeds; " + SEED_INTERVAL + ".",
+    "table1_toxicity": "The paper's Table 1 analog: mean toxicity score ({score}) of continuations of male and "
+    "female prompts per condition (CDA ratio 0). Bars: mean over seeds; whiskers: " + SEED_INTERVAL[len("bars: "):] + ".",
+}
+
 
 # --------------------------------------------------------------------------- figures
-def _save(fig, figures_dir: Path, name: str) -> list[Path]:
-    figures_dir = Path(figures_dir)
-    figures_dir.mkdir(parents=True, exist_ok=True)
-    out = []
-    for ext in ("png", "svg"):
-        path = figures_dir / f"{name}.{ext}"
-        fig.savefig(path, dpi=120, bbox_inches="tight")
-        out.append(path)
-    return out
+def _metric_spec(metric: str):
+    from .bias import registry
+
+    try:
+        return registry.spec(metric)
+    except KeyError:
+        return None
 
 
-def _errorbar_points(ax, sub: pd.DataFrame, x: str, order: list, color=None, label=None, offset=0.0):
-    xs = np.arange(len(order)) + offset
-    pos = {c: i for i, c in enumerate(order)}
-    sub = sub[sub[x].isin(order)]
-    xv = np.array([xs[pos[c]] for c in sub[x]])
+def _axis_label(metric: str) -> str:
+    """y-axis label with the metric's unit / range (from the registry)."""
+    s = _metric_spec(metric)
+    if s is None:
+        return metric
+    if s.centre:
+        return f"{s.label}, percentage points"
+    lo, hi = s.bounds
+    unit = s.units or ("score difference" if s.outcome_group == "diff" else "value")
+    rng = f", range [{lo:g}, {hi:g}]" if math.isfinite(lo) and math.isfinite(hi) else ""
+    return f"Δ {unit}{rng}" if s.outcome_group == "diff" else f"{unit}{rng}"
+
+
+def _clip_to_bounds(s: pd.DataFrame) -> pd.DataFrame:
+    """Interval ends inside each outcome's range (bounds minus centre): a single run's own interval
+    may come from a method that does not know them."""
+    s = s.copy()
+    for metric, idx in s.groupby("metric").groups.items():
+        spec = _metric_spec(metric)
+        if spec is None:
+            continue
+        lo, hi = spec.bounds[0] - spec.centre, spec.bounds[1] - spec.centre
+        s.loc[idx, ["value", "ci_low", "ci_high"]] = s.loc[idx, ["value", "ci_low", "ci_high"]].clip(lo, hi)
+    return s
+
+
+def _errorbar_points(ax, sub: pd.DataFrame, x: str, order: list | None, color=None, label=None, offset=0.0,
+                     fmt="o", **kw):
+    """Points with asymmetric 95 % bars; ``order`` maps categories to 0, 1, ... (None: numeric x)."""
+    if order is not None:
+        sub = sub[sub[x].isin(order)]
+        xv = sub[x].map({c: i for i, c in enumerate(order)}).to_numpy(float) + offset
+    else:
+        xv = sub[x].to_numpy(float) + offset
     y = sub["value"].to_numpy(float)
     err = np.vstack([y - sub["ci_low"].to_numpy(float), sub["ci_high"].to_numpy(float) - y])
-    err = np.where(np.isfinite(err), np.abs(err), 0)
-    ax.errorbar(xv, y, yerr=err, fmt="o", capsize=3, color=color, label=label)
+    err = np.where(np.isfinite(err), np.clip(err, 0, None), 0)
+    ax.errorbar(xv, y, yerr=err, fmt=fmt, capsize=3, color=color, label=label, **kw)
+
+
+def _dodge(i: int, n: int, width: float) -> float:
+    """Offset of series i of n, spread over ``width`` (x units) and centred on the tick."""
+    return 0.0 if n < 2 else (i - (n - 1) / 2) * width / (n - 1)
 
 
 def _metric_grid(metrics: list[str]):
-    """One panel per metric, three to a row."""
+    """One panel per metric, three to a row; unused cells removed."""
     import matplotlib.pyplot as plt
 
     ncol = min(3, len(metrics))
     nrow = math.ceil(len(metrics) / ncol)
-    fig, axes = plt.subplots(nrow, ncol, figsize=(4.2 * ncol, 3.2 * nrow), squeeze=False)
+    fig, axes = plt.subplots(nrow, ncol, figsize=(4.4 * ncol, 3.4 * nrow), squeeze=False)
     for ax in list(axes.flat)[len(metrics):]:
-        ax.axis("off")
+        fig.delaxes(ax)
     return fig, axes
 
 
-def _finish_grid(fig, figures_dir: Path, title: str, name: str):
-    fig.suptitle(title)
-    fig.tight_layout()
-    _save(fig, figures_dir, name)
-    return fig
+def _publish(fig, figures_dir: Path, name: str, title: str = "", legend: bool = False):
+    """Finish a stage-05 figure (title, legend under the panels), save PNG + SVG, and return it
+    wrapped for the report."""
+    from . import plots
+
+    shown = plots.finish(fig, title, legend=legend)
+    plots.save_figure(fig, figures_dir, name)
+    return shown
+
+
+def _condition_colors(order: list[str]) -> dict[str, str]:
+    """base grey, non-DP black, DP conditions in the palette's order."""
+    out, k = {}, 0
+    for c in order:
+        if c == "base":
+            out[c] = "grey"
+        elif c == "non-DP":
+            out[c] = "black"
+        else:
+            out[c] = f"C{k}"
+            k += 1
+    return out
 
 
 def fig_bias_vs_epsilon(results: pd.DataFrame, figures_dir: Path):
     """Each bias metric's female - male difference per privacy condition (no CDA), mean over seeds."""
-    s = outcome_rows(seed_summary(results))
+    s = _clip_to_bounds(outcome_rows(seed_summary(results)))
     s = s[s["mixing_ratio"] == 0.0]
     metrics = [m for m in BIAS_METRICS if m in set(s["metric"])]
     if not metrics:
         return None
     order = condition_order(s)
+    colors = _condition_colors(order)
     fig, axes = _metric_grid(metrics)
     for ax, m in zip(axes.flat, metrics):
         sub = s[s["metric"] == m]
-        _errorbar_points(ax, sub, "condition", order, color="C0")
+        for c in order:
+            _errorbar_points(ax, sub[sub["condition"] == c], "condition", order, color=colors[c])
         ax.axhline(0, color="grey", lw=0.8, ls=":")
         ax.set_xticks(range(len(order)), order, rotation=30, ha="right")
+        ax.set_xlim(-0.5, len(order) - 0.5)
+        ax.set_ylabel(_axis_label(m), fontsize=8)
         ax.set_title(BIAS_METRICS[m], fontsize=9)
-    return _finish_grid(fig, figures_dir, "Bias (female - male) by privacy condition; mean over seeds, 95% interval",
-                        "bias_vs_epsilon")
+    return _publish(fig, figures_dir, "bias_vs_epsilon",
+                    "Output-level bias by privacy condition (CDA ratio 0): mean over seeds, 95 % interval")
 
 
 def fig_bias_vs_mixing_ratio(results: pd.DataFrame, figures_dir: Path):
-    """Each bias metric's diff against the CDA mixing ratio, DP and non-DP."""
-    s = outcome_rows(seed_summary(results))
+    """Each bias metric's diff against the CDA mixing ratio, one dodged line per condition."""
+    s = _clip_to_bounds(outcome_rows(seed_summary(results)))
     s = s[s["condition"] != "base"]
     ratios_per_cond = s.groupby("condition")["mixing_ratio"].nunique()
     conds = [c for c in condition_order(s) if ratios_per_cond.get(c, 0) > 1]
     metrics = [m for m in BIAS_METRICS if m in set(s["metric"])]
     if not conds or not metrics:
         return None
+    colors = _condition_colors(conds)
+    span = float(s["mixing_ratio"].max() - s["mixing_ratio"].min()) or 1.0
     fig, axes = _metric_grid(metrics)
     for ax, m in zip(axes.flat, metrics):
         for i, c in enumerate(conds):
             sub = s[(s["metric"] == m) & (s["condition"] == c)].sort_values("mixing_ratio")
-            y = sub["value"].to_numpy(float)
-            ax.errorbar(sub["mixing_ratio"], y, yerr=np.abs(np.vstack([y - sub["ci_low"], sub["ci_high"] - y])),
-                        fmt="o-", capsize=3, label=c, color=f"C{i}")
+            _errorbar_points(ax, sub, "mixing_ratio", None, color=colors[c], label=c,
+                             offset=_dodge(i, len(conds), 0.06 * span), fmt="o-")
         ax.axhline(0, color="grey", lw=0.8, ls=":")
         ax.set_xlabel("CDA mixing ratio")
+        ax.set_ylabel(_axis_label(m), fontsize=8)
         ax.set_title(BIAS_METRICS[m], fontsize=9)
-    axes.flat[0].legend(fontsize=8)
-    return _finish_grid(fig, figures_dir, "Bias (female - male) against the CDA mixing ratio", "bias_vs_mixing_ratio")
+    return _publish(fig, figures_dir, "bias_vs_mixing_ratio", "Output-level bias against the CDA mixing ratio "
+                    "(mean over seeds, 95 % interval)", legend=True)
+
+
+def gradnorm_summary(grads: pd.DataFrame, measure: str, split: str = "diff") -> pd.DataFrame:
+    """One point per condition x % of training (CDA ratio 0): mean over seeds with `seed_interval`."""
+    g = grads[(grads["split"] == split) & (grads["measure"] == measure) & (grads["mixing_ratio"] == 0.0)].copy()
+    if g.empty:
+        return g
+    g["condition"] = g.apply(condition_label, axis=1)
+    rows = []
+    for (cond, pct), sub in g.groupby(["condition", "pct"]):
+        m, lo, hi = seed_interval(sub["value"], sub["ci_low"].to_numpy(float), sub["ci_high"].to_numpy(float))
+        rows.append({"condition": cond, "pct": pct, "value": m, "ci_low": lo, "ci_high": hi, "n_seeds": len(sub),
+                     "dp": bool(sub["dp"].iloc[0]), "epsilon": sub["epsilon"].iloc[0]})
+    return pd.DataFrame(rows)
+
+
+GRAD_PANELS = {"l2_total": ("gradient-norm gap over training", "Δ per-example L2 gradient norm (female − male)"),
+               "clip_factor": ("signal kept by clipping at C", "Δ clip factor min(1, C/‖g‖), female − male")}
 
 
 def fig_gradnorm_gap(grads: pd.DataFrame, figures_dir: Path, measure: str = "l2_total"):
-    """Female - male per-example gradient-norm gap over training, DP vs non-DP (no CDA)."""
+    """Female - male per-example gradient-norm gap and clip-factor gap over training, per condition."""
     import matplotlib.pyplot as plt
-    import seaborn as sns
 
     if grads.empty:
         return None
-    g = grads[(grads["split"] == "diff") & (grads["measure"] == measure) & (grads["mixing_ratio"] == 0.0)].copy()
-    if g.empty:
+    panels = [(m, gradnorm_summary(grads, m)) for m in (measure, "clip_factor")]
+    panels = [(m, s) for m, s in panels if not s.empty]
+    if not panels:
         return None
-    g["condition"] = g.apply(condition_label, axis=1)
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
-    sns.lineplot(data=g, x="pct", y="value", hue="condition", errorbar=("ci", 95), marker="o", ax=axes[0],
-                 hue_order=condition_order(g))
-    axes[0].axhline(0, color="grey", lw=0.8, ls=":")
-    axes[0].set(xlabel="% of training", ylabel=f"{measure}: female - male", title="gradient-norm gap over training")
-    c = grads[(grads["split"] == "diff") & (grads["measure"] == "clip_factor") & (grads["mixing_ratio"] == 0.0)].copy()
-    if not c.empty:
-        c["condition"] = c.apply(condition_label, axis=1)
-        sns.lineplot(data=c, x="pct", y="value", hue="condition", errorbar=("ci", 95), marker="o", ax=axes[1],
-                     hue_order=condition_order(c), legend=False)
-        axes[1].axhline(0, color="grey", lw=0.8, ls=":")
-        axes[1].set(xlabel="% of training", ylabel="clip factor: female - male", title="signal kept by clipping at C")
-    fig.tight_layout()
-    _save(fig, figures_dir, "gradnorm_gap")
-    return fig
+    order = condition_order(panels[0][1])
+    colors = _condition_colors(order)
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 3.8), squeeze=False)
+    for ax, (m, s) in zip(axes.flat, panels):
+        span = float(s["pct"].max() - s["pct"].min()) or 1.0
+        for i, c in enumerate(order):
+            _errorbar_points(ax, s[s["condition"] == c].sort_values("pct"), "pct", None, color=colors[c], label=c,
+                             offset=_dodge(i, len(order), 0.05 * span), fmt="o-", ms=4)
+        ax.axhline(0, color="grey", lw=0.8, ls=":")
+        title, ylabel = GRAD_PANELS.get(m, (m, f"Δ {m} (female − male)"))
+        ax.set(xlabel="% of training", ylabel=ylabel, title=title)
+    return _publish(fig, figures_dir, "gradnorm_gap", legend=True)
 
 
 def fig_perplexity(results: pd.DataFrame, figures_dir: Path):
@@ -356,32 +482,38 @@ def fig_perplexity(results: pd.DataFrame, figures_dir: Path):
     if s.empty:
         return None
     order = condition_order(s)
-    fig, ax = plt.subplots(figsize=(6, 3.6))
-    for i, grp in enumerate(["test", "female", "male"]):
-        _errorbar_points(ax, s[s["group"] == grp], "condition", order, color=f"C{i}", label=grp, offset=(i - 1) * 0.15)
+    groups = [g for g in ("test", "female", "male") if g in set(s["group"])]
+    fig, ax = plt.subplots(figsize=(6.4, 3.8))
+    for i, grp in enumerate(groups):
+        _errorbar_points(ax, s[s["group"] == grp], "condition", order, color=f"C{i}", label=f"{grp} split",
+                         offset=_dodge(i, len(groups), 0.4))
     ax.set_xticks(range(len(order)), order, rotation=30, ha="right")
-    ax.set_ylabel("perplexity")
-    ax.set_yscale("log")
-    ax.legend()
-    ax.set_title("Perplexity by privacy condition")
-    fig.tight_layout()
-    _save(fig, figures_dir, "perplexity_vs_epsilon")
-    return fig
+    ax.set_xlim(-0.5, len(order) - 0.5)
+    ax.set(ylabel="perplexity (exp of mean NLL per token)", title="Perplexity by privacy condition (CDA ratio 0)")
+    return _publish(fig, figures_dir, "perplexity_vs_epsilon", legend=True)
 
 
-def fig_table1(results: pd.DataFrame, figures_dir: Path, metric: str = "toxicity"):
+def fig_table1(results: pd.DataFrame, figures_dir: Path, metric: str = "toxicity", backend: str = "profanity"):
+    """Mean score of continuations of male and female prompts per condition, bars with 95 % intervals."""
     import matplotlib.pyplot as plt
 
-    t = table1(results, metric)
-    if t.empty:
+    s = table1_summary(results, metric)
+    s = s[s["group"].isin(["male", "female"])]
+    if s.empty:
         return None
-    fig, ax = plt.subplots(figsize=(6.5, 3.4))
-    t[[c for c in ("male", "female") if c in t.columns]].plot.bar(ax=ax, rot=30, color=["C0", "C3"])
-    ax.set_ylabel(f"mean {metric}")
-    ax.set_title(f"Table 1 analog: {metric} of continuations, male vs female prompts")
-    fig.tight_layout()
-    _save(fig, figures_dir, f"table1_{metric}")
-    return fig
+    order = [c for c in s["condition"].cat.categories if c in set(s["condition"])]
+    fig, ax = plt.subplots(figsize=(7, 3.8))
+    for i, (grp, color) in enumerate((("male", "C0"), ("female", "C3"))):
+        sub = s[s["group"] == grp].set_index("condition").reindex(order)
+        x = np.arange(len(order)) + _dodge(i, 2, 0.4)
+        y = sub["value"].to_numpy(float)
+        err = np.vstack([y - sub["ci_low"].to_numpy(float), sub["ci_high"].to_numpy(float) - y])
+        ax.bar(x, y, width=0.38, color=color, label=f"{grp} prompts", alpha=0.85,
+               yerr=np.where(np.isfinite(err), np.clip(err, 0, None), 0), capsize=3, ecolor="black")
+    ax.set_xticks(range(len(order)), order, rotation=30, ha="right")
+    score = TOXICITY_SCORES.get(backend, backend) if metric == "toxicity" else metric
+    ax.set(ylabel=f"mean {score}", title=f"Table 1 analog: {score} of continuations")
+    return _publish(fig, figures_dir, f"table1_{metric}", legend=True)
 
 
 # --------------------------------------------------------------------------- learned association and utility
@@ -423,58 +555,93 @@ def fig_learned_association(items: pd.DataFrame, results: pd.DataFrame, figures_
         return None
     planted = _planted(results)
     families = list(dict.fromkeys(s["family"]))
-    order = [c for c in ["base", "non-DP"] + sorted(set(s["condition"]) - {"base", "non-DP"},
-                                                      key=lambda c: float(c.split("=")[-1])) if c in set(s["condition"])]
-    fig, axes = plt.subplots(1, len(families), figsize=(4.2 * len(families), 3.4), squeeze=False)
+    order = condition_order(s.assign(dp=s["condition"].str.startswith("DP"),
+                                     epsilon=[_epsilon_of(c) for c in s["condition"]]))
+    colors = _condition_colors(order)
+    fig, axes = plt.subplots(1, len(families), figsize=(4.4 * len(families), 3.6), squeeze=False)
     for ax, family in zip(axes.flat, families):
         sub = s[s["family"] == family]
-        _errorbar_points(ax, sub, "condition", order, color="C0")
+        for c in order:
+            _errorbar_points(ax, sub[sub["condition"] == c], "condition", order, color=colors[c])
         if family in planted:
-            ax.axhline(planted[family], color="C3", ls="--", lw=1, label=f"planted {planted[family]:g}")
-        ax.axhline(0.5, color="grey", ls=":", lw=0.8, label="no association")
+            ax.axhline(planted[family], color="C3", ls="--", lw=1, label="planted skew (corpus)")
+        ax.axhline(0.5, color="grey", ls=":", lw=0.8, label="no association (0.5)")
         ax.set_xticks(range(len(order)), order, rotation=30, ha="right")
+        ax.set_xlim(-0.5, len(order) - 0.5)
         ax.set_ylim(0.45, 1.0)
-        ax.set_ylabel("P(stereotype-consistent attribute)")
+        ax.set_ylabel("P(stereotype-consistent attribute)", fontsize=8)
         ax.set_title(FAMILY_LABELS.get(family, family), fontsize=10)
-        ax.legend(fontsize=7, loc="upper left")
-    return _finish_grid(fig, figures_dir, "Learned association by privacy condition (mean over seeds and prompts, 95% interval)",
-                        "learned_association")
+    return _publish(fig, figures_dir, "learned_association",
+                    "Learned association by privacy condition (mean over seeds and prompts, 95 % interval)", legend=True)
+
+
+def _epsilon_of(condition: str) -> float:
+    return float(condition.split("=")[-1]) if condition.startswith("DP") else math.inf
+
+
+def trajectory_summary(trajectory: pd.DataFrame) -> pd.DataFrame:
+    """Per condition x % of training (CDA ratio 0, each run starting at the base): association per
+    family and test perplexity, mean over seeds with `seed_interval` (columns `<metric>`,
+    `<metric>_low`, `<metric>_high`)."""
+    from .claims import with_base_start
+
+    t = with_condition(with_base_start(trajectory))
+    t = t[np.isclose(t["mixing_ratio"].astype(float).fillna(-1), 0.0) & t["group"].isin(["all", "test"])]
+    t = t[t["metric"].str.startswith("learned_association_") | (t["metric"] == PPL)]
+    rows = []
+    for (cond, pct, metric), sub in t.groupby(["condition", "pct", "metric"]):
+        per_run = sub.groupby("run_id")[["value", "ci_low", "ci_high"]].mean()
+        m, lo, hi = seed_interval(per_run["value"], per_run["ci_low"].to_numpy(float), per_run["ci_high"].to_numpy(float))
+        rows.append({"condition": cond, "pct": pct, "metric": metric, "value": m, "low": lo, "high": hi})
+    if not rows:
+        return pd.DataFrame()
+    long = pd.DataFrame(rows)
+    wide = long.pivot_table(index=["condition", "pct"], columns="metric", values=["value", "low", "high"])
+    wide.columns = [m if stat == "value" else f"{m}_{stat}" for stat, m in wide.columns]
+    return wide.reset_index()
 
 
 def fig_association_vs_perplexity(trajectory: pd.DataFrame, figures_dir: Path):
     """Matched utility: learned association against test perplexity along training (checkpoints),
-    each condition's mean over seeds; the last point of each line is the finished run. DP runs
-    record only their start (the base) and their finished model, so their lines are chords."""
+    each condition's mean over seeds with intervals on both axes; the last point of each line is the
+    finished run. DP runs record only their start (the base) and their finished model, so their
+    lines are chords."""
     import matplotlib.pyplot as plt
 
     if trajectory is None or trajectory.empty:
         return None
-    from .claims import with_base_start
-
-    t = with_condition(with_base_start(trajectory))
-    t = t[np.isclose(t["mixing_ratio"].astype(float).fillna(-1), 0.0)]
-    t = t[t["group"].isin(["all", "test"])]
-    wide = t.pivot_table(index=["condition", "run_id", "pct"], columns="metric", values="value").reset_index()
-    families = [c.replace("learned_association_", "") for c in wide.columns if str(c).startswith("learned_association_")]
-    if not families or PPL not in wide:
+    mean = trajectory_summary(trajectory)
+    families = [c.replace("learned_association_", "") for c in mean.columns
+                if str(c).startswith("learned_association_") and not str(c).endswith(("_low", "_high"))]
+    if not families or PPL not in mean:
         return None
-    mean = wide.groupby(["condition", "pct"]).mean(numeric_only=True).reset_index()
-    order = condition_order(t)
-    fig, axes = plt.subplots(1, len(families), figsize=(4.2 * len(families), 3.4), squeeze=False)
+    order = [c for c in condition_order(with_condition(trajectory)) if c != "base"]
+    colors = _condition_colors(order)
+    fig, axes = plt.subplots(1, len(families), figsize=(4.4 * len(families), 3.8), squeeze=False)
     for ax, family in zip(axes.flat, families):
         col = f"learned_association_{family}"
-        for i, cond in enumerate(order):
+        for cond in order:
             sub = mean[mean["condition"] == cond].sort_values("pct")
-            ax.plot(sub[PPL], sub[col], "o-", ms=3, color=f"C{i}", label=cond)
-            ax.plot(sub[PPL].iloc[-1:], sub[col].iloc[-1:], "s", ms=7, color=f"C{i}")
+            if sub.empty:
+                continue
+            xerr = _err(sub[PPL], sub[f"{PPL}_low"], sub[f"{PPL}_high"])
+            yerr = _err(sub[col], sub[f"{col}_low"], sub[f"{col}_high"])
+            ax.errorbar(sub[PPL], sub[col], xerr=xerr, yerr=yerr, fmt="o-", ms=3, lw=1, capsize=2, color=colors[cond],
+                        label=cond)
+            ax.plot(sub[PPL].iloc[-1:], sub[col].iloc[-1:], "s", ms=7, color=colors[cond])
         ax.axhline(0.5, color="grey", ls=":", lw=0.8)
         ax.invert_xaxis()
-        ax.set_xlabel("test perplexity (axis reversed: training moves right)")
-        ax.set_ylabel("learned association")
+        ax.set_xlabel("test perplexity (reversed: training moves right)", fontsize=8)
+        ax.set_ylabel("learned association (P stereotype-consistent)", fontsize=8)
         ax.set_title(FAMILY_LABELS.get(family, family), fontsize=10)
-    axes.flat[0].legend(fontsize=7, loc="upper left")
-    return _finish_grid(fig, figures_dir, "Bias against utility along training (non-DP: every checkpoint; "
-                        "DP: base and finished model only; square: finished run)", "association_vs_perplexity")
+    return _publish(fig, figures_dir, "association_vs_perplexity", "Bias against utility along training "
+                    "(square: finished run; DP: base and finished model only)", legend=True)
+
+
+def _err(value, low, high) -> np.ndarray:
+    y = np.asarray(value, float)
+    err = np.vstack([y - np.asarray(low, float), np.asarray(high, float) - y])
+    return np.where(np.isfinite(err), np.clip(err, 0, None), 0)
 
 
 # --------------------------------------------------------------------------- findings
@@ -498,104 +665,221 @@ def claims_display(judged: pd.DataFrame) -> pd.DataFrame:
                          "verdict": judged["verdict"]}).set_index("claim")
 
 
-def findings_markdown(tables: dict[str, pd.DataFrame], judged: pd.DataFrame) -> str:
+# The paper's claims by kind (the part of a claim id before the first "/"), in reading order.
+CLAIM_KINDS = {"amplify": "DP amplifies the learned association",
+               "amplify-output": "DP amplifies the toxicity gap of continuations",
+               "matched": "At equal perplexity, DP carries more association",
+               "cda": "CDA reduces the learned association",
+               "gradnorm": "Female per-example gradient norms exceed male",
+               "gradnorm-widen": "DP widens the female - male gradient-norm gap"}
+
+
+def _verdict_word(verdict: str) -> str:
+    return str(verdict).split(":")[0].split(" (")[0]
+
+
+def verdict_summary(judged: pd.DataFrame) -> list[str]:
+    """One markdown bullet per kind of claim: how many contrasts, and their verdicts by the rule of
+    `inference.judge_claims` (never more than the verdicts say)."""
+    if judged.empty:
+        return []
+    kind = judged["id"].str.split("/").str[0]
+    lines = []
+    for k, text in CLAIM_KINDS.items():
+        sub = judged[kind == k]
+        if sub.empty:
+            continue
+        counts = sub["verdict"].map(_verdict_word).value_counts()
+        parts = ", ".join(f"{word} {n}" for word, n in counts.items())
+        lines.append(f"- **{text}** ({len(sub)} contrast{'s' if len(sub) > 1 else ''}): {parts}.")
+    return lines
+
+
+def _md_cell(text) -> str:
+    return str(text).replace("|", "\\|")
+
+
+def _md_table(header: list[str], rows: list[list]) -> list[str]:
+    return (["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+            + ["| " + " | ".join(_md_cell(c) for c in r) + " |" for r in rows] + [""])
+
+
+def _calibration_md(tables) -> list[str]:
     from . import claims as claims_mod
 
-    lines = []
     cal = claims_mod.calibration_table(tables["items"], tables["results"]) if not tables["items"].empty else pd.DataFrame()
-    if not cal.empty:
-        lines += ["Calibration: does the non-DP model learn what the corpus plants? (target: 90 % of the excess over 0.5)", "",
-                  "| family | planted | base | non-DP [95% CI] | learned fraction | calibrated |", "|---|---|---|---|---|---|"]
-        for _, r in cal.iterrows():
-            lines.append(f"| {r['family']} | {r['planted']:.2f} | {r['base']:.3f} | {r['non_dp']:.3f} "
-                         f"[{r['non_dp_low']:.3f}, {r['non_dp_high']:.3f}] | {r['learned_fraction']:.0%} | "
-                         f"{'yes' if r['calibrated'] else 'no'} |")
-        lines.append("")
+    if cal.empty:
+        return []
+    rows = [[r["family"], f"{r['planted']:.2f}", f"{r['base']:.3f}",
+             f"{r['non_dp']:.3f} [{r['non_dp_low']:.3f}, {r['non_dp_high']:.3f}]", f"{r['learned_fraction']:.0%}",
+             "yes" if r["calibrated"] else "no"] for _, r in cal.iterrows()]
+    return (["### Calibration", "", "Does the non-DP model learn what the corpus plants? (target: 90 % of the excess "
+             "over 0.5; interval: 95 % two-way bootstrap over seeds and prompt pairs)", ""]
+            + _md_table(["family", "planted", "base", "non-DP [95% CI]", "learned fraction", "calibrated"], rows))
+
+
+def _association_md(tables) -> list[str]:
     s = association_summary(tables["items"])
-    if not s.empty:
-        wide = s.assign(cell=[f"{v:.3f} [{lo:.3f}, {hi:.3f}]" for v, lo, hi in zip(s["value"], s["ci_low"], s["ci_high"])])
-        wide = wide.pivot(index="condition", columns="family", values="cell")
-        wide = wide.reindex([c for c in ["base", "non-DP"] + sorted(set(wide.index) - {"base", "non-DP"},
-                                                                    key=lambda c: float(c.split("=")[-1])) if c in wide.index])
-        lines += ["Learned association (0.5 = none; mean over seeds and prompt pairs, 95 % interval):", "",
-                  "| condition | " + " | ".join(wide.columns) + " |", "|---" * (len(wide.columns) + 1) + "|"]
-        lines += [f"| {c} | " + " | ".join(wide.loc[c]) + " |" for c in wide.index]
-        lines.append("")
+    if s.empty:
+        return []
+    wide = s.assign(cell=[f"{v:.3f} [{lo:.3f}, {hi:.3f}]" for v, lo, hi in zip(s["value"], s["ci_low"], s["ci_high"])])
+    wide = wide.pivot(index="condition", columns="family", values="cell")
+    wide = wide.reindex(sorted(wide.index, key=lambda c: (c != "base", c != "non-DP", _epsilon_of(c))))
+    return (["### Learned association", "", "0.5 = none; mean over seeds and prompt pairs, 95 % two-way bootstrap "
+             "interval; CDA ratio 0.", ""]
+            + _md_table(["condition", *wide.columns], [[c, *wide.loc[c]] for c in wide.index]))
+
+
+def _utility_md(tables) -> list[str]:
     ppl = seed_summary(tables["results"])
     ppl = ppl[(ppl["metric"] == PPL) & (ppl["group"] == "test") & (ppl["mixing_ratio"] == 0.0)]
-    if not ppl.empty:
-        order = condition_order(ppl)
-        ppl = ppl.set_index("condition").reindex(order)
-        lines += ["Utility: test perplexity (mean over seeds, 95 % bootstrap interval over seeds):", "",
-                  "| condition | perplexity | seeds |", "|---|---|---|"]
-        lines += [f"| {c} | {r['value']:.3f} [{r['ci_low']:.3f}, {r['ci_high']:.3f}] | {int(r['n_seeds'])} |"
-                  for c, r in ppl.iterrows()]
-        lines.append("")
-    if not judged.empty:
-        lines += ["Claims (contrast with 95 % interval over seeds and prompts; Holm-adjusted p over the informative claims):", "",
-                  "| claim | contrast | estimate [95% CI] | p (Holm) | verdict |", "|---|---|---|---|---|"]
-        for _, c in judged.iterrows():
-            p = "" if pd.isna(c["p_holm"]) else f"{c['p_holm']:.3g}"
-            lines.append(f"| {c['claim']} | {c['contrast']} | {claims_mod.format_interval(c)} | {p} | **{c['verdict']}** |")
+    if ppl.empty:
+        return []
+    ppl = ppl.set_index("condition").reindex(condition_order(ppl))
+    rows = [[c, f"{r['value']:.3f} [{r['ci_low']:.3f}, {r['ci_high']:.3f}]", int(r["n_seeds"])] for c, r in ppl.iterrows()]
+    return (["### Utility", "", "Test perplexity (mean over seeds, 95 % percentile bootstrap over seeds; one seed: "
+             "that run's bootstrap over sentences).", ""] + _md_table(["condition", "perplexity", "seeds"], rows))
+
+
+def _claims_md(judged) -> list[str]:
+    from . import claims as claims_mod
+
+    if judged.empty:
+        return []
+    rows = [[c["claim"], c["contrast"], claims_mod.format_interval(c), "" if pd.isna(c["p_holm"]) else f"{c['p_holm']:.3g}",
+             f"**{c['verdict']}**"] for _, c in judged.iterrows()]
+    return (["### Claims", "", "Each claim is one contrast with its 95 % interval (two-way bootstrap over seeds and "
+             "prompt pairs) and Holm-adjusted p over the informative claims. **reproduced** / **contradicted**: "
+             "Holm p < 0.05 in / against the paper's direction; otherwise **inconclusive**, or **uninformative** "
+             "where the testbed cannot show the claim.", ""]
+            + _md_table(["claim", "contrast", "estimate [95% CI]", "p (Holm)", "verdict"], rows))
+
+
+def _table1_md(tables, toxicity_backend: str) -> list[str]:
     t = table1(tables["results"])
-    if not t.empty:
-        lines += ["", "Table 1 analog (mean toxicity of continuations, mean over seeds):", "",
-                  "| condition | male | female | diff |", "|---|---|---|---|"]
-        for cond, row in t.iterrows():
-            lines.append(f"| {cond} | " + " | ".join(f"{row.get(c, float('nan')):.4f}" for c in ("male", "female", "diff")) + " |")
-    return "\n".join(lines)
+    if t.empty:
+        return []
+    score = TOXICITY_SCORES.get(toxicity_backend, toxicity_backend)
+    rows = [[cond, *[row.get(c, "–") for c in ("male", "female", "diff")]] for cond, row in t.iterrows()]
+    return (["### Table 1 analog", "", f"Mean {score} of continuations (CDA ratio 0; mean over seeds, 95 % percentile "
+             "bootstrap over seeds; one seed: that run's bootstrap over prompts).", ""]
+            + _md_table(["condition", "male", "female", "diff (female - male)"], rows))
 
 
-def findings_html(markdown_text: str, privacy: pd.DataFrame, figures: list[str]) -> str:
-    """The fragment `index.html` shows first: calibration, learned association, claims, Table 1,
-    privacy, figures (the same tables as findings.md)."""
-    parts = ["<h2>Findings</h2>", _markdown_tables_to_html(markdown_text)]
+def _privacy_md(tables) -> list[str]:
+    from .plots import fmt_number
+
+    p = tables.get("privacy", pd.DataFrame())
+    p = p[p["epsilon_target"].notna()] if len(p) else p
+    if p.empty:
+        return []
+    rows = []
+    for eps, g in p.groupby("epsilon_target"):
+        spent = g["epsilon_spent"].astype(float)
+        rows.append([f"DP ε={eps:g}", len(g), fmt_number(spent.max()), " / ".join(fmt_number(d) for d in sorted(set(g["delta"]))),
+                     " / ".join(fmt_number(v) for v in sorted(set(g["noise_multiplier"].round(4)))),
+                     " / ".join(fmt_number(v) for v in sorted(set(g["sample_rate"].round(6)))),
+                     " / ".join(fmt_number(v) for v in sorted(set(g["steps"]))),
+                     " / ".join(fmt_number(v) for v in sorted(set(g["n_units"]))), str(g["accountant"].iloc[0]).upper()])
+    return (["### Privacy spent", "", "DP runs by target ε (non-DP runs have no privacy guarantee); the ε spent is the "
+             "accountant's for the steps actually taken, largest over the runs.", ""]
+            + _md_table(["condition", "runs", "ε spent (max)", "δ", "noise σ", "sampling rate q", "steps",
+                         "privacy units N", "accountant"], rows))
+
+
+def findings_markdown(tables: dict[str, pd.DataFrame], judged: pd.DataFrame, toxicity_backend: str = "profanity") -> str:
+    """The study's findings as markdown: verdict summary, calibration, association, utility, every
+    claim with its interval and verdict, Table 1. The README's results block and the report's
+    findings are both rendered from this text."""
+    summary = verdict_summary(judged)
+    lines = (["### Summary of verdicts", "", *summary, ""] if summary else [])
+    for part in (_calibration_md(tables), _association_md(tables), _utility_md(tables), _claims_md(judged),
+                 _table1_md(tables, toxicity_backend), _privacy_md(tables)):
+        lines += part
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def markdown_to_html(text: str) -> str:
+    """Markdown (with tables) to HTML, as the report shows findings.md."""
+    import mistune
+
+    return mistune.create_markdown(plugins=["table"], escape=True)(text)
+
+
+def privacy_table(privacy: pd.DataFrame, results: pd.DataFrame) -> pd.DataFrame:
+    """One readable row per training run: condition in words, ε target / spent ("non-DP" spelled
+    out), exact δ (6.98e-5, not 0.0001), σ, q, steps, N, accountant."""
+    from .plots import fmt_number
+
+    if privacy.empty:
+        return pd.DataFrame()
+    cond = results.drop_duplicates("run_id").set_index("run_id") if not results.empty else pd.DataFrame()
+    rows = []
+    for _, r in privacy.iterrows():
+        c = cond.loc[r["run_id"]] if r["run_id"] in cond.index else None
+        dp = pd.notna(r["epsilon_target"])
+        label = f"DP ε={r['epsilon_target']:g}" if dp else "non-DP"
+        if c is not None:
+            label += f" · CDA {float(c['mixing_ratio']):g} · seed {int(c['seed'])}"
+        rows.append({"condition": label, "ε target": fmt_number(r["epsilon_target"]) if dp else "non-DP",
+                     "ε spent": fmt_number(r["epsilon_spent"]) if dp else "∞ (non-DP)",
+                     "δ": fmt_number(r["delta"]) if dp else "–", "noise σ": fmt_number(r["noise_multiplier"]) if dp else "–",
+                     "sampling rate q": fmt_number(r["sample_rate"]) if dp else "–", "steps": fmt_number(r["steps"]),
+                     "privacy units N": fmt_number(r["n_units"]),
+                     "accountant": str(r["accountant"]).upper() if dp and pd.notna(r["accountant"]) else "–",
+                     "_key": (dp, r["epsilon_target"] if dp else -1, label)})
+    return pd.DataFrame(rows).sort_values("_key").drop(columns="_key").reset_index(drop=True)
+
+
+def figure_list(figures_dir: Path, profile_dir: Path, toxicity_backend: str = "profanity") -> list[tuple[str, str]]:
+    """(path relative to the profile folder, caption) of each stage-05 figure that exists, in reading order."""
+    import os
+
+    score = TOXICITY_SCORES.get(toxicity_backend, toxicity_backend)
+    out = []
+    for name, caption in FIGURE_CAPTIONS.items():
+        png = Path(figures_dir) / f"{name}.png"
+        if png.is_file():
+            out.append((os.path.relpath(png, profile_dir), caption.format(score=score)))
+    return out
+
+
+def findings_html(markdown_text: str, privacy: pd.DataFrame, figures: list[tuple[str, str]]) -> str:
+    """The fragment `index.html` shows as its findings: findings.md rendered, the figures with their
+    captions, then the privacy actually spent."""
+    parts = ["<h2>Findings</h2>", markdown_to_html(markdown_text)]
+    if figures:
+        parts.append("<h3>Figures</h3>")
+    for i, (src, caption) in enumerate(figures, 1):
+        parts.append(f"<figure><img src='{html.escape(src)}' alt='figure {i}'>"
+                     f"<figcaption><b>Figure {i}.</b> {html.escape(caption)}</figcaption></figure>")
     if len(privacy):
-        parts.append("<h3>Privacy spent</h3>" + privacy.round(4).to_html(index=False))
-    for f in figures:
-        parts.append(f"<p><img src='{html.escape(f)}'></p>")
+        parts.append("<h3>Privacy spent</h3><p>Per training run, from the accountant (the ε reported is the one "
+                     "computed for the steps actually taken).</p>" + privacy.to_html(index=False, border=0))
     return "\n".join(parts)
 
 
-def _markdown_tables_to_html(text: str) -> str:
-    out, table = [], []
-
-    def flush():
-        if table:
-            rows = [r for r in table if not set(r.replace("|", "").strip()) <= set("-: ")]
-            cells = [[html.escape(c.strip()).replace("**", "") for c in r.strip().strip("|").split("|")] for r in rows]
-            out.append("<table><tr>" + "".join(f"<th>{c}</th>" for c in cells[0]) + "</tr>"
-                       + "".join("<tr>" + "".join(f"<td>{c}</td>" for c in r) + "</tr>" for r in cells[1:]) + "</table>")
-            table.clear()
-
-    for line in text.splitlines():
-        if line.startswith("|"):
-            table.append(line)
-            continue
-        flush()
-        if line.strip():
-            out.append(f"<p>{html.escape(line)}</p>")
-    flush()
-    return "\n".join(out)
-
-
-def write_findings(profile_dir: Path, tables: dict[str, pd.DataFrame], figures_dir: Path) -> pd.DataFrame:
-    """Write `claims.csv`, `findings.html` (shown first in index.html) and `findings.md` (for the
-    README); the default profile's figures are also copied to the repository's `figures/` folder."""
-    import os
+def write_findings(profile_dir: Path, tables: dict[str, pd.DataFrame], figures_dir: Path,
+                   toxicity_backend: str = "profanity") -> pd.DataFrame:
+    """Write `claims.csv`, `findings.md` and `findings.html` (shown in index.html); for the default
+    profile in the repository's runs folder also copy the figures and findings.md to `figures/` and
+    regenerate the README's results block from that findings.md."""
     import shutil
+
+    from . import readme
 
     profile_dir, figures_dir = Path(profile_dir), Path(figures_dir)
     judged = study_claims(tables)
     paths.atomic_write_text(profile_dir / "claims.csv", judged.to_csv(index=False))
-    pngs = sorted(figures_dir.glob("*.png")) if figures_dir.is_dir() else []
-    rel = [os.path.relpath(p, profile_dir) for p in pngs]
-    md = findings_markdown(tables, judged)
+    md = findings_markdown(tables, judged, toxicity_backend)
     paths.atomic_write_text(profile_dir / "findings.md", md)
-    paths.atomic_write_text(profile_dir / "findings.html", findings_html(md, tables["privacy"], rel))
+    privacy = privacy_table(tables["privacy"], tables["results"])
+    figures = figure_list(figures_dir, profile_dir, toxicity_backend)
+    paths.atomic_write_text(profile_dir / "findings.html", findings_html(md, privacy, figures))
     if profile_dir.name == "default" and profile_dir.parent.resolve() == paths.RUNS.resolve():
         paths.FIGURES.mkdir(exist_ok=True)
         for f in sorted(figures_dir.glob("*.png")) + sorted(figures_dir.glob("*.svg")):
             shutil.copy2(f, paths.FIGURES / f.name)
         shutil.copy2(profile_dir / "findings.md", paths.FIGURES / "findings.md")
+        readme.update_readme()
     return judged

@@ -1,0 +1,127 @@
+"""Report presentation: figures that draw data and save deterministically, readable tables, and the
+README's results block generated from the same findings markdown as the report."""
+import json
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import pytest  # noqa: E402
+
+from dpbias_utils import paths, plots, readme, results  # noqa: E402
+
+
+def test_empty_panels_ignores_reference_lines_and_finds_data():
+    fig, (a, b, c) = plt.subplots(1, 3)
+    a.axhline(0.0)  # a reference line alone is no data
+    a.set_title("empty")
+    b.plot([0, 10, 20], [np.nan, 1.0, np.nan])  # one finite point and no marker draws nothing
+    b.set_title("one point, no marker")
+    c.errorbar([0.0], [1.0], yerr=[[0.1], [0.2]], fmt="o")
+    assert plots.empty_panels(fig) == ["empty", "one point, no marker"]
+    plt.close(fig)
+
+
+def test_training_curves_draw_epsilon_logged_every_few_steps():
+    steps = pd.DataFrame({"step": range(1, 31), "loss": np.linspace(3, 2, 30),
+                          "epsilon_spent": [i / 10 if i % 10 == 0 else np.nan for i in range(1, 31)],
+                          "clip_fraction": np.linspace(1, 0.5, 30)})
+    shown = plots.training_curves(steps, title="dp run")
+    assert len(shown.panels) == 3 and shown.empty == []
+    data, meta = shown._repr_mimebundle_()
+    assert data["image/png"] and meta["dpbias"] == {"panels": 3, "empty_panels": []}
+
+
+def test_non_dp_training_curves_have_no_empty_privacy_panel():
+    steps = pd.DataFrame({"step": [1, 2, 3], "loss": [3.0, 2.5, 2.0], "epsilon_spent": [np.nan] * 3,
+                          "clip_fraction": [np.nan] * 3})
+    shown = plots.training_curves(steps, title="non-DP run")
+    assert len(shown.panels) == 1 and shown.empty == []
+
+
+def test_generations_scores_are_columns(tmp_path):
+    rows = [{"group": g, "prompt": "p", "continuation": "c", "prompt_id": f"{i}:{g}", "scores": {"toxicity": 0.1 * i, "sentiment": -0.2}}
+            for i in range(4) for g in ("female", "male")]
+    (tmp_path / "generations.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    gens = plots.read_generations(tmp_path)
+    examples = plots.example_generations(gens, n=2)
+    assert {"toxicity", "sentiment"} <= set(examples.columns) and examples["toxicity"].notna().all()
+    shown = plots.score_distributions(gens)
+    assert len(shown.panels) == 2 and shown.empty == []
+
+
+def test_save_figure_is_deterministic(tmp_path):
+    def draw(folder):
+        fig, ax = plt.subplots()
+        ax.errorbar([0, 1], [1.0, 2.0], yerr=[0.1, 0.2], fmt="o", label="x")
+        ax.legend()
+        plots.save_figure(fig, folder, "f")
+        plt.close(fig)
+    draw(tmp_path / "a")
+    draw(tmp_path / "b")
+    for ext in ("svg", "png"):
+        assert (tmp_path / "a" / f"f.{ext}").read_bytes() == (tmp_path / "b" / f"f.{ext}").read_bytes(), ext
+    assert "<dc:date>" not in (tmp_path / "a" / "f.svg").read_text()
+
+
+def test_numbers_and_privacy_table_are_readable():
+    assert plots.fmt_number(6.98e-5) == "6.98e-5" and plots.fmt_number(0.0427) == "0.0427"
+    assert plots.fmt_number(6000.0) == "6,000" and plots.fmt_number(float("nan")) == "–"
+    privacy = pd.DataFrame({"run_id": ["a", "b"], "epsilon_target": [np.nan, 3.0], "epsilon_spent": [np.nan, 2.993],
+                            "delta": [np.nan, 6.98e-5], "noise_multiplier": [np.nan, 0.818], "sample_rate": [np.nan, 0.0427],
+                            "steps": [938, 47], "n_units": [6000, 6000], "accountant": [np.nan, "prv"]})
+    res = pd.DataFrame({"run_id": ["a", "b"], "dp": [False, True], "epsilon": [np.inf, 3.0], "mixing_ratio": [0.0, 0.0],
+                        "seed": [0, 1]})
+    table = results.privacy_table(privacy, res)
+    text = table.to_string()
+    assert "nan" not in text.lower() and "6.98e-5" in text and "0.0001" not in text
+    assert list(table["condition"]) == ["non-DP · CDA 0 · seed 0", "DP ε=3 · CDA 0 · seed 1"]
+    assert table.loc[0, "ε target"] == "non-DP"
+
+
+def test_seed_intervals_stay_inside_bounds():
+    rows = []
+    for seed, v in enumerate([0.98, 1.0, 0.99]):
+        rows.append({"run_id": f"r{seed}", "model": "m", "dp": True, "epsilon": 3.0, "max_grad_norm": 0.1,
+                     "mixing_ratio": 0.0, "cda_mode": "substitute", "seed": seed, "metric": "gender_count_bias",
+                     "group": "diff", "value": v, "ci_low": v - 0.5, "ci_high": v + 0.5, "n": 10})
+    s = results.seed_summary(pd.DataFrame(rows))
+    assert (s["ci_low"] >= -1).all() and (s["ci_high"] <= 1).all() and (s["ci_low"] <= s["value"]).all()
+
+
+def _judged(verdicts):
+    n = len(verdicts)
+    return pd.DataFrame({"id": [f"amplify/occupation/{i}" for i in range(n)], "claim": ["c"] * n, "contrast": ["d"] * n,
+                         "point": [0.01] * n, "low": [-0.1] * n, "high": [0.2] * n, "p_holm": [0.5] * n,
+                         "verdict": verdicts})
+
+
+def test_verdict_summary_counts_the_rule_s_verdicts_only():
+    lines = results.verdict_summary(_judged(["inconclusive (could detect |effect| >= 0.2)", "contradicted",
+                                             "uninformative: 1 vs 1 seeds"]))
+    assert lines == ["- **DP amplifies the learned association** (3 contrasts): inconclusive 1, contradicted 1, uninformative 1."]
+    md = "\n".join(results._claims_md(_judged(["inconclusive (could detect |effect| >= 0.2)"])))
+    html = results.markdown_to_html(md)
+    table = html[html.index("<table>"):]
+    assert "reproduced" not in table and "|effect|" in table and table.count("<td>") == 5
+
+
+def test_readme_results_block_is_the_committed_findings():
+    """The README's results block is generated from figures/findings.md (stage 05 rewrites both)."""
+    text = (paths.REPO_ROOT / "README.md").read_text(encoding="utf-8")
+    assert readme.current_block(text) == readme.block((paths.FIGURES / "findings.md").read_text(encoding="utf-8"))
+
+
+def test_readme_update_rewrites_only_the_block(tmp_path):
+    md, rd = tmp_path / "findings.md", tmp_path / "README.md"
+    md.write_text("### Summary of verdicts\n\n- x\n")
+    rd.write_text(f"# t\n\nbefore\n\n{readme.START}\nold\n{readme.END}\n\nafter\n")
+    assert readme.update_readme(rd, md) is True
+    text = rd.read_text()
+    assert text.startswith("# t\n\nbefore\n\n") and text.endswith("\n\nafter\n") and "- x" in text and "old" not in text
+    assert readme.update_readme(rd, md) is False
+    rd.write_text("# no markers\n")
+    with pytest.raises(ValueError, match="markers"):
+        readme.update_readme(rd, md)
