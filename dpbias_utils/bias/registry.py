@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-__all__ = ["MetricSpec", "METRICS", "spec", "outcome_metrics", "families"]
+__all__ = ["MetricSpec", "METRICS", "spec", "outcome_metrics", "families", "markdown_table"]
 
 INF = math.inf
 
@@ -153,3 +153,13 @@ def families() -> dict[str, list[MetricSpec]]:
     for s in _SPECS:
         out.setdefault(s.family, []).append(s)
     return out
+
+
+def markdown_table() -> str:
+    """The README's metric table: name, family, definition and reference implementation of each metric."""
+    lines = ["| metric | family | definition | reference implementation |", "|---|---|---|---|"]
+    for s in _SPECS:
+        name = f"`{s.name}_<family>`" if s.prefix else f"`{s.name}`"
+        cells = [name, s.family, s.definition, s.reference]
+        lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+    return "\n".join(lines)
