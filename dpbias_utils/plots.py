@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import io
+import itertools
 import json
 from pathlib import Path
 
@@ -107,6 +108,11 @@ def finish(fig, title: str = "", legend: bool = False, ncol: int | None = None) 
     """Title, tight layout with room for a legend under the panels, and the report wrapper."""
     if title:
         fig.suptitle(title, fontsize=11)
+    for ax, which in itertools.product(fig.axes, ("x", "y")):
+        try:  # plain tick labels (no "+5e-1" offset above a narrow axis)
+            ax.ticklabel_format(axis=which, useOffset=False)
+        except AttributeError:  # a categorical or log axis has no offset to turn off
+            pass
     if legend and legend_below(fig, ncol=ncol) is not None:
         fig.tight_layout(rect=(0, 0.08, 1, 1))
     else:
@@ -115,11 +121,29 @@ def finish(fig, title: str = "", legend: bool = False, ncol: int | None = None) 
 
 
 # --------------------------------------------------------------------------- small tables
-def key_value(rows: dict, header=("", "")) -> pd.DataFrame:
-    """A two-column table from a mapping (what a dict or a Series repr would show, readably)."""
-    frame = pd.DataFrame({header[1] or "value": [_fmt_value(v) for v in rows.values()]}, index=list(rows))
-    frame.index.name = header[0] or None
-    return frame
+class Record:
+    """A few named values shown as a two-column table (what a dict, tuple or Series repr would
+    show, readably and without truncation). ``rows`` keeps the formatted values."""
+
+    def __init__(self, rows: dict):
+        self.rows = {str(k): _fmt_value(v) for k, v in rows.items()}
+
+    def _repr_html_(self) -> str:
+        import html
+
+        body = "".join(f"<tr><th style='text-align:left'>{html.escape(k)}</th><td style='text-align:left'>{html.escape(v)}</td></tr>"
+                       for k, v in self.rows.items())
+        return f"<table>{body}</table>"
+
+    def _repr_markdown_(self) -> str:
+        return "| | |\n|---|---|\n" + "\n".join(f"| {k} | {v.replace('|', '/')} |" for k, v in self.rows.items())
+
+    def __repr__(self) -> str:
+        return "\n".join(f"{k}: {v}" for k, v in self.rows.items())
+
+
+def key_value(rows: dict) -> Record:
+    return Record(rows)
 
 
 def _fmt_value(v) -> str:
@@ -178,7 +202,7 @@ def cda_at_ratios(texts: list[str], tokenizer, block_size: int, mode: str, seed:
         stats = data.cda_statistics(texts, units, include_names=swap_names)
         parts.append(stats.assign(mixing_ratio=r, rows=len(units)))
     table = pd.concat(parts, ignore_index=True)
-    return table.pivot_table(index=["measure", "group"], columns="mixing_ratio", values="after").assign(
+    return table.pivot_table(index=["measure", "group"], columns="mixing_ratio", values="after", aggfunc="first").assign(
         before=table[table["mixing_ratio"] == ratios[0]].set_index(["measure", "group"])["before"])
 
 
@@ -196,7 +220,7 @@ def split_sizes(datasets: dict) -> pd.DataFrame:
     return pd.DataFrame(rows).set_index("file")
 
 
-def base_summary(base: str, tokenizer) -> pd.DataFrame:
+def base_summary(base: str, tokenizer) -> Record:
     """The base model and tokenizer every stage starts from (a cached folder is named, not its path)."""
     name = Path(base).name if Path(base).is_absolute() else base
     return key_value({"base model": name, "tokenizer vocabulary": len(tokenizer),
@@ -208,13 +232,13 @@ DATA_FIELDS = {"privacy_unit": "privacy unit", "n_units": "privacy units (N)", "
                "corpus": "corpus"}
 
 
-def data_record(meta: dict) -> pd.DataFrame:
+def data_record(meta: dict) -> Record:
     """What `data.json` records about this node's training data, as a small table."""
     return key_value({label: meta[k] for k, label in DATA_FIELDS.items() if k in meta})
 
 
 # --------------------------------------------------------------------------- stage 02
-def training_summary(result: dict) -> pd.DataFrame:
+def training_summary(result: dict) -> Record:
     """The finished run in one small table (the full record is `DONE.json` in the node folder)."""
     dp = bool(result.get("dp"))
     rows = {"condition": f"DP, target ε = {result['epsilon_target']:g}" if dp else "non-DP (no privacy guarantee)",
@@ -232,7 +256,7 @@ PRIVACY_FIELDS = {"epsilon_target": "ε target", "epsilon_spent": "ε spent (acc
                   "privacy_unit": "privacy unit"}
 
 
-def privacy_record(out_dir: Path) -> pd.DataFrame:
+def privacy_record(out_dir: Path) -> Record:
     """`privacy.json` as a table; a non-DP run says so instead of showing empty fields."""
     rec = json.loads((Path(out_dir) / "privacy.json").read_text())
     if rec.get("epsilon_target") is None:

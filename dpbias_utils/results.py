@@ -275,7 +275,7 @@ FIGURE_CAPTIONS = {
     "interval (seeds and prompt pairs resampled together).",
     "association_vs_perplexity": "Learned association against test perplexity along training, mean over seeds per "
     "condition (CDA ratio 0). Non-DP: every saved checkpoint from the base (right) to the finished run (square); DP: "
-    "the base and the finished model only, so its line is a chord. Bars (both axes): " + SEED_INTERVAL + ".",
+    "the base and the finished model only, so its line is a chord. Error bars on both axes; " + SEED_INTERVAL + ".",
     "bias_vs_epsilon": "Output-level bias of each metric (female - male, or the gender score - 50) per privacy "
     "condition at CDA ratio 0; dotted: no bias. Points: mean over seeds; " + SEED_INTERVAL + ".",
     "bias_vs_mixing_ratio": "Output-level bias against the CDA mixing ratio, one line per privacy condition "
@@ -301,16 +301,17 @@ def _metric_spec(metric: str):
 
 
 def _axis_label(metric: str) -> str:
-    """y-axis label with the metric's unit / range (from the registry)."""
+    """y-axis label with the metric's unit and range (from the registry)."""
     s = _metric_spec(metric)
     if s is None:
         return metric
     if s.centre:
-        return f"{s.label}, percentage points"
+        return f"score − {s.centre:g} (percentage points)"
     lo, hi = s.bounds
-    unit = s.units or ("score difference" if s.outcome_group == "diff" else "value")
-    rng = f", range [{lo:g}, {hi:g}]" if math.isfinite(lo) and math.isfinite(hi) else ""
-    return f"Δ {unit}{rng}" if s.outcome_group == "diff" else f"{unit}{rng}"
+    rng = f" in [{lo:g}, {hi:g}]" if math.isfinite(lo) and math.isfinite(hi) else (f" ≥ {lo:g}" if math.isfinite(lo) else "")
+    if "female - male" in s.label or "(f - m)" in s.label:
+        return f"female − male, {s.units or 'score'}{rng}"
+    return f"{s.label.split(': ')[-1]}{', ' + s.units if s.units else ''}{rng}"
 
 
 def _clip_to_bounds(s: pd.DataFrame) -> pd.DataFrame:
@@ -384,7 +385,7 @@ def _condition_colors(order: list[str]) -> dict[str, str]:
 def fig_bias_vs_epsilon(results: pd.DataFrame, figures_dir: Path):
     """Each bias metric's female - male difference per privacy condition (no CDA), mean over seeds."""
     s = _clip_to_bounds(outcome_rows(seed_summary(results)))
-    s = s[s["mixing_ratio"] == 0.0]
+    s = s[(s["mixing_ratio"] == 0.0) & s["value"].notna()]
     metrics = [m for m in BIAS_METRICS if m in set(s["metric"])]
     if not metrics:
         return None
@@ -407,7 +408,7 @@ def fig_bias_vs_epsilon(results: pd.DataFrame, figures_dir: Path):
 def fig_bias_vs_mixing_ratio(results: pd.DataFrame, figures_dir: Path):
     """Each bias metric's diff against the CDA mixing ratio, one dodged line per condition."""
     s = _clip_to_bounds(outcome_rows(seed_summary(results)))
-    s = s[s["condition"] != "base"]
+    s = s[(s["condition"] != "base") & s["value"].notna()]
     ratios_per_cond = s.groupby("condition")["mixing_ratio"].nunique()
     conds = [c for c in condition_order(s) if ratios_per_cond.get(c, 0) > 1]
     metrics = [m for m in BIAS_METRICS if m in set(s["metric"])]
@@ -444,7 +445,7 @@ def gradnorm_summary(grads: pd.DataFrame, measure: str, split: str = "diff") -> 
 
 
 GRAD_PANELS = {"l2_total": ("gradient-norm gap over training", "Δ per-example L2 gradient norm (female − male)"),
-               "clip_factor": ("signal kept by clipping at C", "Δ clip factor min(1, C/‖g‖), female − male")}
+               "clip_factor": ("signal kept by clipping at C", "Δ clip factor (female − male)")}
 
 
 def fig_gradnorm_gap(grads: pd.DataFrame, figures_dir: Path, measure: str = "l2_total"):
@@ -512,7 +513,7 @@ def fig_table1(results: pd.DataFrame, figures_dir: Path, metric: str = "toxicity
                yerr=np.where(np.isfinite(err), np.clip(err, 0, None), 0), capsize=3, ecolor="black")
     ax.set_xticks(range(len(order)), order, rotation=30, ha="right")
     score = TOXICITY_SCORES.get(backend, backend) if metric == "toxicity" else metric
-    ax.set(ylabel=f"mean {score}", title=f"Table 1 analog: {score} of continuations")
+    ax.set(ylabel="mean score per continuation (0-1)", title=f"Table 1 analog: {score} of continuations")
     return _publish(fig, figures_dir, f"table1_{metric}", legend=True)
 
 
@@ -711,7 +712,7 @@ def _calibration_md(tables) -> list[str]:
     if cal.empty:
         return []
     rows = [[r["family"], f"{r['planted']:.2f}", f"{r['base']:.3f}",
-             f"{r['non_dp']:.3f} [{r['non_dp_low']:.3f}, {r['non_dp_high']:.3f}]", f"{r['learned_fraction']:.0%}",
+             f"{r['non_dp']:.3f} [{r['non_dp_low']:.3f}, {r['non_dp_high']:.3f}]", f"{r['learned_fraction']:.0%}".replace("-0%", "0%"),
              "yes" if r["calibrated"] else "no"] for _, r in cal.iterrows()]
     return (["### Calibration", "", "Does the non-DP model learn what the corpus plants? (target: 90 % of the excess "
              "over 0.5; interval: 95 % two-way bootstrap over seeds and prompt pairs)", ""]

@@ -48,6 +48,11 @@ class StageContext:
         return folder
 
     @property
+    def label(self) -> str:
+        """This node's condition in words (`point_label`)."""
+        return point_label(self.point, self.run_id, self.stage)
+
+    @property
     def is_base(self) -> bool:
         return self.run_id == "base"
 
@@ -59,7 +64,7 @@ class StageContext:
             folder = self.out_dir.name
         return ("| stage | profile | condition | node folder |\n|---|---|---|---|\n"
                 f"| {self.stage} · {paths.STAGE_NOTEBOOKS.get(self.stage, '')} | {self.profile.name} | "
-                f"{point_label(self.point, self.run_id, self.stage)} | {folder} |")
+                f"{self.label} | {folder} |")
 
 
 def point_label(point: dict, run_id: Optional[str] = None, stage: str = "02") -> str:
