@@ -14,13 +14,14 @@ import math
 import os
 import random
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
 import torch
 from tqdm import tqdm
+
+from . import paths
 
 HUB_MODELS = ("distilgpt2", "gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
 EOS = "<|endoftext|>"
@@ -107,7 +108,7 @@ def build_builtin_base(out_dir, texts: list[str], vocab_size: int = 2000, n_laye
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.bpe.", dir=out_dir.parent))
+    tmp = paths.staging_dir(out_dir.parent, f".{out_dir.name}.bpe.")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the same base on every machine: summation order depends on threads
     try:
@@ -210,10 +211,11 @@ def save_model_atomic(model, tokenizer, dest: Path) -> None:
     reader (or a resumed run) never sees a half-written model."""
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
+    tmp = paths.staging_dir(dest.parent, f".{dest.name}.")
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        paths.default_modes(tmp)  # transformers writes model.safetensors 0600
         if dest.exists():
             shutil.rmtree(dest)
         os.replace(tmp, dest)
@@ -269,12 +271,12 @@ def load_tokenizer(name_or_path: str):
     return tokenizer
 
 
-def base_for_profile(profile) -> str:
+def base_for_profile(profile, cache_root: Path | None = None) -> str:
     """The base model a profile's stages start from: a hub id, a local folder, or the offline
     built-in one (a small GPT-2 with its own BPE tokenizer, pretrained on the controlled corpus as
     `params.BuiltinBaseParams` describes), built once per specification and cached under
-    `paths.CACHE`."""
-    from . import corpus, paths
+    `cache_root` (default `paths.cache_dir()`: $DPBIAS_CACHE, else `_cache/` in the runs folder)."""
+    from . import corpus
     from .params import BUILTIN, resolve_path
 
     m = profile.model
@@ -298,7 +300,7 @@ def base_for_profile(profile) -> str:
         settle = corpus.generate_controlled(b.pretrain_sentences, pretrain_seed + 20, skew, skew, skew)["text"].tolist()
         return [(circuit, b.circuit_steps, circuit_formed(b.circuit_skew)), (settle, b.settle_steps)]
 
-    return str(ensure_builtin_base(paths.CACHE / "base-models", spec, texts, phases))
+    return str(ensure_builtin_base(Path(cache_root or paths.cache_dir()) / "base-models", spec, texts, phases))
 
 
 def circuit_formed(circuit_skew: float):

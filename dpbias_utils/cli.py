@@ -9,6 +9,8 @@ from . import paths
 from .params import ParamsError, load_profile
 
 EXIT_BAD_PARAMS = 2
+EXIT_INTERRUPTED = 130  # the shell's convention for SIGINT
+INTERRUPTED = "interrupted; run the same command again to resume"
 
 
 def _load(path: str):
@@ -21,6 +23,15 @@ def _load(path: str):
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The `dpbias` command; Ctrl-C anywhere ends it with one line and status 130."""
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:
+        print(INTERRUPTED, file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+def _main(argv: list[str] | None) -> int:
     parser = argparse.ArgumentParser(prog="dpbias", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     p_val = sub.add_parser("validate", help="validate a profile and exit (2 if invalid); writes nothing")
@@ -31,7 +42,10 @@ def main(argv: list[str] | None = None) -> int:
     p_run.add_argument("--only", choices=["01", "02", "03", "04", "05"], help="run only this stage's nodes")
     p_run.add_argument("--dry-run", action="store_true", help="print the plan (and cost estimate) and exit")
     p_run.add_argument("--executor", choices=["local", "slurm"], default="local")
-    p_run.add_argument("--runs-dir", type=Path, default=None, help=f"output root (default {paths.RUNS})")
+    p_run.add_argument("--runs-dir", type=Path, default=None,
+                       help="output root, also of the caches unless DPBIAS_CACHE is set (default $DPBIAS_RUNS, else runs/)")
+    p_run.add_argument("--rerun-stale", action="store_true",
+                       help="redo complete nodes computed by other code (another source hash), and their downstream")
     p_run.add_argument("--notebooks", type=Path, default=None, help="stage notebooks folder (development/tests)")
     args = parser.parse_args(argv)
 
@@ -48,20 +62,36 @@ def main(argv: list[str] | None = None) -> int:
     if args.dry_run:
         from . import cost
 
-        print(runner.describe_plan(profile, args.runs_dir))
+        print(runner.describe_plan(profile, args.runs_dir, args.notebooks))
         print(cost.describe_cost(profile))
         return 0
-    result = runner.run(profile, jobs=args.jobs, only=args.only, runs_dir=args.runs_dir, notebooks=args.notebooks,
-                        executor=args.executor)
-    profile_dir = paths.profile_dir(profile.name, args.runs_dir)
+    try:
+        result = runner.run(profile, jobs=args.jobs, only=args.only, runs_dir=args.runs_dir, notebooks=args.notebooks,
+                            executor=args.executor, rerun_stale=args.rerun_stale)
+    except paths.RunsDirError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_BAD_PARAMS
+    except OSError as exc:
+        err = paths.unwritable_error(exc, paths.profile_dir(profile.name, args.runs_dir))
+        if err is None:
+            raise
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_BAD_PARAMS
+    _summary(result, paths.profile_dir(profile.name, args.runs_dir))
+    return 0 if result.ok else 1
+
+
+def _summary(result, profile_dir: Path) -> None:
     print(f"{len(result.completed)} nodes run, {len(result.skipped)} already complete, "
-          f"{len(result.failed)} failed, {len(result.blocked)} blocked")
+          f"{len(result.elsewhere)} computed by another process, {len(result.failed)} failed, "
+          f"{len(result.blocked)} blocked")
+    if result.stale_message():
+        print(result.stale_message())
     for n in result.failed:
         print(f"FAILED {n.stage}/{n.node_id}: see {n.folder(profile_dir) / 'notebook.ipynb'} and runner.log", file=sys.stderr)
     for n in result.blocked:
         print(f"BLOCKED {n.stage}/{n.node_id}: an upstream node failed or is missing", file=sys.stderr)
     print(f"report: {profile_dir / 'index.html'}")
-    return 0 if result.ok else 1
 
 
 if __name__ == "__main__":

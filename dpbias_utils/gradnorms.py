@@ -271,7 +271,7 @@ def per_example_grad_norms(
     quantity DP-SGD clips), w.r.t. all trainable parameters, with dropout off. The model is moved to
     ``device``; its train/eval mode and attention implementation are restored afterwards.
     """
-    from tqdm import tqdm
+    from .progress import tqdm
 
     model.to(device)
     meta_cols = [c for c in ("gender", "label") if c in df.columns]

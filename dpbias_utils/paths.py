@@ -1,7 +1,10 @@
-"""Every path the project uses, in one place."""
+"""Every path the project uses, in one place, and how the project writes into them."""
 from __future__ import annotations
 
+import errno
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -9,10 +12,11 @@ NOTEBOOKS = REPO_ROOT / "notebooks"
 PARAMS = REPO_ROOT / "params"
 FIGURES = REPO_ROOT / "figures"
 DEFAULT_PARAMS = PARAMS / "default.yaml"
-# Generated output; overridable so tests and clusters can put it elsewhere.
-RUNS = Path(os.environ.get("DPBIAS_RUNS", REPO_ROOT / "runs"))
-# Cache shared by all profiles (the offline base model is built once per spec).
-CACHE = Path(os.environ.get("DPBIAS_CACHE", RUNS / "_cache"))
+# Generated output; overridable so tests and clusters can put it elsewhere (`runs_root()` reads the
+# environment at call time; RUNS is its value at import).
+RUNS = Path(os.environ.get("DPBIAS_RUNS") or REPO_ROOT / "runs")
+# A node is complete when this file (written last) exists in its folder.
+MARKER = "_COMPLETE.json"
 # Real data files for tests (never copied into the project; the project runs without them).
 SHARED_DATA = Path(os.environ.get("DPBIAS_SHARED_DATA", REPO_ROOT.parent / "shared" / "data"))
 
@@ -26,8 +30,21 @@ STAGE_NOTEBOOKS = {
 STAGE_DIRS = {"01": "01_data", "02": "02_train", "03": "03_gradnorms", "04": "04_bias", "05": "05_report"}
 
 
+def runs_root() -> Path:
+    """The output root: $DPBIAS_RUNS, else `runs/` in the repository. The runner sets DPBIAS_RUNS for
+    every node it executes to its `--runs-dir`, so the notebooks and their caches follow it."""
+    return Path(os.environ.get("DPBIAS_RUNS") or REPO_ROOT / "runs")
+
+
+def cache_dir(runs: Path | None = None) -> Path:
+    """Cache shared by all profiles (the built-in base models, noise calibrations): $DPBIAS_CACHE,
+    else `_cache/` under the output root (`runs`, else `runs_root()`)."""
+    env = os.environ.get("DPBIAS_CACHE")
+    return Path(env) if env else Path(runs or runs_root()) / "_cache"
+
+
 def profile_dir(profile: str, runs: Path | None = None) -> Path:
-    return Path(runs or RUNS) / profile
+    return Path(runs or runs_root()) / profile
 
 
 def stage_dir(profile: str, stage: str, runs: Path | None = None) -> Path:
@@ -36,6 +53,78 @@ def stage_dir(profile: str, stage: str, runs: Path | None = None) -> Path:
 
 def shared(*parts: str) -> Path:
     return SHARED_DATA.joinpath(*parts)
+
+
+def _umask() -> int:
+    try:  # Linux reports it without changing it
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def staging_dir(parent: Path, prefix: str) -> Path:
+    """A new temporary folder in `parent`, to be renamed into place, with the mode of an ordinary
+    `mkdir` (0777 minus the umask), not mkdtemp's 0700: what is renamed into a shared runs folder
+    stays readable by the group the umask allows."""
+    tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+    tmp.chmod(0o777 & ~_umask())
+    return tmp
+
+
+def default_modes(folder: Path) -> None:
+    """Give `folder`, and everything in it, the modes of ordinary files and folders under the umask
+    (libraries that write through private temporary files leave 0600 behind)."""
+    mask = _umask()
+    Path(folder).chmod(0o777 & ~mask)
+    for root, dirs, files in os.walk(folder):
+        for d in dirs:
+            os.chmod(os.path.join(root, d), 0o777 & ~mask)
+        for f in files:
+            os.chmod(os.path.join(root, f), 0o666 & ~mask)
+
+
+class RunsDirError(RuntimeError):
+    """The output folder cannot be written (read-only, not permitted, or full)."""
+
+
+_UNWRITABLE = {errno.EACCES: "not writable", errno.EPERM: "not writable", errno.EROFS: "on a read-only file system",
+               errno.ENOSPC: "full", errno.EDQUOT: "full (disk quota exceeded)"}
+MIN_FREE_BYTES = 16 * 2**20  # below this a study cannot write one node's notebook and outputs
+
+
+def unwritable_error(exc: OSError, folder: Path) -> RunsDirError | None:
+    """The one-line error for an OSError that means `folder` cannot be written, else None."""
+    why = _UNWRITABLE.get(exc.errno)
+    if why is None:
+        return None
+    where = exc.filename or folder
+    return RunsDirError(f"runs folder {folder} is {why} ({where}: {exc.strerror}); choose another with "
+                        "--runs-dir or DPBIAS_RUNS")
+
+
+def check_writable(folder: Path) -> None:
+    """Create `folder` and write a probe file in it; raise RunsDirError naming it when that fails or
+    when its file system has less than MIN_FREE_BYTES free."""
+    folder = Path(folder)
+    probe = folder / f".write-probe-{os.getpid()}"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"ok")
+        probe.unlink()
+        free = shutil.disk_usage(folder).free
+    except OSError as exc:
+        err = unwritable_error(exc, folder)
+        if err is None:
+            raise
+        raise err from exc
+    if free < MIN_FREE_BYTES:
+        raise RunsDirError(f"runs folder {folder} is full ({free / 2**20:.1f} MiB free, a node needs at least "
+                           f"{MIN_FREE_BYTES // 2**20} MiB); free space or choose another with --runs-dir or DPBIAS_RUNS")
 
 
 def atomic_write_text(path: Path, text: str) -> None:

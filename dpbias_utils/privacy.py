@@ -83,7 +83,7 @@ def calibrate_noise(target_epsilon: float, delta: float, sample_rate: float, ste
 def _disk_cache_file():
     from . import paths
 
-    return paths.CACHE / "noise-calibration.jsonl"
+    return paths.cache_dir() / "noise-calibration.jsonl"
 
 
 def _disk_cache_key(args) -> str:

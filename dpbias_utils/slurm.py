@@ -153,7 +153,7 @@ def _outcome(job, status: str) -> tuple[bool, str]:
         out = job.result()
     except Exception as err:  # noqa: BLE001 - the node failed inside the job
         return False, f"job {job.job_id} raised {type(err).__name__}: {str(err)[-500:]}"
-    if out.get("rc", 1) != 0:
+    if out.get("rc", 1) not in (0, runner.EXIT_DONE_ELSEWHERE):
         return False, f"job {job.job_id} on {out.get('host')}: node failed (rc {out.get('rc')}); see {job.paths.stderr}"
     return True, f"job {job.job_id} on {out.get('host')} in {out.get('seconds')} s"
 

@@ -27,9 +27,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
-from tqdm import tqdm
 
 from . import grad_samplers  # noqa: F401  (registers the Conv1D per-sample gradient)
+from .progress import tqdm
 from .basemodel import load_base, resolve_device, save_model_atomic
 from .privacy import PrivacyError, calibrate_noise, default_delta, epsilon_spent
 
@@ -459,7 +459,8 @@ def train(base_path: str, train_df, out_dir, *, epsilon: float | None, max_grad_
     eps_every = max(10, steps // 20)  # PRV epsilon costs ~0.5 s; also at checkpoints and the end
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if (not dp and dev.type == "cuda") else nullcontext())
     t0 = time.time()
-    bar = tqdm(total=steps, initial=step, desc=f"train eps={epsilon}", leave=False)
+    bar = tqdm(total=steps, initial=step, desc="train non-DP" if epsilon is None else f"train eps={epsilon:g}",
+               unit="step", leave=False)
     last_eps = rows[-1]["epsilon_spent"] if rows else (0.0 if dp else None)
 
     def physical_batches():

@@ -73,9 +73,9 @@ def test_disk_cache_is_only_a_candidate(tmp_path, monkeypatch):
     """A cached noise multiplier is re-checked: a corrupted cache entry can never weaken privacy."""
     import json as _json
 
-    from dpbias_utils import paths, privacy
+    from dpbias_utils import privacy
 
-    monkeypatch.setattr(paths, "CACHE", tmp_path)
+    monkeypatch.setenv("DPBIAS_CACHE", str(tmp_path))
     args = (3.0, 1e-5, 0.01, 300, "rdp")
     sigma = privacy.calibrate_noise(*args)
     assert privacy.epsilon_spent(sigma, 0.01, 300, 1e-5, "rdp") <= 3.0
