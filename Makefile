@@ -24,11 +24,11 @@ $(BIN)/python:
 # Re-installs only when the dependency declarations change (idempotent, seconds otherwise).
 $(STAMP): pyproject.toml constraints.txt | $(BIN)/python
 	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -c constraints.txt -e '.[dev]'
+	$(BIN)/pip install --quiet -c constraints.txt -e '.[dev,lab]'
 	$(BIN)/python -m ipykernel install --sys-prefix --name python3 --display-name "Python 3 (dp-bias)" >/dev/null
 	touch $(STAMP)
 
-setup: $(STAMP) ## Create .venv (torch first, then the package) and register its Jupyter kernel
+setup: $(STAMP) ## Create .venv (torch first, then the package with the lab and dev extras) and register its Jupyter kernel
 
 study: setup ## Run the whole study on $(PARAMS) (default: embedded CPU profile) -> runs/<profile>/index.html
 	$(BIN)/dpbias run $(PARAMS) --jobs $(JOBS)
