@@ -142,6 +142,21 @@ class Record:
         return "\n".join(f"{k}: {v}" for k, v in self.rows.items())
 
 
+class Table:
+    """A data frame shown whole: no truncated cells or rows, text left-aligned (what a reader needs
+    for tables of sentences such as claims and verdicts). ``frame`` is the data frame."""
+
+    def __init__(self, frame: pd.DataFrame, index: bool = True):
+        self.frame, self.index = frame, index
+
+    def _repr_html_(self) -> str:
+        style = "<style>table.dpbias-table td,table.dpbias-table th{text-align:left !important;vertical-align:top}</style>"
+        return style + self.frame.to_html(index=self.index, classes="dpbias-table", border=0, na_rep="–")
+
+    def __repr__(self) -> str:
+        return self.frame.to_string(index=self.index)
+
+
 def key_value(rows: dict) -> Record:
     return Record(rows)
 
@@ -292,7 +307,8 @@ def gradnorm_overview(tidy: pd.DataFrame) -> pd.DataFrame:
     """Which checkpoints and splits were measured, with how many units each."""
     n = tidy[tidy["measure"] == tidy["measure"].iloc[0]] if len(tidy) else tidy
     n = n[~n["split"].str.contains("-")]
-    return n.pivot_table(index="split", columns="checkpoint", values="n", aggfunc="first", sort=False).astype(int)
+    wide = n.pivot_table(index="split", columns="checkpoint", values="n", aggfunc="first", sort=False).fillna(0).astype(int)
+    return wide.rename_axis(columns="units measured at checkpoint")
 
 
 def gradnorm_final(tidy: pd.DataFrame) -> pd.DataFrame:

@@ -233,7 +233,7 @@ def study_overview(results: pd.DataFrame) -> pd.DataFrame:
     df = with_condition(results)
     df["CDA ratio"] = df["mixing_ratio"].map(lambda r: "–" if pd.isna(r) else f"{r:g}")
     out = df.groupby(["condition", "CDA ratio"], sort=False).agg(
-        runs=("run_id", "nunique"), seeds=("seed", lambda s: ", ".join(str(int(x)) for x in sorted(set(s)))),
+        runs=("run_id", "nunique"), **{"seed(s)": ("seed", lambda s: ", ".join(str(int(x)) for x in sorted(set(s))))},
         metrics=("metric", "nunique"))
     order = {c: i for i, c in enumerate(condition_order(df))}
     return out.sort_index(key=lambda idx: idx.map(lambda c: order.get(c, len(order))) if idx.name == "condition" else idx)
@@ -654,16 +654,18 @@ def study_claims(tables: dict[str, pd.DataFrame]) -> pd.DataFrame:
     return claims_mod.study_claims(tables["items"], tables["results"], tables.get("trajectory"))
 
 
-def claims_display(judged: pd.DataFrame) -> pd.DataFrame:
-    """The judged claims as a reader sees them: claim, contrast, estimate with interval, Holm p, verdict."""
+def claims_display(judged: pd.DataFrame):
+    """The judged claims as a reader sees them (whole, not truncated): claim, contrast, estimate
+    with interval, Holm p, verdict."""
     from . import claims as claims_mod
+    from .plots import Table
 
     if judged.empty:
-        return judged
-    return pd.DataFrame({"claim": judged["claim"], "contrast": judged["contrast"],
-                         "estimate [95% CI]": [claims_mod.format_interval(r) for _, r in judged.iterrows()],
-                         "p (Holm)": ["" if pd.isna(p) else f"{p:.3g}" for p in judged["p_holm"]],
-                         "verdict": judged["verdict"]}).set_index("claim")
+        return "No claim could be formed from these runs."
+    return Table(pd.DataFrame({"claim": judged["claim"], "contrast": judged["contrast"],
+                               "estimate [95% CI]": [claims_mod.format_interval(r) for _, r in judged.iterrows()],
+                               "p (Holm)": ["" if pd.isna(p) else f"{p:.3g}" for p in judged["p_holm"]],
+                               "verdict": judged["verdict"]}), index=False)
 
 
 # The paper's claims by kind (the part of a claim id before the first "/"), in reading order.
@@ -829,7 +831,7 @@ def privacy_table(privacy: pd.DataFrame, results: pd.DataFrame) -> pd.DataFrame:
                      "privacy units N": fmt_number(r["n_units"]),
                      "accountant": str(r["accountant"]).upper() if dp and pd.notna(r["accountant"]) else "–",
                      "_key": (dp, r["epsilon_target"] if dp else -1, label)})
-    return pd.DataFrame(rows).sort_values("_key").drop(columns="_key").reset_index(drop=True)
+    return pd.DataFrame(rows).sort_values("_key").drop(columns="_key").set_index("condition")
 
 
 def figure_list(figures_dir: Path, profile_dir: Path, toxicity_backend: str = "profanity") -> list[tuple[str, str]]:
@@ -856,7 +858,7 @@ def findings_html(markdown_text: str, privacy: pd.DataFrame, figures: list[tuple
                      f"<figcaption><b>Figure {i}.</b> {html.escape(caption)}</figcaption></figure>")
     if len(privacy):
         parts.append("<h3>Privacy spent</h3><p>Per training run, from the accountant (the ε reported is the one "
-                     "computed for the steps actually taken).</p>" + privacy.to_html(index=False, border=0))
+                     "computed for the steps actually taken).</p>" + privacy.to_html(border=0))
     return "\n".join(parts)
 
 

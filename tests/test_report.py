@@ -77,8 +77,8 @@ def test_numbers_and_privacy_table_are_readable():
     table = results.privacy_table(privacy, res)
     text = table.to_string()
     assert "nan" not in text.lower() and "6.98e-5" in text and "0.0001" not in text
-    assert list(table["condition"]) == ["non-DP · CDA 0 · seed 0", "DP ε=3 · CDA 0 · seed 1"]
-    assert table.loc[0, "ε target"] == "non-DP"
+    assert list(table.index) == ["non-DP · CDA 0 · seed 0", "DP ε=3 · CDA 0 · seed 1"]
+    assert table["ε target"].iloc[0] == "non-DP"
 
 
 def test_seed_intervals_stay_inside_bounds():
