@@ -116,11 +116,14 @@ def _squeue_ids(job_ids: list[str]) -> Optional[set[str]]:
     return {line.strip() for line in out.stdout.splitlines() if line.strip()}
 
 
-def _wait(jobs: list, poll_s: float, bar=None, grace_polls: int = 3) -> dict[int, str]:
-    """Wait for every job; returns {index: 'done' | 'lost'} ('lost': left the queue without a result)."""
+def _wait(jobs: list, poll_s: float, bar=None, grace_polls: int = 3, on_poll=None) -> dict[int, str]:
+    """Wait for every job; returns {index: 'done' | 'lost'} ('lost': left the queue without a result).
+    `on_poll(open indices)` is called once per poll (progress lines)."""
     state: dict[int, str] = {}
     absent: dict[int, int] = {}
     while len(state) < len(jobs):
+        if on_poll is not None:
+            on_poll([i for i in range(len(jobs)) if i not in state])
         open_idx = [i for i in range(len(jobs)) if i not in state]
         for i in open_idx:
             if jobs[i].done():
@@ -156,6 +159,23 @@ def _outcome(job, status: str) -> tuple[bool, str]:
     if out.get("rc", 1) not in (0, runner.EXIT_DONE_ELSEWHERE):
         return False, f"job {job.job_id} on {out.get('host')}: node failed (rc {out.get('rc')}); see {job.paths.stderr}"
     return True, f"job {job.job_id} on {out.get('host')} in {out.get('seconds')} s"
+
+
+def _progress_printer(runnable: list, profile_dir: Path, bar, enabled: bool):
+    """A line per running node (from its progress file on the shared file system) every
+    runner.PROGRESS_EVERY_S, printed above the stage bar."""
+    started, last = time.time(), [0.0]
+
+    def show(open_idx: list[int]) -> None:
+        if not enabled or time.time() - last[0] < runner.PROGRESS_EVERY_S:
+            return
+        last[0] = time.time()
+        for i in open_idx:
+            folder = runnable[i].folder(profile_dir)
+            if (folder / runner.PROGRESS).is_file():
+                bar.write(runner.progress_line(runnable[i], folder, started))
+
+    return show
 
 
 def run(profile: Profile, nodes: list, pending: list, profile_dir: Path, notebooks: Path, result,
@@ -197,7 +217,7 @@ def run(profile: Profile, nodes: list, pending: list, profile_dir: Path, noteboo
             bar.set_postfix_str(f"stage {stage}: {len(runnable)} jobs")
             jobs = executor.map_array(NodeJob(), specs)
             try:
-                status = _wait(jobs, poll_s, bar)
+                status = _wait(jobs, poll_s, bar, on_poll=_progress_printer(runnable, profile_dir, bar, progress))
             except BaseException:  # interrupted driver: do not leave this stage's jobs running unattended
                 for j in jobs:
                     try:

@@ -70,6 +70,24 @@ def test_node_job_is_requeued_when_preempted():
     assert delayed.function is job and delayed.args == ("/x/node.json",)
 
 
+def test_driver_prints_progress_of_running_jobs_from_their_progress_files(tmp_path, monkeypatch):
+    import json
+    import time
+
+    from dpbias_utils import slurm
+
+    monkeypatch.setattr(runner, "PROGRESS_EVERY_S", 0.0)
+    nodes = [n for n in runner.plan(parse_profile(_tiny_slurm_profile("p"))) if n.stage in ("01", "02")]
+    folder = nodes[1].folder(tmp_path)
+    folder.mkdir(parents=True)
+    bar = {"desc": "train eps=8", "n": 3, "total": 10, "unit": "step", "rate": 1.5}
+    (folder / runner.PROGRESS).write_text(json.dumps({"bars": [bar], "updated": time.time()}))
+    lines = []
+    show = slurm._progress_printer(nodes, tmp_path, type("Bar", (), {"write": staticmethod(lines.append)}), True)
+    show([0, 1])  # the 01 job has not written progress yet: no line for it
+    assert lines == [f"{runner.label(nodes[1])}: train eps=8 3/10 step, 1.5 step/s"]
+
+
 # --------------------------------------------------------------------------- the cluster
 @pytest.fixture(scope="session")
 def slurm_cluster():
