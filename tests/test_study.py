@@ -1,6 +1,5 @@
 """The whole chain on the tiny profile through `dpbias run`: tables' schema, every condition x metric."""
 import json
-import math
 import os
 import subprocess
 import sys
