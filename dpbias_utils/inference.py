@@ -319,7 +319,7 @@ def calibration(nondp_value: float, planted: float, null: float = 0.5, target: f
     fraction = (nondp_value - null) / (planted - null)
     text = (
         f"the non-DP model learned {nondp_value:.2f} of the planted {planted:.2f} "
-        f"({fraction:.0%} of the excess over {null:.2f}; target {target:.0%})"
+        f"({round(fraction, 2) + 0.0:.0%} of the excess over {null:.2f}; target {target:.0%})"
     )
     calibrated = bool(fraction >= target - _CALIBRATION_TOL)  # tolerance: 0.86 vs 0.9 over 0.5 is 0.8999...
     return {"learned_fraction": float(fraction), "calibrated": calibrated, "text": text}
