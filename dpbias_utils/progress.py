@@ -3,10 +3,11 @@
 `dpbias run` executes each node with `DPBIAS_PROGRESS_FILE` set to `<node folder>/.progress.json`.
 There the `tqdm` of this module draws nothing into the notebook: it writes its state (every open
 bar, outermost first: description, step, total, rate) to that file at most once a second, and one
-summary line on stderr when a top-level bar closes. The runner reads the file and prints a line
-per running node every few seconds. Without the variable (JupyterLab, papermill by hand) it is
-plain tqdm. The runner also sets TQDM_DISABLE for the kernel, so the bars of libraries (datasets,
-transformers' "Loading weights") stay out of the notebook; these bars pass `disable=False`.
+summary line on stderr when a top-level bar with `leave=True` (tqdm's default) closes. The runner
+reads the file and prints a line per running node every few seconds. Without the variable
+(JupyterLab, papermill by hand) it is plain tqdm. The runner also sets TQDM_DISABLE for the kernel,
+so the bars of libraries (datasets, transformers' "Loading weights") stay out of the notebook;
+these bars pass `disable=False`.
 """
 from __future__ import annotations
 
@@ -81,7 +82,7 @@ class tqdm(_tqdm):  # noqa: N801 - a drop-in for tqdm.tqdm
                 _last.clear()
                 _last.update(_state(self))
             _write(self._progress_file)
-            if top and self.total:
+            if top and self.leave and self.total:
                 rate = _state(self)["rate"]
                 print(f"{self.desc}: {self.n}/{self.total} {self.unit} in {time.time() - self.start_t:.0f} s"
                       + (f" ({rate:.3g} {self.unit}/s)" if rate else ""), file=sys.stderr, flush=True)

@@ -460,7 +460,7 @@ def train(base_path: str, train_df, out_dir, *, epsilon: float | None, max_grad_
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if (not dp and dev.type == "cuda") else nullcontext())
     t0 = time.time()
     bar = tqdm(total=steps, initial=step, desc="train non-DP" if epsilon is None else f"train eps={epsilon:g}",
-               unit="step", leave=False)
+               unit="step")
     last_eps = rows[-1]["epsilon_spent"] if rows else (0.0 if dp else None)
 
     def physical_batches():

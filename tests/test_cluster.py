@@ -179,6 +179,9 @@ def test_progress_tqdm_is_plain_tqdm_without_the_runner(tmp_path, monkeypatch, c
             assert [(b["desc"], b["n"], b["total"]) for b in state["bars"]] == [("outer", 1, 4), ("inner", 2, 5)]
     assert progress.read(tmp_path / "p.json")["last"]["desc"] == "outer"
     assert capsys.readouterr().err.strip().startswith("outer: 1/4 step in ")
+    with progress.tqdm(total=3, desc="transient", leave=False) as bar:  # leave=False: no summary line
+        bar.update(3)
+    assert capsys.readouterr().err == ""
 
 
 # --------------------------------------------------------------------------- item 6: interrupts, folders

@@ -238,7 +238,7 @@ def evaluate_model(model, tokenizer, splits: dict[str, pd.DataFrame], cfg: dict,
     """Run the enabled metric families on ``model``; write metrics.csv, generations.jsonl and the
     per-item logs ``items/<family>.jsonl`` to ``out_dir``. ``planted``: the
     corpus's skew per attribute family, recorded beside the learned association."""
-    from tqdm import tqdm
+    from ..progress import tqdm
 
     cfg = resolve_cfg(cfg)
     out_dir = Path(out_dir)
