@@ -112,7 +112,7 @@ def _metric_rows(profile) -> list[tuple[str, str]]:
 
 def methods_html(profile, profile_dir: Path) -> str:
     """The methods section: corpus, model, N, steps, ε, δ, C, training rules, backend, metric definitions."""
-    from .results import TOXICITY_SCORES
+    from .results.figures import TOXICITY_SCORES
 
     t, ev = profile.train, profile.evaluation
     facts = _privacy_facts(profile_dir)

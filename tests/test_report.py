@@ -11,6 +11,7 @@ import pandas as pd  # noqa: E402
 import pytest  # noqa: E402
 
 from dpbias_utils import paths, plots, readme, results  # noqa: E402
+from dpbias_utils.results import findings  # noqa: E402
 
 
 def test_empty_panels_ignores_reference_lines_and_finds_data():
@@ -102,7 +103,7 @@ def test_verdict_summary_counts_the_rule_s_verdicts_only():
     lines = results.verdict_summary(_judged(["inconclusive (could detect |effect| >= 0.2)", "contradicted",
                                              "uninformative: 1 vs 1 seeds"]))
     assert lines == ["- **DP amplifies the learned association** (3 contrasts): inconclusive 1, contradicted 1, uninformative 1."]
-    md = "\n".join(results._claims_md(_judged(["inconclusive (could detect |effect| >= 0.2)"])))
+    md = "\n".join(findings._claims_md(_judged(["inconclusive (could detect |effect| >= 0.2)"])))
     html = results.markdown_to_html(md)
     table = html[html.index("<table>"):]
     assert "reproduced" not in table and "|effect|" in table and table.count("<td>") == 5

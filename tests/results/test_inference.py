@@ -5,7 +5,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from dpbias_utils.inference import (
+from dpbias_utils.results.inference import (
     BootResult,
     calibration,
     holm,

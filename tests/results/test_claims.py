@@ -3,7 +3,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from dpbias_utils import claims
+from dpbias_utils.results import claims
 
 PLANTED = {"occupation": 0.9, "sentiment": 0.8, "toxicity": 0.8}
 

@@ -36,8 +36,9 @@ import math
 import numpy as np
 import pandas as pd
 
-from . import corpus, inference
-from .bias.perplexity import CORPUS as PPL
+from .. import corpus
+from ..bias.perplexity import CORPUS as PPL
+from . import inference
 
 FAMILIES = corpus.FAMILIES
 ASSOC = "learned_association_{}"

@@ -1,0 +1,241 @@
+"""Stage 05's findings: every claim judged (`claims`), the findings text (markdown, the single source
+of index.html's findings and the README's results block) and its HTML.
+"""
+from __future__ import annotations
+
+import html
+from pathlib import Path
+
+import pandas as pd
+
+from .. import paths
+from ..bias.perplexity import CORPUS as PPL
+from . import claims
+from .figures import TOXICITY_SCORES, figure_list
+from .tables import association_summary, condition_order, epsilon_of, seed_summary, table1
+
+
+# --------------------------------------------------------------------------- findings
+def study_claims(tables: dict[str, pd.DataFrame]) -> pd.DataFrame:
+
+    if tables["items"].empty:
+        return pd.DataFrame()
+    return claims.study_claims(tables["items"], tables["results"], tables.get("trajectory"))
+
+
+def claims_display(judged: pd.DataFrame):
+    """The judged claims as a reader sees them (whole, not truncated): claim, contrast, estimate
+    with interval, Holm p, verdict."""
+    from .plots import Table
+
+    if judged.empty:
+        return "No claim could be formed from these runs."
+    return Table(pd.DataFrame({"claim": judged["claim"], "contrast": judged["contrast"],
+                               "estimate [95% CI]": [claims.format_interval(r) for _, r in judged.iterrows()],
+                               "p (Holm)": ["" if pd.isna(p) else f"{p:.3g}" for p in judged["p_holm"]],
+                               "verdict": judged["verdict"]}), index=False)
+
+
+# The paper's claims by kind (the part of a claim id before the first "/"), in reading order.
+CLAIM_KINDS = {"amplify": "DP amplifies the learned association",
+               "amplify-output": "DP amplifies the toxicity gap of continuations",
+               "matched": "At equal perplexity, DP carries more association",
+               "cda": "CDA reduces the learned association",
+               "gradnorm": "Female per-example gradient norms exceed male",
+               "gradnorm-widen": "DP widens the female - male gradient-norm gap"}
+
+
+def _verdict_word(verdict: str) -> str:
+    return str(verdict).split(":")[0].split(" (")[0]
+
+
+def verdict_summary(judged: pd.DataFrame) -> list[str]:
+    """One markdown bullet per kind of claim: how many contrasts, and their verdicts by the rule of
+    `inference.judge_claims` (never more than the verdicts say)."""
+    if judged.empty:
+        return []
+    kind = judged["id"].str.split("/").str[0]
+    lines = []
+    for k, text in CLAIM_KINDS.items():
+        sub = judged[kind == k]
+        if sub.empty:
+            continue
+        counts = sub["verdict"].map(_verdict_word).value_counts()
+        parts = ", ".join(f"{word} {n}" for word, n in counts.items())
+        lines.append(f"- **{text}** ({len(sub)} contrast{'s' if len(sub) > 1 else ''}): {parts}.")
+    return lines
+
+
+def _md_cell(text) -> str:
+    return str(text).replace("|", "\\|")
+
+
+def _md_table(header: list[str], rows: list[list]) -> list[str]:
+    return (["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+            + ["| " + " | ".join(_md_cell(c) for c in r) + " |" for r in rows] + [""])
+
+
+def _calibration_md(tables) -> list[str]:
+
+    cal = claims.calibration_table(tables["items"], tables["results"]) if not tables["items"].empty else pd.DataFrame()
+    if cal.empty:
+        return []
+    rows = [[r["family"], f"{r['planted']:.2f}", f"{r['base']:.3f}",
+             f"{r['non_dp']:.3f} [{r['non_dp_low']:.3f}, {r['non_dp_high']:.3f}]", f"{r['learned_fraction']:.0%}".replace("-0%", "0%"),
+             "yes" if r["calibrated"] else "no"] for _, r in cal.iterrows()]
+    return (["### Calibration", "", "Does the non-DP model learn what the corpus plants? (target: 90 % of the excess "
+             "over 0.5; interval: 95 % two-way bootstrap over seeds and prompt pairs)", ""]
+            + _md_table(["family", "planted", "base", "non-DP [95% CI]", "learned fraction", "calibrated"], rows))
+
+
+def _association_md(tables) -> list[str]:
+    s = association_summary(tables["items"])
+    if s.empty:
+        return []
+    wide = s.assign(cell=[f"{v:.3f} [{lo:.3f}, {hi:.3f}]" for v, lo, hi in zip(s["value"], s["ci_low"], s["ci_high"])])
+    wide = wide.pivot(index="condition", columns="family", values="cell")
+    wide = wide.reindex(sorted(wide.index, key=lambda c: (c != "base", c != "non-DP", epsilon_of(c))))
+    return (["### Learned association", "", "0.5 = none; mean over seeds and prompt pairs, 95 % two-way bootstrap "
+             "interval; CDA ratio 0.", ""]
+            + _md_table(["condition", *wide.columns], [[c, *wide.loc[c]] for c in wide.index]))
+
+
+def _utility_md(tables) -> list[str]:
+    ppl = seed_summary(tables["results"])
+    ppl = ppl[(ppl["metric"] == PPL) & (ppl["group"] == "test") & (ppl["mixing_ratio"] == 0.0)]
+    if ppl.empty:
+        return []
+    ppl = ppl.set_index("condition").reindex(condition_order(ppl))
+    rows = [[c, f"{r['value']:.3f} [{r['ci_low']:.3f}, {r['ci_high']:.3f}]", int(r["n_seeds"])] for c, r in ppl.iterrows()]
+    return (["### Utility", "", "Test perplexity (mean over seeds, 95 % percentile bootstrap over seeds; one seed: "
+             "that run's bootstrap over sentences).", ""] + _md_table(["condition", "perplexity", "seeds"], rows))
+
+
+def _claims_md(judged) -> list[str]:
+
+    if judged.empty:
+        return []
+    rows = [[c["claim"], c["contrast"], claims.format_interval(c), "" if pd.isna(c["p_holm"]) else f"{c['p_holm']:.3g}",
+             f"**{c['verdict']}**"] for _, c in judged.iterrows()]
+    return (["### Claims", "", "Each claim is one contrast with its 95 % interval (two-way bootstrap over seeds and "
+             "prompt pairs) and Holm-adjusted p over the informative claims. **reproduced** / **contradicted**: "
+             "Holm p < 0.05 in / against the paper's direction; otherwise **inconclusive**, or **uninformative** "
+             "where the testbed cannot show the claim.", ""]
+            + _md_table(["claim", "contrast", "estimate [95% CI]", "p (Holm)", "verdict"], rows))
+
+
+def _table1_md(tables, toxicity_backend: str) -> list[str]:
+    t = table1(tables["results"])
+    if t.empty:
+        return []
+    score = TOXICITY_SCORES.get(toxicity_backend, toxicity_backend)
+    rows = [[cond, *[row.get(c, "–") for c in ("male", "female", "diff")]] for cond, row in t.iterrows()]
+    return (["### Table 1 analog", "", f"Mean {score} of continuations (CDA ratio 0; mean over seeds, 95 % percentile "
+             "bootstrap over seeds; one seed: that run's bootstrap over prompts).", ""]
+            + _md_table(["condition", "male", "female", "diff (female - male)"], rows))
+
+
+def _privacy_md(tables) -> list[str]:
+    from .plots import fmt_number
+
+    p = tables.get("privacy", pd.DataFrame())
+    p = p[p["epsilon_target"].notna()] if len(p) else p
+    if p.empty:
+        return []
+    rows = []
+    for eps, g in p.groupby("epsilon_target"):
+        spent = g["epsilon_spent"].astype(float)
+        rows.append([f"DP ε={eps:g}", len(g), fmt_number(spent.max()), " / ".join(fmt_number(d) for d in sorted(set(g["delta"]))),
+                     " / ".join(fmt_number(v) for v in sorted(set(g["noise_multiplier"].round(4)))),
+                     " / ".join(fmt_number(v) for v in sorted(set(g["sample_rate"].round(6)))),
+                     " / ".join(fmt_number(v) for v in sorted(set(g["steps"]))),
+                     " / ".join(fmt_number(v) for v in sorted(set(g["n_units"]))), str(g["accountant"].iloc[0]).upper()])
+    return (["### Privacy spent", "", "DP runs by target ε (non-DP runs have no privacy guarantee); the ε spent is the "
+             "accountant's for the steps actually taken, largest over the runs.", ""]
+            + _md_table(["condition", "runs", "ε spent (max)", "δ", "noise σ", "sampling rate q", "steps",
+                         "privacy units N", "accountant"], rows))
+
+
+def findings_markdown(tables: dict[str, pd.DataFrame], judged: pd.DataFrame, toxicity_backend: str = "profanity") -> str:
+    """The study's findings as markdown: verdict summary, calibration, association, utility, every
+    claim with its interval and verdict, Table 1. The README's results block and the report's
+    findings are both rendered from this text."""
+    summary = verdict_summary(judged)
+    lines = (["### Summary of verdicts", "", *summary, ""] if summary else [])
+    for part in (_calibration_md(tables), _association_md(tables), _utility_md(tables), _claims_md(judged),
+                 _table1_md(tables, toxicity_backend), _privacy_md(tables)):
+        lines += part
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def markdown_to_html(text: str) -> str:
+    """Markdown (with tables) to HTML, as the report shows findings.md."""
+    import mistune
+
+    return mistune.create_markdown(plugins=["table"], escape=True)(text)
+
+
+def privacy_table(privacy: pd.DataFrame, results: pd.DataFrame) -> pd.DataFrame:
+    """One readable row per training run: condition in words, ε target / spent ("non-DP" spelled
+    out), exact δ (6.98e-5, not 0.0001), σ, q, steps, N, accountant."""
+    from .plots import fmt_number
+
+    if privacy.empty:
+        return pd.DataFrame()
+    cond = results.drop_duplicates("run_id").set_index("run_id") if not results.empty else pd.DataFrame()
+    rows = []
+    for _, r in privacy.iterrows():
+        c = cond.loc[r["run_id"]] if r["run_id"] in cond.index else None
+        dp = pd.notna(r["epsilon_target"])
+        label = f"DP ε={r['epsilon_target']:g}" if dp else "non-DP"
+        if c is not None:
+            label += f" · CDA {float(c['mixing_ratio']):g} · seed {int(c['seed'])}"
+        rows.append({"condition": label, "ε target": fmt_number(r["epsilon_target"]) if dp else "non-DP",
+                     "ε spent": fmt_number(r["epsilon_spent"]) if dp else "∞ (non-DP)",
+                     "δ": fmt_number(r["delta"]) if dp else "–", "noise σ": fmt_number(r["noise_multiplier"]) if dp else "–",
+                     "sampling rate q": fmt_number(r["sample_rate"]) if dp else "–", "steps": fmt_number(r["steps"]),
+                     "privacy units N": fmt_number(r["n_units"]),
+                     "accountant": str(r["accountant"]).upper() if dp and pd.notna(r["accountant"]) else "–",
+                     "_key": (dp, r["epsilon_target"] if dp else -1, label)})
+    return pd.DataFrame(rows).sort_values("_key").drop(columns="_key").set_index("condition")
+
+
+def findings_html(markdown_text: str, privacy: pd.DataFrame, figures: list[tuple[str, str]]) -> str:
+    """The fragment `index.html` shows as its findings: findings.md rendered, the figures with their
+    captions, then the privacy actually spent."""
+    parts = ["<h2>Findings</h2>", markdown_to_html(markdown_text)]
+    if figures:
+        parts.append("<h3>Figures</h3>")
+    for i, (src, caption) in enumerate(figures, 1):
+        parts.append(f"<figure><img src='{html.escape(src)}' alt='figure {i}'>"
+                     f"<figcaption><b>Figure {i}.</b> {html.escape(caption)}</figcaption></figure>")
+    if len(privacy):
+        parts.append("<h3>Privacy spent</h3><p>Per training run, from the accountant (the ε reported is the one "
+                     "computed for the steps actually taken).</p>" + privacy.to_html(border=0))
+    return "\n".join(parts)
+
+
+def write_findings(profile_dir: Path, tables: dict[str, pd.DataFrame], figures_dir: Path,
+                   toxicity_backend: str = "profanity") -> pd.DataFrame:
+    """Write `claims.csv`, `findings.md` and `findings.html` (shown in index.html); for the default
+    profile in the repository's runs folder also copy the figures and findings.md to `figures/` and
+    regenerate the README's results block from that findings.md."""
+    import shutil
+
+    from .. import readme
+
+    profile_dir, figures_dir = Path(profile_dir), Path(figures_dir)
+    judged = study_claims(tables)
+    paths.atomic_write_text(profile_dir / "claims.csv", judged.to_csv(index=False))
+    md = findings_markdown(tables, judged, toxicity_backend)
+    paths.atomic_write_text(profile_dir / "findings.md", md)
+    privacy = privacy_table(tables["privacy"], tables["results"])
+    figures = figure_list(figures_dir, profile_dir, toxicity_backend)
+    paths.atomic_write_text(profile_dir / "findings.html", findings_html(md, privacy, figures))
+    if profile_dir.name == "default" and profile_dir.parent.resolve() == paths.RUNS.resolve():
+        paths.FIGURES.mkdir(exist_ok=True)
+        for f in sorted(figures_dir.glob("*.png")) + sorted(figures_dir.glob("*.svg")):
+            shutil.copy2(f, paths.FIGURES / f.name)
+        shutil.copy2(profile_dir / "findings.md", paths.FIGURES / "findings.md")
+        readme.update_readme()
+    return judged
