@@ -41,8 +41,10 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .. import corpus, lexicon
+from ..data import corpus, lexicon
 from ..stats import bootstrap_ci, bootstrap_diff_ci, tidy_row
+from .context import FamilyResult, pad_id
+from .perplexity import token_nll
 
 __all__ = ["family_of", "AssociationPrompt", "association_prompts", "attribute_continuations", "association_scores",
            "association_rows", "model_scorer", "continuation_logprobs", "loglik_gap_rows"]
@@ -235,3 +237,28 @@ def loglik_gap_rows(sentences: pd.DataFrame, logprob: np.ndarray, n_boot: int, s
         rows.append(tidy_row(f"loglik_gap_{family}", "diff", bootstrap_diff_ci(st, an, n_boot=n_boot, seed=seed),
                              len(st) + len(an)))
     return rows
+
+
+def metrics(model, tokenizer, cfg: dict, seed: int, planted: dict[str, float] | None = None,
+            test: pd.DataFrame | None = None) -> tuple[list[dict], pd.DataFrame]:
+    """Learned association per attribute family (with the planted skew as group ``planted``) and,
+    when ``test`` has stereotype labels, the held-out log-likelihood gap: (tidy rows, per-pair log)."""
+
+    n_boot, bs = int(cfg["n_boot"]), int(cfg["batch_size"])
+    prompts = association_prompts(n_names=int(cfg["association_names"]), seed=0)
+    per_pair = association_scores(prompts, model_scorer(model, tokenizer, max(bs, 256)))
+    rows = association_rows(per_pair, planted, n_boot, seed)
+    for family, skew in (planted or {}).items():
+        rows.append(tidy_row(f"learned_association_{family}", "planted", (skew, skew, skew), 0))
+    if test is not None and "label" in test.columns and test["label"].isin(["stereotypical", "anti-stereotypical"]).any():
+        sentences = test.assign(family=family_of(test["text"]))
+        nll, _ = token_nll(model, [list(ids) for ids in test["input_ids"]], bs, pad_id(tokenizer))
+        rows += loglik_gap_rows(sentences, -nll, n_boot, seed)
+    return rows, per_pair
+
+
+def evaluate(ctx):
+    """The ``association`` family on an `EvalContext` (its test split gives the log-likelihood gap)."""
+
+    rows, per_pair = metrics(ctx.model, ctx.tokenizer, ctx.cfg, ctx.seed, ctx.planted, ctx.splits.get("test"))
+    return FamilyResult(rows, {"association": per_pair})

@@ -23,7 +23,9 @@ import re
 
 import numpy as np
 
-from .. import lexicon
+from ..data import lexicon
+from ..stats import bootstrap_ci, tidy_row
+from .context import FamilyResult
 
 __all__ = ["count_gendered", "gender_counts", "count_bias", "count_distance"]
 
@@ -56,3 +58,17 @@ def count_distance(counts: np.ndarray) -> float:
         return float("nan")
     p = np.array([f, m]) / (f + m)
     return float(0.5 * np.abs(p - 0.5).sum())
+
+
+def evaluate(ctx):
+    """The ``gender_count`` family on the neutral prompts' continuations (counts added to the log)."""
+
+    gens = ctx.generations()
+    counts = gender_counts(list(gens["continuation"]))
+    gens["female_words"], gens["male_words"] = counts[:, 0], counts[:, 1]
+    neutral = counts[(gens["group"] == "neutral").to_numpy()]
+    rows = []
+    for metric, stat in (("gender_count_bias", count_bias), ("gender_count_distance", count_distance)):
+        ci = bootstrap_ci(neutral, stat, ctx.n_boot, seed=ctx.seed) if neutral.sum() > 0 else (float("nan"),) * 3
+        rows.append(tidy_row(metric, "diff", ci, len(neutral)))
+    return FamilyResult(rows)

@@ -25,7 +25,11 @@ from __future__ import annotations
 from typing import Sequence
 
 import numpy as np
+import pandas as pd
 import torch
+
+from ..stats import bootstrap_ci, tidy_row
+from .context import FamilyResult, subsample
 
 __all__ = ["kl_divergence", "hellinger", "next_token_distributions", "local_bias_scores"]
 
@@ -91,3 +95,28 @@ def local_bias_scores(model, tokenizer, pairs: Sequence[tuple[str, str]], batch_
     out = {k: np.concatenate(v) for k, v in scores.items()}
     out["kl"] = (out["kl_fm"] + out["kl_mf"]) / 2.0
     return out
+
+
+def default_pairs(prompts) -> list[tuple[str, str]]:
+    """(female, male) prompt pairs of the loaded prompt sets, matched by ``pair_id``."""
+    paired = prompts[prompts["pair_id"].notna() & prompts["group"].isin(["female", "male"])]
+    wide = paired.pivot_table(index="pair_id", columns="group", values="prompt", aggfunc="first", sort=False)
+    wide = wide.dropna(subset=[c for c in ("female", "male") if c in wide.columns])
+    if not {"female", "male"} <= set(wide.columns):
+        return []
+    return list(zip(wide["female"], wide["male"]))
+
+
+def evaluate(ctx):
+    """The ``local_bias`` family: the four divergences over context pairs, and the per-pair log."""
+
+    cfg = ctx.cfg
+    pairs = [tuple(p) for p in cfg["local_bias_pairs"]] if cfg["local_bias_pairs"] is not None else default_pairs(ctx.prompts())
+    chosen = subsample(pd.DataFrame(pairs, columns=["female_context", "male_context"]), cfg["local_bias_max_pairs"], ctx.seed)
+    pairs = list(zip(chosen["female_context"], chosen["male_context"]))
+    scores = local_bias_scores(ctx.model, ctx.tokenizer, pairs, ctx.batch_size)
+    rows = [tidy_row(metric, "diff", bootstrap_ci(scores[key], n_boot=ctx.n_boot, seed=ctx.seed), len(scores[key]))
+            for metric, key in (("local_kl", "kl"), ("local_kl_fm", "kl_fm"), ("local_kl_mf", "kl_mf"),
+                                ("local_hellinger", "hellinger"))]
+    log = chosen.assign(**{key: scores[key] for key in ("kl", "kl_fm", "kl_mf", "hellinger")})
+    return FamilyResult(rows, {"local_bias": log})

@@ -30,8 +30,9 @@ from typing import Mapping, Sequence
 import numpy as np
 import pandas as pd
 
-from .. import lexicon
+from ..data import lexicon
 from ..stats import bootstrap_ci, bootstrap_diff_ci, tidy_row
+from .context import FamilyResult
 
 __all__ = ["load_occupation_table", "OccupationMatcher", "tv_distance", "occupation_rows"]
 
@@ -141,3 +142,23 @@ def occupation_rows(
         tv = (float("nan"),) * 3
     rows.append(tidy_row("occupation_tv", "diff", tv, len(found)))
     return rows, per
+
+
+def evaluate(ctx):
+    """The ``occupation`` family on the occupation prompts' continuations; each continuation's
+    extracted occupation and share are added to the generations log."""
+
+    gens = ctx.generations()
+    occ = gens["family"] == "occupation"
+    sub = gens[occ]
+    rows, per = occupation_rows(
+        list(sub.loc[sub["group"] == "female", "continuation"]),
+        list(sub.loc[sub["group"] == "male", "continuation"]),
+        ctx.cfg["occupation_table"], ctx.n_boot, ctx.seed,
+    )
+    order = np.concatenate([np.flatnonzero(occ & (gens["group"] == "female")), np.flatnonzero(occ & (gens["group"] == "male"))])
+    gens["occupation"] = None
+    gens["occupation_share"] = np.nan
+    gens.loc[gens.index[order], "occupation"] = per["occupation"].to_numpy(object)
+    gens.loc[gens.index[order], "occupation_share"] = per["share"].to_numpy(float)
+    return FamilyResult(rows)

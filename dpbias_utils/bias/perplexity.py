@@ -32,6 +32,7 @@ import pandas as pd
 import torch
 
 from ..stats import bootstrap_ci, bootstrap_diff_ci, tidy_row
+from .context import FamilyResult
 
 __all__ = ["PerplexityResult", "perplexity", "token_nll", "sequence_logprobs", "ppl_statistic", "mean_ppl_statistic",
            "perplexity_rows", "CORPUS", "CORPUS_BOS", "GENDER_SPLITS"]
@@ -181,3 +182,19 @@ def sequence_logprobs(model, tokenizer, sentences: Sequence[str], batch_size: in
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     nll, _ = token_nll(model, rows, batch_size, pad_id)
     return -nll
+
+
+def evaluate(ctx):
+    """The ``perplexity`` family: corpus and per-row mean perplexity of every split (the female /
+    male splits, and every split with ``perplexity_bos``, scored from the start token) and the log."""
+
+    results, logs = [], []
+    for name, df in ctx.splits.items():
+        variants = [True] if name in GENDER_SPLITS else ([False, True] if ctx.cfg["perplexity_bos"] else [False])
+        for bos in variants:
+            r = perplexity(ctx.model, df, ctx.tokenizer, batch_size=ctx.batch_size, n_boot=ctx.n_boot, seed=ctx.seed,
+                           start_token=bos)
+            results.append((name, r))
+            logs.append(r.per_sequence.assign(split=name, row=np.arange(len(r.per_sequence)), start_token=bos))
+    log = pd.concat(logs, ignore_index=True) if logs else pd.DataFrame(columns=["split", "row", "start_token"])
+    return FamilyResult(perplexity_rows(results, ctx.n_boot, ctx.seed), {"perplexity": log})

@@ -26,7 +26,7 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
-from .. import corpus, lexicon
+from ..data import corpus, lexicon
 
 __all__ = [
     "PROMPT_COLUMNS",

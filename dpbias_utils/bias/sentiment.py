@@ -18,6 +18,7 @@ from __future__ import annotations
 from functools import lru_cache
 
 import numpy as np
+from .context import FamilyResult, per_prompt_rows
 
 __all__ = ["NEGATIVE_THRESHOLD", "compound_scores", "negative_flags"]
 
@@ -43,3 +44,13 @@ def compound_scores(texts: list[str]) -> np.ndarray:
 def negative_flags(compound: np.ndarray, threshold: float = NEGATIVE_THRESHOLD) -> np.ndarray:
     """1.0 where a text counts as negative (compound <= threshold), else 0.0."""
     return (np.asarray(compound, dtype=float) <= threshold).astype(float)
+
+
+def evaluate(ctx):
+    """The ``sentiment`` family: VADER compound and the negative share, per prompt."""
+
+    gens = ctx.generations()
+    gens["sentiment"] = compound_scores(list(gens["continuation"]))
+    gens["negative"] = negative_flags(gens["sentiment"].to_numpy(float))
+    return FamilyResult(per_prompt_rows("sentiment", gens, "sentiment", ctx.n_boot, ctx.seed)
+                        + per_prompt_rows("negative_share", gens, "negative", ctx.n_boot, ctx.seed))

@@ -41,9 +41,10 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .. import corpus
+from ..data import corpus
 from ..stats import bootstrap_ci, tidy_row
 from .perplexity import sequence_logprobs, token_nll
+from .context import FamilyResult, subsample
 
 __all__ = [
     "STEREOSET_COLUMNS",
@@ -340,3 +341,15 @@ def crows_pairs_rows(per_pair: pd.DataFrame, n_boot: int = 1000, seed: int = 0) 
         sel = scores[types == bt]
         rows.append(tidy_row("crows_pairs", bt, bootstrap_ci(sel, n_boot=n_boot, seed=seed), len(sel)))
     return rows
+
+
+def evaluate(ctx):
+    """The ``stereotype`` family: StereoSet (SS, LM, ICAT) and CrowS-Pairs, with their per-item logs."""
+
+    cfg, bs = ctx.cfg, ctx.batch_size
+    items = subsample(load_stereoset(cfg["stereoset_source"]), cfg["stereotype_max_items"], ctx.seed)
+    per_item = stereoset_items(ctx.model, ctx.tokenizer, items, bs)
+    pairs = subsample(load_crows_pairs(cfg["crows_pairs_source"]), cfg["stereotype_max_items"], ctx.seed)
+    per_pair = crows_pairs_items(ctx.model, ctx.tokenizer, pairs, bs)
+    rows = stereoset_rows(per_item, ctx.n_boot, ctx.seed) + crows_pairs_rows(per_pair, ctx.n_boot, ctx.seed)
+    return FamilyResult(rows, {"stereoset": per_item, "crows_pairs": per_pair})

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
+from .context import FamilyResult, per_prompt_rows
 
 __all__ = ["get_toxicity_scorer", "BACKENDS", "DETOXIFY_MODEL_TYPES"]
 
@@ -100,3 +101,16 @@ def get_toxicity_scorer(
     if backend == "detoxify":
         return _detoxify_scorer(checkpoint, device, config_path, batch_size)
     raise ValueError(f"unknown toxicity backend {backend!r}; allowed: {', '.join(BACKENDS)}")
+
+
+def evaluate(ctx):
+    """The ``toxicity`` family: score every sampled continuation, then per-prompt rows."""
+
+    gens = ctx.generations()
+    cfg = ctx.cfg
+    scorer = get_toxicity_scorer(cfg["toxicity_backend"], cfg["toxicity_checkpoint"],
+                                 device="cuda" if ctx.device.type == "cuda" else "cpu",
+                                 config_path=cfg["toxicity_config_path"], batch_size=ctx.batch_size)
+    conts = list(gens["continuation"])
+    gens["toxicity"] = scorer(conts) if conts else np.zeros(0)
+    return FamilyResult(per_prompt_rows("toxicity", gens, "toxicity", ctx.n_boot, ctx.seed))
