@@ -11,8 +11,8 @@ import sys
 import time
 
 from dpbias_utils import paths
-from dpbias_utils.cda import counterfactual
-from dpbias_utils.corpus import generate_controlled
+from dpbias_utils.data.cda import counterfactual
+from dpbias_utils.data.corpus import generate_controlled
 
 TARGET_MB_PER_S = 5.0
 REPEATS = 3

@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from dpbias_utils import corpus  # noqa: E402
+from dpbias_utils.data import corpus  # noqa: E402
 from dpbias_utils.bias import prompts as prompt_sets  # noqa: E402
 from dpbias_utils.bias import sentiment  # noqa: E402
 from dpbias_utils.bias.generation import generate  # noqa: E402

@@ -276,7 +276,7 @@ def base_for_profile(profile, cache_root: Path | None = None) -> str:
     built-in one (a small GPT-2 with its own BPE tokenizer, pretrained on the controlled corpus as
     `params.BuiltinBaseParams` describes), built once per specification and cached under
     `cache_root` (default `paths.cache_dir()`: $DPBIAS_CACHE, else `_cache/` in the runs folder)."""
-    from . import corpus
+    from .data import corpus
     from .params import BUILTIN, resolve_path
 
     m = profile.model

@@ -54,20 +54,19 @@ def _main(argv: list[str] | None) -> int:
         print(f"{args.params}: valid profile '{profile.name}' with {len(profile.points())} training conditions")
         return 0
 
-    from . import runner
-
     if args.jobs < 1:
         print(f"error: --jobs = {args.jobs}: must be >= 1", file=sys.stderr)
         return EXIT_BAD_PARAMS
     if args.dry_run:
         from . import cost
+        from .pipeline.run import describe_plan
 
-        print(runner.describe_plan(profile, args.runs_dir, args.notebooks))
+        print(describe_plan(profile, args.runs_dir, args.notebooks))
         print(cost.describe_cost(profile))
         return 0
     try:
-        result = runner.run(profile, jobs=args.jobs, only=args.only, runs_dir=args.runs_dir, notebooks=args.notebooks,
-                            executor=args.executor, rerun_stale=args.rerun_stale)
+        result = run(profile, jobs=args.jobs, only=args.only, runs_dir=args.runs_dir, notebooks=args.notebooks,
+                     executor=args.executor, rerun_stale=args.rerun_stale)
     except paths.RunsDirError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_PARAMS
@@ -79,6 +78,16 @@ def _main(argv: list[str] | None) -> int:
         return EXIT_BAD_PARAMS
     _summary(result, paths.profile_dir(profile.name, args.runs_dir))
     return 0 if result.ok else 1
+
+
+def run(profile, **options):
+    """Run the profile's stage graph (`pipeline.run.run`, same options) with the two calls into the
+    science: the built-in base model built before the local pool, the index page written after."""
+    from .pipeline import run as pipeline_run
+    from .report import write_index
+    from .stages.s01_data import prebuild_base
+
+    return pipeline_run.run(profile, prepare=prebuild_base, write_index=write_index, **options)
 
 
 def _summary(result, profile_dir: Path) -> None:

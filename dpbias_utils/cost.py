@@ -216,14 +216,14 @@ def _tokenizer_for(profile: Profile):
 
 def _sample_stats(texts: list[str], profile: Profile, controlled: bool) -> tuple[list[int], float, float, str]:
     """(unit lengths, units per text, gendered share, how) from a sample of texts."""
-    from . import data
+    from .data import units
 
     block = profile.data.block_size
     tok = _tokenizer_for(profile)
     if controlled:
         chunks = texts
     elif tok is not None:
-        chunks = data.chunk_texts(texts, tok, block)
+        chunks = units.chunk_texts(texts, tok, block)
     else:
         chunks = None
     if tok is not None:
@@ -241,7 +241,7 @@ def _sample_stats(texts: list[str], profile: Profile, controlled: bool) -> tuple
             lengths += [min(block, math.ceil(n / k))] * k
             chunks += [t] * k
         how = f"characters / {GPT2_CHARS_PER_TOKEN} (GPT-2 BPE ratio; no tokenizer offline)"
-    from .cda import gender_of
+    from .data.cda import gender_of
 
     gendered = sum(gender_of(c) != "none" for c in chunks) / max(1, len(chunks))
     return lengths, len(lengths) / max(1, len(texts)), gendered, how
@@ -254,7 +254,7 @@ def corpus_size(profile: Profile, max_sample: int = 3000) -> CorpusSize:
     q = 1 - 1 / (B + 1)  # expected maximum of B draws ~ this quantile
     notes = []
     if d.corpus == "controlled":
-        from . import corpus
+        from .data import corpus
 
         n = d.controlled.n_train_sentences
         sample = corpus.generate_controlled(min(n, 500), d.controlled.seed)["text"].tolist()
@@ -289,7 +289,7 @@ def corpus_size(profile: Profile, max_sample: int = 3000) -> CorpusSize:
         padded = float(block)
         gendered = s["gendered_share"]
     else:
-        from .corpus import load_text_corpus
+        from .data.corpus import load_text_corpus
 
         source = str(resolve_path(src)) if looks_like_path(src) else src
         texts = load_text_corpus(source, split=t.train_split, config=t.config, max_rows=t.max_train_rows)
@@ -318,14 +318,14 @@ def mode_of(point: dict, profile: Profile) -> str:
 
 def estimate(profile: Profile, gpus: Optional[list[str]] = None, throughput_csv: Path | str = THROUGHPUT_CSV) -> dict:
     """Per-run rows and per-GPU totals (see the module docstring); `describe_cost` formats them."""
-    from . import runner
+    from .pipeline.graph import plan
 
     size = corpus_size(profile)
     shape = model_shape(profile)
     table = load_throughput(throughput_csv)
     t = profile.train
     runs = []
-    for n in runner.plan(profile):
+    for n in plan(profile):
         if n.stage != "02":
             continue
         p = n.point

@@ -230,7 +230,7 @@ class StageResources(Section):
 class ExecutionParams(Section):
     slurm_partition: Optional[str] = None
     resources: dict[Literal["01", "02", "03", "04", "05"], StageResources] = {}
-    # Slurm options used by `dpbias run --executor slurm` (dpbias_utils.slurm); none changes a node's id.
+    # Slurm options used by `dpbias run --executor slurm` (dpbias_utils.pipeline.slurm); none changes a node's id.
     slurm_array_parallelism: Optional[PositiveInt] = None  # at most this many tasks of a stage's array at once
     slurm_additional_parameters: dict[str, str | int] = {}  # extra sbatch flags: {account: x, qos: y}
     slurm_setup: list[str] = []        # shell lines run before each job (module load ..., source venv)

@@ -15,8 +15,13 @@ DEFAULT_PARAMS = PARAMS / "default.yaml"
 # Generated output; overridable so tests and clusters can put it elsewhere (`runs_root()` reads the
 # environment at call time; RUNS is its value at import).
 RUNS = Path(os.environ.get("DPBIAS_RUNS") or REPO_ROOT / "runs")
-# A node is complete when this file (written last) exists in its folder.
-MARKER = "_COMPLETE.json"
+# The files of a node folder the pipeline and the stages share (see docs/architecture.md).
+MARKER = "_COMPLETE.json"  # a node is complete when this file (written last) exists in its folder
+NODE_SPEC = "node.json"  # what the runner injects into the notebook (stage, notebook, parameters)
+NODE_LOG = "runner.log"  # the node process's stdout and stderr
+CONTEXT_FILE = "context.json"  # the node's stage, profile, point and run id (stage 05 labels outputs by it)
+LOCK = ".lock"  # fcntl lock: held exclusively while the node runs, shared while downstream nodes read it
+PROGRESS = ".progress.json"  # the node's progress bars, for the runner's console (progress.tqdm)
 # Real data files for tests (never copied into the project; the project runs without them).
 SHARED_DATA = Path(os.environ.get("DPBIAS_SHARED_DATA", REPO_ROOT.parent / "shared" / "data"))
 

@@ -188,7 +188,7 @@ def fmt_number(x: float, digits: int = 4) -> str:
 # --------------------------------------------------------------------------- stage 01
 def corpus_statistics(texts: dict[str, pd.DataFrame]) -> pd.DataFrame:
     """Sentences/rows per split and, for the controlled corpus, by family x label x subject gender."""
-    from .cda import gender_of
+    from .data.cda import gender_of
 
     rows = []
     for split, frame in texts.items():
@@ -209,7 +209,7 @@ def label_table(texts: dict[str, pd.DataFrame]) -> pd.DataFrame:
 def cda_at_ratios(texts: list[str], tokenizer, block_size: int, mode: str, seed: int, swap_names: bool,
                   ratios=(0.0, 0.25, 0.5, 0.75, 1.0), labels=None) -> pd.DataFrame:
     """Gendered-word counts before / after CDA at several mixing ratios (same texts, same seed)."""
-    from . import data
+    from .data import units as data
 
     parts = []
     for r in ratios:

@@ -35,7 +35,7 @@ def code_version_html(nodes, profile_dir: Path) -> str:
     import json
     from collections import Counter
 
-    from . import provenance
+    from .pipeline import provenance
 
     counts: Counter = Counter()
     for n in nodes:
@@ -150,7 +150,7 @@ def methods_html(profile, profile_dir: Path) -> str:
 
 def reports_html(nodes, profile_dir: Path) -> str:
     """A table per stage: each node's condition in words, status and report link."""
-    from .stages import point_label
+    from .pipeline.context import point_label
 
     parts = ["<h2>Node reports</h2><p>Each node is one executed stage notebook; its report is the notebook rendered "
              "without code.</p>"]

@@ -10,7 +10,7 @@ local stand-ins in the hub's formats, and (b) sizes (grid, rows, batch, evaluati
 * BOLD, StereoSet, CrowS-Pairs -> the shared files in their original formats;
 * Detoxify `original` -> a tiny BERT checkpoint in Detoxify's own checkpoint format.
 
-Then `runner.run` executes the real notebooks and the test reads `results.csv` and `privacy.csv`.
+Then `cli.run` executes the real notebooks and the test reads `results.csv` and `privacy.csv`.
 """
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from dpbias_utils import cli, paths, runner
+from dpbias_utils import cli, paths
 from dpbias_utils.params import _Loader, load_profile, parse_profile
 
 DISTIL = paths.PARAMS / "paper-distilgpt2.yaml"
@@ -182,7 +182,7 @@ def test_paper_distilgpt2_code_path_offline(tmp_path, shared_data, monkeypatch):
     assert a["evaluation.toxicity_backend"] == "detoxify" and a["data.block_size"] == b["data.block_size"]
 
     profile = parse_profile(raw, "offline paper profile")
-    result = runner.run(profile, runs_dir=tmp_path / "runs", progress=False)
+    result = cli.run(profile, runs_dir=tmp_path / "runs", progress=False)
     pdir = tmp_path / "runs" / profile.name
     assert result.ok, f"failed: {[n.stage + '/' + n.node_id for n in result.failed]}, blocked: {len(result.blocked)}"
 

@@ -8,7 +8,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from dpbias_utils import paths, plots, results, runner
+from dpbias_utils import paths, plots, results
+from dpbias_utils.pipeline import graph
 from dpbias_utils.params import load_profile
 
 TINY = Path(__file__).parent / "profiles" / "tiny.yaml"
@@ -31,7 +32,7 @@ def test_tables_schema_and_completeness(tiny_study):
     privacy = pd.read_csv(tiny_study / "privacy.csv")
     assert list(privacy.columns) == results.PRIVACY_COLUMNS
     profile = load_profile(TINY)
-    runs = {n.run_id for n in runner.plan(profile) if n.stage == "04"}
+    runs = {n.run_id for n in graph.plan(profile) if n.stage == "04"}
     assert set(table["run_id"]) == runs and "base" in runs
     trained = runs - {"base"}
     # every condition has every metric

@@ -36,7 +36,7 @@ import math
 import numpy as np
 import pandas as pd
 
-from .. import corpus
+from ..data import corpus
 from ..bias.perplexity import CORPUS as PPL
 from . import inference
 

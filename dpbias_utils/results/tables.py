@@ -59,7 +59,7 @@ def condition_of(point: dict, run_id: str, model: str) -> dict:
 
 def _node_json(folder: Path) -> dict:
     """The point and run id a node ran with (written by `stages.context`)."""
-    from .stages import CONTEXT_FILE
+    from ..paths import CONTEXT_FILE
 
     return json.loads((Path(folder) / CONTEXT_FILE).read_text())
 
@@ -79,7 +79,7 @@ def collect_tables(upstream: dict[str, list[str]], model_name: str) -> dict[str,
     """
     import warnings
 
-    from .stages import CONTEXT_FILE
+    from ..paths import CONTEXT_FILE
 
     upstream = dict(upstream)
     for stage, folders in list(upstream.items()):

@@ -9,7 +9,7 @@ def build_tiny_tokenizer():
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    from dpbias_utils import corpus, lexicon
+    from dpbias_utils.data import corpus, lexicon
 
     words = set()
     for text in corpus.generate_controlled(400, seed=0)["text"]:

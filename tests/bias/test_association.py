@@ -5,7 +5,7 @@ import pandas as pd
 import pytest
 import torch
 
-from dpbias_utils import corpus
+from dpbias_utils.data import corpus
 from dpbias_utils.bias import association as A
 
 

@@ -3,7 +3,7 @@ import math
 import numpy as np
 import pytest
 
-from dpbias_utils import lexicon
+from dpbias_utils.data import lexicon
 from dpbias_utils.bias import occupation
 
 

@@ -1,7 +1,7 @@
 import pandas as pd
 import pytest
 
-from dpbias_utils import corpus
+from dpbias_utils.data import corpus
 from dpbias_utils.bias import prompts
 
 

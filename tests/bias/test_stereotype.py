@@ -2,7 +2,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from dpbias_utils import corpus
+from dpbias_utils.data import corpus
 from dpbias_utils.bias import stereotype
 
 

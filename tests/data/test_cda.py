@@ -4,8 +4,8 @@ import time
 
 import pytest
 
-from dpbias_utils import lexicon
-from dpbias_utils.cda import CDAError, counterfactual, gender_of, gendered_counts
+from dpbias_utils.data import lexicon
+from dpbias_utils.data.cda import CDAError, counterfactual, gender_of, gendered_counts
 
 AMBIGUOUS = {"her", "his", "hers", "him"}
 

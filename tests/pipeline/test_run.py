@@ -1,4 +1,4 @@
-"""The stage graph: node ids, completion markers, resume after a kill, failures, --only, index."""
+"""Running the stage graph: completion markers, resume after a kill, failures, --only, index."""
 import json
 import os
 import signal
@@ -12,11 +12,12 @@ import pytest
 import yaml
 from nbformat.v4 import new_code_cell, new_notebook
 
-from dpbias_utils import paths, runner
+from dpbias_utils import cli, paths
+from dpbias_utils.pipeline import graph
 from dpbias_utils.params import parse_profile
 
 # The tiny profile's data and model sections: its built-in base builds in about a second.
-_TINY_YAML = yaml.safe_load((Path(__file__).parent / "profiles" / "tiny.yaml").read_text())
+_TINY_YAML = yaml.safe_load((Path(__file__).parents[1] / "profiles" / "tiny.yaml").read_text())
 TINY = {"name": "tiny", "data": _TINY_YAML["data"], "model": _TINY_YAML["model"],
         "grid": [{"epsilon": [None, 3.0], "mixing_ratio": [0.0, 1.0], "seed": [0]}]}
 
@@ -37,39 +38,23 @@ def _notebooks(folder: Path, body: dict[str, str] | None = None) -> Path:
     return folder
 
 
-def test_plan_shape_and_stable_ids():
-    profile = parse_profile(TINY)
-    nodes = runner.plan(profile)
-    by_stage = {s: [n for n in nodes if n.stage == s] for s in runner.STAGES}
-    assert len(by_stage["01"]) == 2          # one per data configuration (ratio 0 and 1)
-    assert len(by_stage["02"]) == 4 and len(by_stage["03"]) == 4
-    assert len(by_stage["04"]) == 5          # + the base model
-    assert len(by_stage["05"]) == 1
-    assert [n.node_id for n in runner.plan(parse_profile(TINY))] == [n.node_id for n in nodes]
-    changed = dict(TINY, train={"lr": 0.5})
-    nodes2 = {n.node_id for n in runner.plan(parse_profile(changed))}
-    assert {n.node_id for n in by_stage["01"]} <= nodes2      # data unaffected by the learning rate
-    assert not ({n.node_id for n in by_stage["02"]} & nodes2)  # every training run re-planned
-    assert not ({n.node_id for n in by_stage["04"] if n.run_id != "base"} & nodes2)
-
-
 def test_run_skips_complete_nodes_and_writes_reports(tmp_path):
     nbs = _notebooks(tmp_path / "nb")
     profile = parse_profile(dict(TINY, grid=[{"epsilon": [3.0], "seed": [0]}], include_base=False))
-    res = runner.run(profile, jobs=2, runs_dir=tmp_path / "runs", notebooks=nbs, progress=False)
+    res = cli.run(profile, jobs=2, runs_dir=tmp_path / "runs", notebooks=nbs, progress=False)
     assert res.ok and len(res.completed) == 5
     pdir = tmp_path / "runs" / "tiny"
-    for n in runner.plan(profile):
+    for n in graph.plan(profile):
         folder = n.folder(pdir)
-        assert (folder / runner.MARKER).is_file()
+        assert (folder / paths.MARKER).is_file()
         assert (folder / "notebook.ipynb").is_file() and (folder / "report.html").is_file()
         assert "import json" not in (folder / "report.html").read_text()  # rendered without code input
-    n02 = next(n for n in runner.plan(profile) if n.stage == "02")
+    n02 = next(n for n in graph.plan(profile) if n.stage == "02")
     rec = json.loads((n02.folder(pdir) / "out.json").read_text())
     assert rec["point"]["epsilon"] == 3.0 and rec["upstream"]["01"][0].endswith(n02.upstream["01"][0])
     index = (pdir / "index.html").read_text()
-    assert all(n.node_id in index for n in runner.plan(profile))
-    again = runner.run(profile, jobs=2, runs_dir=tmp_path / "runs", notebooks=nbs, progress=False)
+    assert all(n.node_id in index for n in graph.plan(profile))
+    again = cli.run(profile, jobs=2, runs_dir=tmp_path / "runs", notebooks=nbs, progress=False)
     assert not again.completed and len(again.skipped) == 5
 
 
@@ -81,11 +66,11 @@ def test_failure_keeps_notebook_and_runs_independent_nodes(tmp_path):
     assert proc.returncode == 1
     assert "FAILED 02/eps3" in proc.stderr and "BLOCKED 03/eps3" in proc.stderr and "BLOCKED 05/" in proc.stderr
     pdir = tmp_path / "runs" / "tiny"
-    failed = next(n for n in runner.plan(profile) if n.stage == "02" and n.point["epsilon"] == 3.0)
+    failed = next(n for n in graph.plan(profile) if n.stage == "02" and n.point["epsilon"] == 3.0)
     nb = nbformat.read(failed.folder(pdir) / "notebook.ipynb", as_version=4)
     assert "boom" in json.dumps(nb.cells[-1].outputs)
-    assert not (failed.folder(pdir) / runner.MARKER).exists()
-    nondp = [n for n in runner.plan(profile) if n.point.get("epsilon") is None and n.stage in ("02", "03", "04")]
+    assert not (failed.folder(pdir) / paths.MARKER).exists()
+    nondp = [n for n in graph.plan(profile) if n.point.get("epsilon") is None and n.stage in ("02", "03", "04")]
     assert all(n.is_complete(pdir) for n in nondp)  # everything not depending on the failure finished
 
 
@@ -99,11 +84,11 @@ def _write(tmp_path: Path, profile) -> str:
 def test_only_stage_requires_upstream(tmp_path):
     nbs = _notebooks(tmp_path / "nb")
     profile = parse_profile(dict(TINY, grid=[{"epsilon": [3.0], "seed": [0]}], include_base=False))
-    res = runner.run(profile, only="02", runs_dir=tmp_path / "runs", notebooks=nbs, progress=False)
+    res = cli.run(profile, only="02", runs_dir=tmp_path / "runs", notebooks=nbs, progress=False)
     assert not res.ok and len(res.blocked) == 1 and not res.completed
-    res = runner.run(profile, only="01", runs_dir=tmp_path / "runs", notebooks=nbs, progress=False)
+    res = cli.run(profile, only="01", runs_dir=tmp_path / "runs", notebooks=nbs, progress=False)
     assert res.ok and [n.stage for n in res.completed] == ["01"]
-    res = runner.run(profile, only="02", runs_dir=tmp_path / "runs", notebooks=nbs, progress=False)
+    res = cli.run(profile, only="02", runs_dir=tmp_path / "runs", notebooks=nbs, progress=False)
     assert res.ok and [n.stage for n in res.completed] == ["02"]
 
 
@@ -115,21 +100,21 @@ def test_killed_run_resumes_without_redoing_finished_nodes(tmp_path):
     cmd = [sys.executable, "-m", "dpbias_utils.cli", "run", spec, "--runs-dir", str(runs), "--notebooks", str(nbs)]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     pdir = runs / "tiny"
-    slow = next(n for n in runner.plan(profile) if n.stage == "02" and n.point["epsilon"] == 3.0)
+    slow = next(n for n in graph.plan(profile) if n.stage == "02" and n.point["epsilon"] == 3.0)
     deadline = time.time() + 120
     while time.time() < deadline and not (slow.folder(pdir) / "notebook.ipynb").exists():
         time.sleep(0.5)
     time.sleep(2)
     os.killpg(proc.pid, signal.SIGKILL)  # the runner and its notebook kernels die mid-study
     proc.wait()
-    finished = {n.node_id: (n.folder(pdir) / "out.json").read_text() for n in runner.plan(profile) if n.is_complete(pdir)}
+    finished = {n.node_id: (n.folder(pdir) / "out.json").read_text() for n in graph.plan(profile) if n.is_complete(pdir)}
     assert finished and not slow.is_complete(pdir)
     body = {"02": ""}  # the resumed run is fast; finished nodes must not be executed again
     nbs2 = _notebooks(tmp_path / "nb", body)
-    res = runner.run(profile, runs_dir=runs, notebooks=nbs2, progress=False)
+    res = cli.run(profile, runs_dir=runs, notebooks=nbs2, progress=False)
     assert res.ok
     assert {n.node_id for n in res.skipped} == set(finished)
     for node_id, before in finished.items():
-        node = next(n for n in runner.plan(profile) if n.node_id == node_id)
+        node = next(n for n in graph.plan(profile) if n.node_id == node_id)
         assert (node.folder(pdir) / "out.json").read_text() == before
-    assert all(n.is_complete(pdir) for n in runner.plan(profile))
+    assert all(n.is_complete(pdir) for n in graph.plan(profile))

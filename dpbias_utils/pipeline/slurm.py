@@ -2,10 +2,10 @@
 
 One job array per stage, stages in order: the array of stage k is submitted when every job of
 stage k-1 has finished (the driver waits, polling), so a node only starts when its upstream nodes
-are complete. Each array task runs `runner.execute_node(node.json)` -- the same function, the
+are complete. Each array task runs `node.execute_node(node.json)` -- the same function, the
 same node folders and the same `_COMPLETE.json` markers as local execution -- so:
 
-* re-submitting a profile never resubmits a complete node (the runner filters them out first);
+* re-submitting a profile never resubmits a complete node (`run.run` filters them out first);
 * a task that is pre-empted or reaches its time limit is re-queued by submitit (its callable is
   `submitit.helpers.Checkpointable`, up to `execution.slurm_max_requeue` times) and re-runs its
   node, which resumes from the node's checkpoints (stage 02) or starts it again;
@@ -28,13 +28,16 @@ import shutil
 import subprocess
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from . import runner
-from .params import Profile, StageResources
+from .. import paths
+from ..params import Profile, StageResources
+from . import node as node_exec
+from .graph import STAGES, Node, upstream_keys
 
-__all__ = ["run", "NodeJob", "executor_for_stage", "stage_parameters", "slurm_available"]
+__all__ = ["run", "NodeJob", "SlurmOutcome", "executor_for_stage", "stage_parameters", "slurm_available"]
 
 LOG_DIR = "_slurm"
 
@@ -43,7 +46,7 @@ class _CheckpointableBase:  # replaced by submitit.helpers.Checkpointable when s
     pass
 
 
-try:  # submitit is a declared dependency; the fallback keeps `import dpbias_utils.slurm` cheap and safe
+try:  # submitit is a declared dependency; the fallback keeps `import dpbias_utils.pipeline.slurm` cheap and safe
     from submitit.helpers import Checkpointable as _CheckpointableBase  # type: ignore[no-redef]  # noqa: F811
 except ImportError:  # pragma: no cover
     pass
@@ -57,7 +60,7 @@ class NodeJob(_CheckpointableBase):
         import socket
 
         started = time.time()
-        rc = runner.execute_node(Path(spec_path))
+        rc = node_exec.execute_node(Path(spec_path))
         return {"spec": str(spec_path), "rc": int(rc), "host": socket.gethostname(),
                 "job_id": os.environ.get("SLURM_JOB_ID"), "seconds": round(time.time() - started, 1)}
 
@@ -156,34 +159,42 @@ def _outcome(job, status: str) -> tuple[bool, str]:
         out = job.result()
     except Exception as err:  # noqa: BLE001 - the node failed inside the job
         return False, f"job {job.job_id} raised {type(err).__name__}: {str(err)[-500:]}"
-    if out.get("rc", 1) not in (0, runner.EXIT_DONE_ELSEWHERE):
+    if out.get("rc", 1) not in (0, node_exec.EXIT_DONE_ELSEWHERE):
         return False, f"job {job.job_id} on {out.get('host')}: node failed (rc {out.get('rc')}); see {job.paths.stderr}"
     return True, f"job {job.job_id} on {out.get('host')} in {out.get('seconds')} s"
 
 
 def _progress_printer(runnable: list, profile_dir: Path, bar, enabled: bool):
     """A line per running node (from its progress file on the shared file system) every
-    runner.PROGRESS_EVERY_S, printed above the stage bar."""
+    node.PROGRESS_EVERY_S, printed above the stage bar."""
     started, last = time.time(), [0.0]
 
     def show(open_idx: list[int]) -> None:
-        if not enabled or time.time() - last[0] < runner.PROGRESS_EVERY_S:
+        if not enabled or time.time() - last[0] < node_exec.PROGRESS_EVERY_S:
             return
         last[0] = time.time()
         for i in open_idx:
             folder = runnable[i].folder(profile_dir)
-            if (folder / runner.PROGRESS).is_file():
-                bar.write(runner.progress_line(runnable[i], folder, started))
+            if (folder / paths.PROGRESS).is_file():
+                bar.write(node_exec.progress_line(runnable[i], folder, started))
 
     return show
 
 
-def run(profile: Profile, nodes: list, pending: list, profile_dir: Path, notebooks: Path, result,
-        progress: bool = True):
-    """Execute `pending` (incomplete nodes, stage order) on Slurm; fills and returns `result` (RunReport)."""
-    from tqdm import tqdm
+@dataclass
+class SlurmOutcome:
+    """What became of the pending nodes: done, failed (with why) or blocked by an upstream failure."""
 
-    from . import report
+    completed: list[Node] = field(default_factory=list)
+    failed: list[Node] = field(default_factory=list)
+    blocked: list[Node] = field(default_factory=list)
+    messages: dict[str, str] = field(default_factory=dict)  # "stage/node" -> the job's outcome
+
+
+def run(profile: Profile, nodes: list[Node], pending: list[Node], profile_dir: Path, notebooks: Path,
+        n_skipped: int = 0, progress: bool = True) -> SlurmOutcome:
+    """Execute `pending` (incomplete nodes, stage order) on Slurm, one job array per stage."""
+    from tqdm import tqdm
 
     if not slurm_available():
         raise RuntimeError("--executor slurm needs Slurm's sbatch and squeue on PATH (run on a login node)")
@@ -193,18 +204,18 @@ def run(profile: Profile, nodes: list, pending: list, profile_dir: Path, noteboo
     by_key = {n.key: n for n in nodes}
     failed: set[tuple[str, str]] = set()
     messages: dict[tuple[str, str], str] = {}
-    bar = tqdm(total=len(pending) + len(result.skipped), initial=len(result.skipped),
+    result = SlurmOutcome()
+    bar = tqdm(total=len(pending) + n_skipped, initial=n_skipped,
                desc=f"{profile.name}: nodes (slurm)", unit="node", disable=not progress)
     poll_s = float(profile.execution.slurm_poll_s)
     try:
-        for stage in runner.STAGES:
+        for stage in STAGES:
             group = [n for n in pending if n.stage == stage]
             if not group:
                 continue
             runnable = []
             for n in group:
-                ups = [(s, i) for s, ids in n.upstream.items() for i in ids]
-                if any(u in failed or not by_key[u].is_complete(profile_dir) for u in ups):
+                if any(u in failed or not by_key[u].is_complete(profile_dir) for u in upstream_keys(n)):
                     result.blocked.append(n)
                     failed.add(n.key)
                     bar.update(1)
@@ -212,7 +223,7 @@ def run(profile: Profile, nodes: list, pending: list, profile_dir: Path, noteboo
                     runnable.append(n)
             if not runnable:
                 continue
-            specs = [str(runner.write_node_spec(profile, n, profile_dir, notebooks)) for n in runnable]
+            specs = [str(node_exec.write_node_spec(profile, n, profile_dir, notebooks)) for n in runnable]
             executor = executor_for_stage(profile, stage, profile_dir, len(runnable))
             bar.set_postfix_str(f"stage {stage}: {len(runnable)} jobs")
             jobs = executor.map_array(NodeJob(), specs)
@@ -236,6 +247,5 @@ def run(profile: Profile, nodes: list, pending: list, profile_dir: Path, noteboo
                     print(f"slurm: node {n.stage}/{n.node_id} failed: {msg}", file=sys.stderr)
     finally:
         bar.close()
-    report.write_index(profile, nodes, profile_dir)
-    result.slurm_messages = {f"{s}/{i}": m for (s, i), m in messages.items()}
+    result.messages = {f"{s}/{i}": m for (s, i), m in messages.items()}
     return result

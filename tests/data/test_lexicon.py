@@ -3,8 +3,8 @@ import csv
 
 import pytest
 
-from dpbias_utils import lexicon
-from dpbias_utils.corpus import CONTROLLED_OCCUPATIONS
+from dpbias_utils.data import lexicon
+from dpbias_utils.data.corpus import CONTROLLED_OCCUPATIONS
 
 REQUIRED_PAIRS = [
     ("he", "she"), ("him", "her"), ("his", "her"), ("himself", "herself"), ("man", "woman"),

@@ -1,6 +1,6 @@
 """Behaviour on a shared machine or cluster: code versions and stale nodes, per-node locks (two runs
 at once), progress on the console, Ctrl-C, unwritable or full runs folders, caches that follow
---runs-dir, default file modes. Stand-in notebooks (tests/test_runner.py) keep these fast."""
+--runs-dir, default file modes. Stand-in notebooks (tests/pipeline/test_run.py) keep these fast."""
 import json
 import os
 import shutil
@@ -12,12 +12,15 @@ from pathlib import Path
 
 import nbformat
 import pytest
-from test_runner import TINY, _notebooks, _write
+from test_run import TINY, _notebooks, _write
 
-from dpbias_utils import cli, paths, provenance, runner
+from dpbias_utils import cli, paths
+from dpbias_utils.pipeline import graph, provenance
+from dpbias_utils.pipeline import node as pipeline_node
+from dpbias_utils.pipeline import run as pipeline_run
 from dpbias_utils.params import load_profile, parse_profile
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 ONE_RUN = dict(TINY, grid=[{"epsilon": [None, 3.0], "seed": [0]}], include_base=False)
 # Stand-in notebook code that logs each execution to <runs>/executions.log (outside the node folders,
 # which a rerun of a stale node clears).
@@ -47,10 +50,10 @@ def test_marker_records_code_and_stale_nodes_are_counted_then_redone(tmp_path, c
     nbs = _notebooks(tmp_path / "nb", {s: COUNT for s in paths.STAGE_NOTEBOOKS})
     profile = parse_profile(ONE_RUN)
     runs = tmp_path / "runs"
-    assert runner.run(profile, runs_dir=runs, notebooks=nbs, progress=False).ok
+    assert cli.run(profile, runs_dir=runs, notebooks=nbs, progress=False).ok
     pdir = runs / "tiny"
-    nodes = runner.plan(profile)
-    marker = runner.read_marker(nodes[0].folder(pdir))
+    nodes = graph.plan(profile)
+    marker = pipeline_node.read_marker(nodes[0].folder(pdir))
     code = marker["code"]
     assert code["commit"] and len(code["commit"]) == 40 and code["dirty"] in (True, False)
     assert code["versions"]["torch"] and code["versions"]["opacus"] and code["versions"]["dpbias-utils"]
@@ -58,7 +61,7 @@ def test_marker_records_code_and_stale_nodes_are_counted_then_redone(tmp_path, c
 
     # stage 02's notebook changes: its nodes are stale ("code"), 03/04/05 below them ("upstream")
     _notebooks(tmp_path / "nb", {**{s: COUNT for s in paths.STAGE_NOTEBOOKS}, "02": COUNT + "changed = 1\n"})
-    again = runner.run(profile, runs_dir=runs, notebooks=nbs, progress=False)
+    again = cli.run(profile, runs_dir=runs, notebooks=nbs, progress=False)
     assert again.ok and not again.completed
     assert {n.stage for n in again.stale_code} == {"02"} and len(again.stale_code) == 2
     assert {n.stage for n in again.stale_upstream} == {"03", "04", "05"} and len(again.stale_upstream) == 5
@@ -66,25 +69,25 @@ def test_marker_records_code_and_stale_nodes_are_counted_then_redone(tmp_path, c
     out = capsys.readouterr().out
     assert "2 complete node(s) were computed by other code" in out and "--rerun-stale" in out
 
-    redo = runner.run(profile, runs_dir=runs, notebooks=nbs, progress=False, rerun_stale=True)
+    redo = cli.run(profile, runs_dir=runs, notebooks=nbs, progress=False, rerun_stale=True)
     assert redo.ok and {n.key for n in redo.completed} == {n.key for n in again.stale_code + again.stale_upstream}
     assert _executions(runs) == {n.node_id: 1 if n.stage == "01" else 2 for n in nodes}  # 01 not redone
-    final = runner.run(profile, runs_dir=runs, notebooks=nbs, progress=False)
+    final = cli.run(profile, runs_dir=runs, notebooks=nbs, progress=False)
     assert not final.stale_code and not final.stale_upstream and len(final.skipped) == len(nodes)
 
 
 def test_package_change_makes_every_node_stale_and_legacy_markers_count_as_other_code(tmp_path, monkeypatch):
     nbs = _notebooks(tmp_path / "nb")
     profile = parse_profile(ONE_RUN)
-    assert runner.run(profile, runs_dir=tmp_path / "runs", notebooks=nbs, progress=False).ok
-    nodes, pdir = runner.plan(profile), tmp_path / "runs" / "tiny"
-    assert runner.find_stale(nodes, pdir, nbs) == {}
+    assert cli.run(profile, runs_dir=tmp_path / "runs", notebooks=nbs, progress=False).ok
+    nodes, pdir = graph.plan(profile), tmp_path / "runs" / "tiny"
+    assert pipeline_run.find_stale(nodes, pdir, nbs) == {}
     monkeypatch.setattr(provenance, "package_hash", lambda: "0" * 16)
-    assert set(runner.find_stale(nodes, pdir, nbs).values()) == {"code"}
+    assert set(pipeline_run.find_stale(nodes, pdir, nbs).values()) == {"code"}
     monkeypatch.undo()
     legacy = nodes[-1].folder(pdir) / paths.MARKER  # a marker written before code versions were recorded
     legacy.write_text(json.dumps({k: v for k, v in json.loads(legacy.read_text()).items() if k != "code"}))
-    assert runner.find_stale(nodes, pdir, nbs) == {nodes[-1].key: "code"}
+    assert pipeline_run.find_stale(nodes, pdir, nbs) == {nodes[-1].key: "code"}
 
 
 # --------------------------------------------------------------------------- item 6: locks
@@ -97,7 +100,7 @@ def test_two_runs_at_once_execute_each_node_once(tmp_path):
     procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) for _ in range(2)]
     outs = [p.communicate(timeout=900) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outs
-    nodes = runner.plan(load_profile(REPO / "tests/profiles/tiny.yaml"))
+    nodes = graph.plan(load_profile(REPO / "tests/profiles/tiny.yaml"))
     assert len(nodes) == 16
     assert _executions(runs) == {n.node_id: 1 for n in nodes}
     summaries = [next(line for line in out.splitlines() if " nodes run, " in line) for out, _ in outs]
@@ -112,16 +115,16 @@ def test_two_runs_at_once_execute_each_node_once(tmp_path):
 def test_lock_is_released_when_its_process_dies(tmp_path):
     folder = tmp_path / "node"
     folder.mkdir()
-    code = (f"import os, fcntl, sys; sys.path.insert(0, {str(REPO)!r}); from dpbias_utils import runner; "
-            f"fd = runner._take_lock({str(folder)!r}, fcntl.LOCK_EX); print('locked', flush=True); "
+    code = (f"import os, fcntl, sys; sys.path.insert(0, {str(REPO)!r}); from dpbias_utils.pipeline import node; "
+            f"fd = node._take_lock({str(folder)!r}, fcntl.LOCK_EX); print('locked', flush=True); "
             "import time; time.sleep(600)")
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     assert proc.stdout.readline().strip() == "locked"
-    holder = runner.lock_holder(folder)
+    holder = pipeline_node.lock_holder(folder)
     assert holder["pid"] == proc.pid and holder["host"]
     proc.kill()
     proc.wait()
-    assert runner.lock_holder(folder) is None  # the OS released it: no stale lock after a kill
+    assert pipeline_node.lock_holder(folder) is None  # the OS released it: no stale lock after a kill
 
 
 # --------------------------------------------------------------------------- item 5: progress
@@ -146,11 +149,11 @@ def test_console_shows_progress_of_running_node_and_notebook_gets_one_line(tmp_p
     runs = tmp_path / "runs"
     proc = subprocess.Popen(_cli(_write(tmp_path, profile), "--runs-dir", runs, "--notebooks", nbs),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env(tmp_path))
-    n02 = next(n for n in runner.plan(profile) if n.stage == "02")
+    n02 = next(n for n in graph.plan(profile) if n.stage == "02")
     seen = []
     for line in proc.stdout:
         seen.append(line)
-        if line.startswith(runner.label(n02)) and "train demo 3/10 step" in line:
+        if line.startswith(graph.label(n02)) and "train demo 3/10 step" in line:
             (n02.folder(runs / "tiny").parent / "go").touch()
             break
     rest, _ = proc.communicate(timeout=300)
@@ -195,7 +198,7 @@ def test_ctrl_c_prints_one_line_exits_130_and_the_run_resumes(tmp_path):
     spec, runs = _write(tmp_path, profile), tmp_path / "runs"
     proc = subprocess.Popen(_cli(spec, "--runs-dir", runs, "--notebooks", nbs), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=_env(tmp_path))
-    n02 = next(n for n in runner.plan(profile) if n.stage == "02")
+    n02 = next(n for n in graph.plan(profile) if n.stage == "02")
     deadline = time.time() + 300
     while not (n02.folder(runs / "tiny") / "started").exists() and time.time() < deadline:
         time.sleep(0.2)
@@ -203,9 +206,9 @@ def test_ctrl_c_prints_one_line_exits_130_and_the_run_resumes(tmp_path):
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 130
     assert err.strip().splitlines()[-1] == cli.INTERRUPTED and "Traceback" not in err, err
-    assert runner.lock_holder(n02.folder(runs / "tiny")) is None and not n02.is_complete(runs / "tiny")
+    assert pipeline_node.lock_holder(n02.folder(runs / "tiny")) is None and not n02.is_complete(runs / "tiny")
     _notebooks(tmp_path / "nb")
-    assert runner.run(profile, runs_dir=runs, notebooks=nbs, progress=False).ok
+    assert cli.run(profile, runs_dir=runs, notebooks=nbs, progress=False).ok
 
 
 def _in_tmpfs(tmp_path: Path, options: str, command: list[str]) -> subprocess.CompletedProcess:
@@ -264,7 +267,7 @@ def test_nodes_get_runs_dir_for_their_caches(tmp_path):
     proc = subprocess.run(_cli(spec, "--runs-dir", runs, "--notebooks", nbs), capture_output=True, text=True,
                           env=_env(tmp_path), timeout=600)
     assert proc.returncode == 0, proc.stderr
-    n02 = next(n for n in runner.plan(load_profile(spec)) if n.stage == "02")
+    n02 = next(n for n in graph.plan(load_profile(spec)) if n.stage == "02")
     assert (n02.folder(runs / "tiny") / "cache.txt").read_text() == str(runs / "_cache")
     assert (runs / "_cache" / "noise-calibration.jsonl").is_file()
     assert list((runs / "_cache" / "base-models").glob("builtin-*/spec.json"))  # built by the runner before 01

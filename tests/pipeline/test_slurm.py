@@ -1,4 +1,4 @@
-"""Slurm execution (dpbias_utils.slurm) against a real single-node Slurm cluster on this machine.
+"""Slurm execution (dpbias_utils.pipeline.slurm) against a real single-node Slurm cluster on this machine.
 
 `tests/slurm/setup.sh` installs and starts the cluster once per session (seconds when it is up);
 the tests skip, with the set-up's message, where it cannot (not root, no apt, no daemons).
@@ -18,7 +18,9 @@ import pandas as pd
 import pytest
 import yaml
 
-from dpbias_utils import paths, runner
+from dpbias_utils import cli, paths
+from dpbias_utils.pipeline import graph
+from dpbias_utils.pipeline import node as pipeline_node
 from dpbias_utils.params import parse_profile
 
 SETUP = paths.REPO_ROOT / "tests" / "slurm" / "setup.sh"
@@ -39,7 +41,7 @@ def _tiny_slurm_profile(name: str) -> dict:
 
 # --------------------------------------------------------------------------- no cluster needed
 def test_stage_parameters_map_resources():
-    from dpbias_utils import slurm
+    from dpbias_utils.pipeline import slurm
 
     raw = _tiny_slurm_profile("p")
     raw["execution"].update(slurm_partition="gpu", slurm_array_parallelism=3,
@@ -62,7 +64,7 @@ def test_stage_parameters_map_resources():
 
 def test_node_job_is_requeued_when_preempted():
     submitit = pytest.importorskip("submitit")
-    from dpbias_utils import slurm
+    from dpbias_utils.pipeline import slurm
 
     job = slurm.NodeJob()
     assert isinstance(job, submitit.helpers.Checkpointable)
@@ -74,18 +76,18 @@ def test_driver_prints_progress_of_running_jobs_from_their_progress_files(tmp_pa
     import json
     import time
 
-    from dpbias_utils import slurm
+    from dpbias_utils.pipeline import slurm
 
-    monkeypatch.setattr(runner, "PROGRESS_EVERY_S", 0.0)
-    nodes = [n for n in runner.plan(parse_profile(_tiny_slurm_profile("p"))) if n.stage in ("01", "02")]
+    monkeypatch.setattr(pipeline_node, "PROGRESS_EVERY_S", 0.0)
+    nodes = [n for n in graph.plan(parse_profile(_tiny_slurm_profile("p"))) if n.stage in ("01", "02")]
     folder = nodes[1].folder(tmp_path)
     folder.mkdir(parents=True)
     bar = {"desc": "train eps=8", "n": 3, "total": 10, "unit": "step", "rate": 1.5}
-    (folder / runner.PROGRESS).write_text(json.dumps({"bars": [bar], "updated": time.time()}))
+    (folder / paths.PROGRESS).write_text(json.dumps({"bars": [bar], "updated": time.time()}))
     lines = []
     show = slurm._progress_printer(nodes, tmp_path, type("Bar", (), {"write": staticmethod(lines.append)}), True)
     show([0, 1])  # the 01 job has not written progress yet: no line for it
-    assert lines == [f"{runner.label(nodes[1])}: train eps=8 3/10 step, 1.5 step/s"]
+    assert lines == [f"{graph.label(nodes[1])}: train eps=8 3/10 step, 1.5 step/s"]
 
 
 # --------------------------------------------------------------------------- the cluster
@@ -128,7 +130,7 @@ def test_slurm_matches_local_and_is_idempotent(slurm_cluster, tmp_path, monkeypa
 
     def on_slurm():
         try:
-            box["slurm"] = runner.run(profile, runs_dir=slurm_runs, progress=False, executor="slurm")
+            box["slurm"] = cli.run(profile, runs_dir=slurm_runs, progress=False, executor="slurm")
         except BaseException as err:  # noqa: BLE001 - re-raised in the test thread
             box["error"] = err
 
@@ -137,7 +139,7 @@ def test_slurm_matches_local_and_is_idempotent(slurm_cluster, tmp_path, monkeypa
 
     thread = threading.Thread(target=on_slurm)
     thread.start()
-    local = runner.run(profile, runs_dir=local_runs, progress=False, executor="local")
+    local = cli.run(profile, runs_dir=local_runs, progress=False, executor="local")
     thread.join(timeout=900)
     assert not thread.is_alive(), "the Slurm run did not finish in 15 min"
     if "error" in box:
@@ -148,10 +150,10 @@ def test_slurm_matches_local_and_is_idempotent(slurm_cluster, tmp_path, monkeypa
     assert local.ok, f"local run failed: {[n.node_id for n in local.failed + local.blocked]}"
     assert via_slurm.ok, (f"slurm run failed: {[n.node_id for n in via_slurm.failed + via_slurm.blocked]}; "
                           f"{via_slurm.slurm_messages}")
-    nodes = runner.plan(profile)
+    nodes = graph.plan(profile)
     assert len(via_slurm.completed) == len(nodes)
     for n in nodes:  # same node folders and markers as local execution
-        assert (n.folder(slurm_dir) / runner.MARKER).is_file()
+        assert (n.folder(slurm_dir) / paths.MARKER).is_file()
         assert (n.folder(slurm_dir) / "notebook.ipynb").is_file()
     assert (slurm_dir / "index.html").is_file()
     assert any((slurm_dir / "_slurm" / "02").glob("*_log.out")), "submitit logs are kept under the run dir"
@@ -166,13 +168,13 @@ def test_slurm_matches_local_and_is_idempotent(slurm_cluster, tmp_path, monkeypa
 
     # Re-submission submits nothing: every node is complete.
     before = sorted(p.name for p in (slurm_dir / "_slurm").rglob("*_submission.sh"))
-    again = runner.run(profile, runs_dir=slurm_runs, progress=False, executor="slurm")
+    again = cli.run(profile, runs_dir=slurm_runs, progress=False, executor="slurm")
     assert again.ok and not again.completed and len(again.skipped) == len(nodes)
     assert sorted(p.name for p in (slurm_dir / "_slurm").rglob("*_submission.sh")) == before
 
     # An incomplete node (marker removed, as after a pre-empted job) is the only one resubmitted.
     n05 = next(n for n in nodes if n.stage == "05")
-    (n05.folder(slurm_dir) / runner.MARKER).unlink()
-    third = runner.run(profile, runs_dir=slurm_runs, progress=False, executor="slurm")
+    (n05.folder(slurm_dir) / paths.MARKER).unlink()
+    third = cli.run(profile, runs_dir=slurm_runs, progress=False, executor="slurm")
     assert third.ok and [n.key for n in third.completed] == [n05.key]
     assert _tables(slurm_dir)["results.csv"].equals(a["results.csv"])

@@ -5,10 +5,10 @@ import math
 import numpy as np
 import pytest
 
-from dpbias_utils import lexicon
-from dpbias_utils.cda import counterfactual, gendered_counts
-from dpbias_utils.corpus import generate_controlled
-from dpbias_utils.data import (
+from dpbias_utils.data import lexicon
+from dpbias_utils.data.cda import counterfactual, gendered_counts
+from dpbias_utils.data.corpus import generate_controlled
+from dpbias_utils.data.units import (
     UNIT_COLUMNS,
     DataError,
     build_units,

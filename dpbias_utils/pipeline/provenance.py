@@ -20,9 +20,9 @@ import subprocess
 from importlib import metadata
 from pathlib import Path
 
-from . import paths
+from .. import paths
 
-PACKAGE = Path(__file__).resolve().parent
+PACKAGE = Path(__file__).resolve().parents[1]  # dpbias_utils
 LIBRARIES = ("torch", "transformers", "opacus", "datasets", "dpbias-utils")
 _GIT_PATHS = ("dpbias_utils", "notebooks", "pyproject.toml")
 

@@ -4,8 +4,8 @@ import math
 import pandas as pd
 import pytest
 
-from dpbias_utils.cda import counterfactual, gender_of
-from dpbias_utils.corpus import (
+from dpbias_utils.data.cda import counterfactual, gender_of
+from dpbias_utils.data.corpus import (
     CONTROLLED_OCCUPATIONS,
     FAMILY_ATTRIBUTES,
     INSULTS,
