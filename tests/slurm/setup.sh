@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# A single-node Slurm cluster on this machine, for tests/test_slurm.py (marker `slurm`).
+# A single-node Slurm cluster on this machine, for tests/pipeline/test_slurm.py (marker `slurm`).
 #
 # Installs (once) Debian's slurm-wlm and munge, writes a minimal /etc/slurm/slurm.conf (this host is
 # the only node; select/cons_tres; no accounting; proctrack/linuxproc and task/none because a
