@@ -41,7 +41,7 @@ FIGURE_CAPTIONS = {
 
 # --------------------------------------------------------------------------- figures
 def _metric_spec(metric: str):
-    from .bias import registry
+    from ..bias import registry
 
     try:
         return registry.spec(metric)
@@ -110,7 +110,7 @@ def _metric_grid(metrics: list[str]):
 def _publish(fig, figures_dir: Path, name: str, title: str = "", legend: bool = False):
     """Finish a stage-05 figure (title, legend under the panels), save PNG + SVG, and return it
     wrapped for the report."""
-    from . import plots
+    from .. import plots
 
     shown = plots.finish(fig, title, legend=legend)
     plots.save_figure(fig, figures_dir, name)

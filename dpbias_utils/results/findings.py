@@ -26,7 +26,7 @@ def study_claims(tables: dict[str, pd.DataFrame]) -> pd.DataFrame:
 def claims_display(judged: pd.DataFrame):
     """The judged claims as a reader sees them (whole, not truncated): claim, contrast, estimate
     with interval, Holm p, verdict."""
-    from .plots import Table
+    from ..plots import Table
 
     if judged.empty:
         return "No claim could be formed from these runs."
@@ -136,7 +136,7 @@ def _table1_md(tables, toxicity_backend: str) -> list[str]:
 
 
 def _privacy_md(tables) -> list[str]:
-    from .plots import fmt_number
+    from ..plots import fmt_number
 
     p = tables.get("privacy", pd.DataFrame())
     p = p[p["epsilon_target"].notna()] if len(p) else p
@@ -178,7 +178,7 @@ def markdown_to_html(text: str) -> str:
 def privacy_table(privacy: pd.DataFrame, results: pd.DataFrame) -> pd.DataFrame:
     """One readable row per training run: condition in words, ε target / spent ("non-DP" spelled
     out), exact δ (6.98e-5, not 0.0001), σ, q, steps, N, accountant."""
-    from .plots import fmt_number
+    from ..plots import fmt_number
 
     if privacy.empty:
         return pd.DataFrame()

@@ -58,7 +58,7 @@ def condition_of(point: dict, run_id: str, model: str) -> dict:
 
 
 def _node_json(folder: Path) -> dict:
-    """The point and run id a node ran with (written by `stages.context`)."""
+    """The point and run id a node ran with (written by `pipeline.context.context`)."""
     from ..paths import CONTEXT_FILE
 
     return json.loads((Path(folder) / CONTEXT_FILE).read_text())
@@ -200,7 +200,7 @@ def seed_interval(values, ci_low=None, ci_high=None) -> tuple[float, float, floa
     """Mean of one number per seed with a 95 % percentile bootstrap interval over the seeds (it stays
     inside the range of the values, so bounded metrics keep their bounds). With one seed: that run's
     own interval (``ci_low``/``ci_high``, a bootstrap over its items)."""
-    from .stats import bootstrap_ci
+    from ..stats import bootstrap_ci
 
     v = np.asarray(values, float)
     v = v[np.isfinite(v)]
