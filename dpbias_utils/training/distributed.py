@@ -1,6 +1,6 @@
 """One DP training run over several processes (GPUs) with torchrun and Opacus's distributed DP.
 
-Launch: ``torchrun --nproc_per_node N -m dpbias_utils.distributed RUN.json`` (or `launch` /
+Launch: ``torchrun --nproc_per_node N -m dpbias_utils.training.distributed RUN.json`` (or `launch` /
 `spawn_local` from Python). Every rank loads the same base model; Opacus's
 `DifferentiallyPrivateDistributedDataParallel` (DPDDP) broadcasts rank 0's weights; each rank
 Poisson-samples *its shard* of the privacy units with the run's sample rate q (Opacus's
@@ -29,7 +29,6 @@ stay in `training.train` (single process); see `prepare_dp_distributed` for the 
 from __future__ import annotations
 
 import json
-import math
 import os
 import socket
 import sys
@@ -38,8 +37,11 @@ from typing import Optional, Sequence
 
 import torch
 
-from . import training
-from .basemodel import save_model_atomic
+from ..basemodel import load_base, save_model_atomic
+from .batching import UnitDataset, chunks, collate_units, per_unit_loss, shuffled_batches, to_device
+from .checkpoint import write_json
+from .dp_hooks import _is_tied, check_sample_rate, check_tie_kept, dp_backward
+from .loop import PRIVACY_UNIT
 from .privacy import calibrate_noise, default_delta, epsilon_spent
 
 __all__ = ["init_from_env", "prepare_dp_distributed", "train_distributed", "spawn_local", "launch_command"]
@@ -85,13 +87,12 @@ def prepare_dp_distributed(model, optimizer, dataset, *, noise_multiplier: float
     from opacus.optimizers import DistributedDPOptimizer
 
     world = dist.get_world_size()
-    if not 0 < sample_rate < 1:
-        raise training.PrivacyError(f"sample_rate={sample_rate} must lie in (0, 1)")
-    tied = training._is_tied(model)
+    check_sample_rate(sample_rate)
+    tied = _is_tied(model)
     ddp = DPDDP(model)
     gen = torch.Generator().manual_seed(seed * 1_000_003 + dist.get_rank())  # independent shards' draws
     loader = DPDataLoader(dataset, sample_rate=sample_rate, generator=gen, distributed=True,
-                          collate_fn=lambda items: training.collate_units(items, dataset.pad_token_id))
+                          collate_fn=lambda items: collate_units(items, dataset.pad_token_id))
     engine = PrivacyEngine(accountant=accountant)
     gsm, dp_opt, dp_loader = engine.make_private(
         module=ddp, optimizer=optimizer, data_loader=loader, noise_multiplier=noise_multiplier,
@@ -102,8 +103,7 @@ def prepare_dp_distributed(model, optimizer, dataset, *, noise_multiplier: float
     dp_opt.expected_batch_size = sample_rate * len(dataset) / world
     dp_opt.step_hook = None
     dp_opt.attach_step_hook(engine.accountant.get_optimizer_hook_fn(sample_rate=sample_rate))
-    if tied and not training._is_tied(unwrap(gsm)):
-        raise training.TrainingError("make_private broke the tie between input embeddings and the LM head")
+    check_tie_kept(tied, unwrap(gsm))
     return gsm, dp_opt, dp_loader, engine
 
 
@@ -120,12 +120,11 @@ def _rank_share(units: Sequence[int], rank: int, world: int) -> list[int]:
 
 def _dp_logical_step(gsm, dp_opt, dataset, idxs: list[int], physical_batch_size: int, params, device) -> torch.Tensor:
     """Clip-and-accumulate this rank's units of one logical step in physical batches, then step."""
-    chunks = [idxs[i: i + physical_batch_size] for i in range(0, len(idxs), physical_batch_size)] or [[]]
+    parts = chunks(idxs, physical_batch_size)
     losses = []
-    for j, chunk in enumerate(chunks):
-        batch = {k: v.to(device) for k, v in training.collate_units([dataset[i] for i in chunk], dataset.pad_token_id).items()}
-        losses.append(training.dp_backward(gsm, batch, params).float().cpu())
-        dp_opt.signal_skip_step(do_skip=j < len(chunks) - 1)
+    for j, part in enumerate(parts):
+        losses.append(dp_backward(gsm, to_device(dataset.batch(part), device), params).float().cpu())
+        dp_opt.signal_skip_step(do_skip=j < len(parts) - 1)
         dp_opt.step()
         dp_opt.zero_grad(set_to_none=True)
     return torch.cat(losses) if losses else torch.zeros(0)
@@ -137,16 +136,13 @@ def _nondp_logical_step(ddp_model, optimizer, dataset, idxs: list[int], n_logica
     import torch.distributed as dist
 
     world = dist.get_world_size()
-    chunks = [idxs[i: i + physical_batch_size] for i in range(0, len(idxs), physical_batch_size)]
     losses = []
-    for chunk in chunks:
-        batch = {k: v.to(device) for k, v in training.collate_units([dataset[i] for i in chunk], dataset.pad_token_id).items()}
-        loss = training.per_unit_loss(ddp_model, batch)
+    for part in (chunks(idxs, physical_batch_size) if idxs else []):
+        loss = per_unit_loss(ddp_model, to_device(dataset.batch(part), device))
         (loss.sum() * world / n_logical).backward()  # DDP averages over W ranks: x W restores the sum
         losses.append(loss.detach().float().cpu())
-    if not chunks:  # this rank has no unit: join DDP's all-reduce with a zero-weighted backward
-        batch = {k: v.to(device) for k, v in training.collate_units([dataset[0]], dataset.pad_token_id).items()}
-        (training.per_unit_loss(ddp_model, batch).sum() * 0.0).backward()
+    if not idxs:  # this rank has no unit: join DDP's all-reduce with a zero-weighted backward
+        (per_unit_loss(ddp_model, to_device(dataset.batch([0]), device)).sum() * 0.0).backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return torch.cat(losses) if losses else torch.zeros(0)
@@ -168,9 +164,9 @@ def train_distributed(base_path: str, train_df, out_dir, *, epsilon: Optional[fl
 
     rank, world, device = init_from_env(backend)
     torch.manual_seed(seed)
-    model, tokenizer = training.load_base(base_path, device=str(device))
+    model, tokenizer = load_base(base_path, device=str(device))
     model.train()
-    dataset = training.UnitDataset(train_df, pad_token_id=tokenizer.pad_token_id)
+    dataset = UnitDataset(train_df, pad_token_id=tokenizer.pad_token_id)
     n_units = len(dataset)
     sample_rate = logical_batch_size / n_units
     steps = steps or (len(unit_schedule) if unit_schedule else max(1, int(round(epochs * n_units / logical_batch_size))))
@@ -198,13 +194,9 @@ def train_distributed(base_path: str, train_df, out_dir, *, epsilon: Optional[fl
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         ddp = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+        schedule = iter(unit_schedule) if unit_schedule is not None else shuffled_batches(n_units, logical_batch_size, seed)
         for step in range(steps):
-            if unit_schedule is not None:
-                global_idxs = unit_schedule[step]
-            else:
-                epoch, pos = divmod(step, math.ceil(n_units / logical_batch_size))
-                perm = torch.randperm(n_units, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
-                global_idxs = perm[pos * logical_batch_size: (pos + 1) * logical_batch_size].tolist()
+            global_idxs = next(schedule)
             idxs = _rank_share(global_idxs, rank, world)
             losses = _nondp_logical_step(ddp, optimizer, dataset, idxs, len(global_idxs), physical_batch_size, device)
             rows.append({"step": step + 1, "loss_sum": float(losses.sum()), "units": len(losses)})
@@ -219,13 +211,13 @@ def train_distributed(base_path: str, train_df, out_dir, *, epsilon: Optional[fl
     result = {"dp": dp, "world_size": world, "steps": steps, "n_units": n_units, "sample_rate": sample_rate if dp else None,
               "noise_multiplier": sigma, "epsilon_target": epsilon, "epsilon_spent": eps_spent, "delta": delta,
               "accountant": accountant if dp else None, "max_grad_norm": max_grad_norm if dp else None,
-              "logical_batch_size": logical_batch_size, "privacy_unit": training.PRIVACY_UNIT,
+              "logical_batch_size": logical_batch_size, "privacy_unit": PRIVACY_UNIT,
               "noise": "added once per step on rank 0 (Opacus DistributedDPOptimizer)" if dp else None}
     if rank == 0:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         save_model_atomic(hf, tokenizer, out / "model")
-        training._atomic_json(result, out / "privacy.json")
+        write_json(result, out / "privacy.json")
         with open(out / "steps.csv", "w") as fh:
             fh.write("step,loss,n_units_in_batch\n")
             for i, (s, n) in enumerate(t.tolist()):
@@ -264,7 +256,7 @@ def spawn_local(fn, nprocs: int, *args, **kwargs) -> None:
 def launch_command(run_json: str | Path, nproc_per_node: int) -> list[str]:
     """The torchrun command line for one run described by `run_json` (see `main`)."""
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc_per_node}",
-            "-m", "dpbias_utils.distributed", str(run_json)]
+            "-m", "dpbias_utils.training.distributed", str(run_json)]
 
 
 def main(argv: Optional[list[str]] = None) -> int:

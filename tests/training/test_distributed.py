@@ -1,4 +1,4 @@
-"""Distributed DP training (dpbias_utils.distributed) on two gloo CPU processes equals one process.
+"""Distributed DP training (dpbias_utils.training.distributed) on two gloo CPU processes equals one process.
 
 With noise 0 and the same sampled units per logical step, the parameters after a few DP-Adam steps
 (per-unit clipping, physical batches accumulated into logical ones) match a single process running
@@ -16,7 +16,8 @@ import pandas as pd
 import pytest
 import torch
 
-from dpbias_utils import distributed, training
+from dpbias_utils import training
+from dpbias_utils.training import distributed
 
 N_UNITS, LOGICAL, PHYSICAL, STEPS, C = 24, 8, 3, 3, 0.05
 
