@@ -15,6 +15,7 @@ import math
 import os
 import random
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -107,10 +108,10 @@ def set_rng_state(st: dict) -> None:
 class Checkpoints:
     """`out_dir/checkpoints/last.pt` of one configuration, and steps.csv beside it."""
 
-    def __init__(self, out_dir: Path, config: dict):
+    def __init__(self, out_dir: Path, config: dict, name: str = "last.pt", steps_csv: bool = True):
         (out_dir / "checkpoints").mkdir(exist_ok=True)
-        self.path = out_dir / "checkpoints" / "last.pt"
-        self.steps_csv = out_dir / "steps.csv"
+        self.path = out_dir / "checkpoints" / name
+        self.steps_csv = out_dir / "steps.csv" if steps_csv else None
         self.config = config
 
     def resume(self, stepper) -> tuple[int, list[dict], int | None]:
@@ -127,7 +128,8 @@ class Checkpoints:
     def save(self, step: int, rows: list[dict], stepper) -> None:
         atomic_torch_save({"config": self.config, "step": step, "rows": rows, **stepper.state_dict(),
                            "rng": rng_state()}, self.path)
-        write_steps_csv(rows, self.steps_csv)
+        if self.steps_csv is not None:
+            write_steps_csv(rows, self.steps_csv)
 
 
 # --------------------------------------------------------------------------- steps.csv rows
@@ -140,10 +142,12 @@ def _quantiles(x: torch.Tensor) -> tuple[float, float, float]:
 
 class StepLog:
     """The rows of steps.csv: per optimizer step, the mean unit loss, the clipping statistics of the
-    units' gradient norms (DP), the units in the logical batch and, where evaluated, epsilon spent."""
+    units' gradient norms (DP), the units in the logical batch and, where evaluated, epsilon spent.
+    `reduce` (distributed training) sums a float64 tensor over the processes: the loss and the units
+    counted are then the logical batch's over every process (the norm statistics stay this process's)."""
 
-    def __init__(self, rows: list[dict]):
-        self.rows = rows
+    def __init__(self, rows: list[dict], reduce: Callable[[torch.Tensor], torch.Tensor] | None = None):
+        self.rows, self.reduce = rows, reduce
         self._losses, self._norms, self._n_units = [], [], 0
 
     def add(self, n_units: int, losses: torch.Tensor, norms: torch.Tensor | None) -> None:
@@ -159,8 +163,12 @@ class StepLog:
         norms = torch.cat(self._norms) if self._norms else torch.zeros(0)
         q10, q50, q90 = _quantiles(norms)
         clipped = max_grad_norm is not None and norms.numel()
+        loss = float(losses.mean()) if losses.numel() else math.nan
+        if self.reduce is not None:
+            total = self.reduce(torch.tensor([float(losses.sum()), self._n_units], dtype=torch.float64))
+            loss, self._n_units = float(total[0]) / max(float(total[1]), 1.0), int(total[1])
         self.rows.append({
-            "step": step, "epoch": epoch, "loss": float(losses.mean()) if losses.numel() else math.nan,
+            "step": step, "epoch": epoch, "loss": loss,
             "epsilon_spent": epsilon,
             "clip_fraction": float((norms > max_grad_norm).double().mean()) if clipped else math.nan,
             "grad_norm_q10": q10, "grad_norm_q50": q50, "grad_norm_q90": q90, "lr": lr,

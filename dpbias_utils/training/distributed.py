@@ -19,12 +19,13 @@ summed before clipping). Opacus's `DistributedDPOptimizer` then:
 so every rank applies (sum of all clipped unit gradients + one noise draw) / (q N): the update of
 a single process with the same logical batch. With noise 0 and the same sampled units, the
 parameters match a single process up to floating-point summation order (tested on two gloo CPU
-processes in `tests/test_distributed.py`).
+processes in `tests/training/test_distributed.py`).
 
-Scope: this module runs the distributed DP (and non-DP) optimisation loop and writes rank 0's
-model, `privacy.json` and `steps.csv`. Checkpoint/resume, progress snapshots and fast clipping
-stay in `training.train` (single process); see `prepare_dp_distributed` for the one hook
-`training.prepare_dp` would need to serve both.
+Training runs through the single-process loop (`loop.run_steps`) with two steppers of this module,
+`DistributedOpacusDP` and `DistributedNonDP` (DDP), so a distributed run checkpoints every
+`checkpoint_every` steps (one checkpoint file per rank: the ranks' sampling generators differ) and
+resumes. Rank 0 writes model/, privacy.json and steps.csv (loss and units over all ranks). Fast
+clipping and progress snapshots stay single-process.
 """
 from __future__ import annotations
 
@@ -33,18 +34,21 @@ import os
 import socket
 import sys
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Iterator, Optional, Sequence
 
 import torch
 
 from ..basemodel import load_base, save_model_atomic
-from .batching import UnitDataset, chunks, collate_units, per_unit_loss, shuffled_batches, to_device
-from .checkpoint import write_json
-from .dp_hooks import _is_tied, check_sample_rate, check_tie_kept, dp_backward
-from .loop import PRIVACY_UNIT
-from .privacy import calibrate_noise, default_delta, epsilon_spent
+from .batching import (TrainingError, UnitDataset, chunks, collate_units, n_units, per_unit_loss, shuffled_batches,
+                       to_device)
+from .checkpoint import Checkpoints, frame_fingerprint, seed_everything, write_json, write_steps_csv
+from .dp_hooks import _is_tied, check_sample_rate, check_tie_kept, dp_backward, per_sample_norms
+from .loop import PRIVACY_UNIT, make_plan, run_steps
+from .privacy import epsilon_spent
+from .steppers import NonDP, Physical, Plan, _DPOptimizerStepper
 
-__all__ = ["init_from_env", "prepare_dp_distributed", "train_distributed", "spawn_local", "launch_command"]
+__all__ = ["init_from_env", "prepare_dp_distributed", "DistributedOpacusDP", "DistributedNonDP", "train_distributed",
+           "spawn_local", "launch_command"]
 
 
 # --------------------------------------------------------------------------- process group
@@ -73,12 +77,15 @@ def init_from_env(backend: Optional[str] = None) -> tuple[int, int, torch.device
 # --------------------------------------------------------------------------- DP machinery
 def prepare_dp_distributed(model, optimizer, dataset, *, noise_multiplier: float, max_grad_norm: float,
                            sample_rate: float, accountant: str = "prv", seed: int = 0,
-                           noise_generator: Optional[torch.Generator] = None):
+                           noise_generator: Optional[torch.Generator] = None,
+                           generator: Optional[torch.Generator] = None):
     """Distributed counterpart of `training.prepare_dp`: DPDDP + hooks + DistributedDPOptimizer +
     a per-rank Poisson loader over this rank's shard, with the run's exact q.
 
-    Returns (gsm, dp_optimizer, dp_loader, engine). `dp_optimizer.expected_batch_size` is the
-    per-rank expected batch q N / W (Opacus's convention for `DistributedDPOptimizer`).
+    `generator` draws this rank's Poisson samples (default: seeded with seed * 1_000_003 + rank, so
+    the shards' draws are independent). Returns (gsm, dp_optimizer, dp_loader, engine).
+    `dp_optimizer.expected_batch_size` is the per-rank expected batch q N / W (Opacus's convention for
+    `DistributedDPOptimizer`).
     """
     import torch.distributed as dist
     from opacus import PrivacyEngine
@@ -90,7 +97,7 @@ def prepare_dp_distributed(model, optimizer, dataset, *, noise_multiplier: float
     check_sample_rate(sample_rate)
     tied = _is_tied(model)
     ddp = DPDDP(model)
-    gen = torch.Generator().manual_seed(seed * 1_000_003 + dist.get_rank())  # independent shards' draws
+    gen = generator if generator is not None else torch.Generator().manual_seed(seed * 1_000_003 + dist.get_rank())
     loader = DPDataLoader(dataset, sample_rate=sample_rate, generator=gen, distributed=True,
                           collate_fn=lambda items: collate_units(items, dataset.pad_token_id))
     engine = PrivacyEngine(accountant=accountant)
@@ -118,8 +125,16 @@ def _rank_share(units: Sequence[int], rank: int, world: int) -> list[int]:
     return list(units)[rank::world]
 
 
+def _all_reduce(t: torch.Tensor, op: str = "SUM") -> torch.Tensor:
+    import torch.distributed as dist
+
+    dist.all_reduce(t, op=getattr(dist.ReduceOp, op))
+    return t
+
+
 def _dp_logical_step(gsm, dp_opt, dataset, idxs: list[int], physical_batch_size: int, params, device) -> torch.Tensor:
-    """Clip-and-accumulate this rank's units of one logical step in physical batches, then step."""
+    """One logical step of Opacus hooks over physical batches, outside any stepper: the calls
+    `DistributedOpacusDP` makes per step, kept as the single-process reference of the tests."""
     parts = chunks(idxs, physical_batch_size)
     losses = []
     for j, part in enumerate(parts):
@@ -130,98 +145,143 @@ def _dp_logical_step(gsm, dp_opt, dataset, idxs: list[int], physical_batch_size:
     return torch.cat(losses) if losses else torch.zeros(0)
 
 
-def _nondp_logical_step(ddp_model, optimizer, dataset, idxs: list[int], n_logical: int, physical_batch_size: int,
-                        device) -> torch.Tensor:
-    """Non-DP: mean over the logical batch's units; DDP all-reduce averages over ranks (x W below)."""
-    import torch.distributed as dist
+# --------------------------------------------------------------------------- steppers
+class _Sharded:
+    """Logical batches split over the ranks: each rank takes every W-th unit of a global batch."""
 
-    world = dist.get_world_size()
-    losses = []
-    for part in (chunks(idxs, physical_batch_size) if idxs else []):
-        loss = per_unit_loss(ddp_model, to_device(dataset.batch(part), device))
-        (loss.sum() * world / n_logical).backward()  # DDP averages over W ranks: x W restores the sum
-        losses.append(loss.detach().float().cpu())
-    if not idxs:  # this rank has no unit: join DDP's all-reduce with a zero-weighted backward
-        (per_unit_loss(ddp_model, to_device(dataset.batch([0]), device)).sum() * 0.0).backward()
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return torch.cat(losses) if losses else torch.zeros(0)
+    reduce_stats = staticmethod(_all_reduce)
+
+    def _set_up_ranks(self, unit_schedule: Optional[list[list[int]]]) -> None:
+        import torch.distributed as dist
+
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        self.unit_schedule = unit_schedule
+
+    def _scheduled(self, start_step: int) -> Iterator[list[int]]:
+        """`unit_schedule` (tests): the global unit indices of each logical step."""
+        for idxs in self.unit_schedule[start_step:]:
+            yield _rank_share(idxs, self.rank, self.world)
 
 
+class DistributedOpacusDP(_Sharded, _DPOptimizerStepper):
+    """Opacus hooks on every rank, each rank Poisson-sampling its shard with the run's q; Opacus's
+    DistributedDPOptimizer adds the noise once (rank 0) and all-reduces the clipped sums."""
+
+    name = "opacus-ddp"
+
+    def __init__(self, model, optimizer, dataset, plan: Plan, unit_schedule=None):
+        super().__init__(model, optimizer, dataset, plan)
+        self._set_up_ranks(unit_schedule)
+        self.sampler_gen.manual_seed(plan.seed * 1_000_003 + self.rank)  # independent shards' draws
+        self.gsm, self.dp_opt, self.loader, engine = prepare_dp_distributed(
+            model, optimizer, dataset, noise_multiplier=float(plan.sigma), max_grad_norm=plan.max_grad_norm,
+            sample_rate=plan.sample_rate, accountant=plan.accountant, noise_generator=self.noise_gen,
+            generator=self.sampler_gen)
+        self.accountant = engine.accountant
+        self.params = list(self.dp_opt.params)
+
+    @property
+    def module(self):
+        return unwrap(self.gsm)
+
+    def _poisson(self) -> Iterator[list[int]]:
+        while True:
+            yield from (list(idxs) for idxs in self.loader.batch_sampler)
+
+    def batches(self, start_step: int) -> Iterator[Physical]:
+        return self._physical(self._scheduled(start_step) if self.unit_schedule is not None else self._poisson())
+
+    def backward(self, pb: Physical):
+        losses = dp_backward(self.gsm, pb.batch, self.params)
+        norms = per_sample_norms(self.params).detach() if n_units(pb.batch) else None
+        self._accumulate(pb)
+        return losses, norms
+
+
+class DistributedNonDP(_Sharded, NonDP):
+    """DDP: each rank back-propagates its units' summed loss x W / (logical batch); DDP's all-reduce
+    averages over the W ranks, so every rank applies the mean over the logical batch."""
+
+    name = "nondp-ddp"
+
+    def __init__(self, model, optimizer, dataset, plan: Plan, unit_schedule=None):
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        super().__init__(model, optimizer, dataset, plan)
+        self._set_up_ranks(unit_schedule)
+        self.ddp = DDP(model, device_ids=[plan.device.index] if plan.device.type == "cuda" else None)
+
+    def batches(self, start_step: int) -> Iterator[Physical]:
+        p = self.plan
+        schedule = (iter(self.unit_schedule[start_step:]) if self.unit_schedule is not None
+                    else shuffled_batches(p.n_units, p.logical_batch_size, p.seed, start_step))
+        for global_idxs in schedule:
+            idxs = _rank_share(global_idxs, self.rank, self.world)
+            parts = chunks(idxs, p.physical_batch_size)
+            for j, part in enumerate(parts):
+                yield Physical(to_device(self.dataset.batch(part), p.device), j == len(parts) - 1, len(global_idxs))
+
+    def backward(self, pb: Physical):
+        if not n_units(pb.batch):  # this rank has no unit: join DDP's all-reduce with a zero-weighted backward
+            (per_unit_loss(self.ddp, to_device(self.dataset.batch([0]), self.plan.device)).sum() * 0.0).backward()
+            return torch.zeros(0), None
+        loss = per_unit_loss(self.ddp, pb.batch)
+        (loss.sum() * self.world / pb.n_logical).backward()  # DDP averages over W ranks: x W restores the sum
+        return loss.detach(), None
+
+
+# --------------------------------------------------------------------------- the run
 def train_distributed(base_path: str, train_df, out_dir, *, epsilon: Optional[float], max_grad_norm: float = 0.1,
                       delta: Optional[float] = None, accountant: str = "prv", epochs: float = 1.0,
                       logical_batch_size: int = 64, physical_batch_size: int = 32, lr: float = 1e-3, seed: int = 0,
                       noise_multiplier: Optional[float] = None, steps: Optional[int] = None,
-                      unit_schedule: Optional[list[list[int]]] = None, backend: Optional[str] = None) -> dict:
+                      unit_schedule: Optional[list[list[int]]] = None, backend: Optional[str] = None,
+                      checkpoint_every: int = 50, on_step=None) -> dict:
     """One training run across the process group (call on every rank).
 
     DP when `epsilon` is a number (sigma calibrated for (epsilon, delta, q, steps) like
     `training.train`) or `noise_multiplier` is given (0 allowed: clipping without noise, for tests).
     `unit_schedule` (tests): the global unit indices of each logical step instead of Poisson
-    sampling; each rank takes every W-th of them. Rank 0 writes model/, privacy.json, steps.csv.
+    sampling; each rank takes every W-th of them. Rank 0 writes model/, privacy.json, steps.csv;
+    every rank checkpoints (checkpoints/last.pt, last.rank<r>.pt) and resumes from its checkpoint.
     """
     import torch.distributed as dist
 
     rank, world, device = init_from_env(backend)
-    torch.manual_seed(seed)
+    seed_everything(seed)
     model, tokenizer = load_base(base_path, device=str(device))
     model.train()
     dataset = UnitDataset(train_df, pad_token_id=tokenizer.pad_token_id)
-    n_units = len(dataset)
-    sample_rate = logical_batch_size / n_units
-    steps = steps or (len(unit_schedule) if unit_schedule else max(1, int(round(epochs * n_units / logical_batch_size))))
-    dp = epsilon is not None or noise_multiplier is not None
-    sigma = noise_multiplier
-    if dp:
-        delta = default_delta(n_units) if delta is None else float(delta)
-        if sigma is None:
-            sigma = calibrate_noise(float(epsilon), delta, sample_rate, steps, accountant)
-    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
-    rows = []
-    if dp:
-        noise_gen = torch.Generator(device=device).manual_seed(seed + 1)
-        gsm, dp_opt, dp_loader, engine = prepare_dp_distributed(
-            model, optimizer, dataset, noise_multiplier=float(sigma), max_grad_norm=max_grad_norm,
-            sample_rate=sample_rate, accountant=accountant, seed=seed, noise_generator=noise_gen)
-        params = list(dp_opt.params)
-        sampler = iter(dp_loader.batch_sampler) if unit_schedule is None else None
-        for step in range(steps):
-            idxs = (_rank_share(unit_schedule[step], rank, world) if unit_schedule is not None else list(next(sampler)))
-            losses = _dp_logical_step(gsm, dp_opt, dataset, idxs, physical_batch_size, params, device)
-            rows.append({"step": step + 1, "loss_sum": float(losses.sum()), "units": len(losses)})
-        hf = unwrap(gsm)
-    else:
-        from torch.nn.parallel import DistributedDataParallel as DDP
-
-        ddp = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
-        schedule = iter(unit_schedule) if unit_schedule is not None else shuffled_batches(n_units, logical_batch_size, seed)
-        for step in range(steps):
-            global_idxs = next(schedule)
-            idxs = _rank_share(global_idxs, rank, world)
-            losses = _nondp_logical_step(ddp, optimizer, dataset, idxs, len(global_idxs), physical_batch_size, device)
-            rows.append({"step": step + 1, "loss_sum": float(losses.sum()), "units": len(losses)})
-        hf = model
-        engine = None
-    # global loss per step (sum over ranks) for steps.csv
-    t = torch.tensor([[r["loss_sum"], r["units"]] for r in rows], dtype=torch.float64)
-    dist.all_reduce(t)
+    plan = make_plan(len(dataset), epsilon=epsilon, delta=delta, accountant=accountant, epochs=epochs,
+                     logical_batch_size=logical_batch_size, physical_batch_size=physical_batch_size, lr=lr,
+                     seed=seed, device=device, max_grad_norm=max_grad_norm, noise_multiplier=noise_multiplier,
+                     steps=steps or (len(unit_schedule) if unit_schedule else None))
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    config = {"base_path": str(base_path), "data": frame_fingerprint(train_df), "epsilon": epsilon,
+              "world_size": world, "unit_schedule": unit_schedule, **{k: v for k, v in plan.__dict__.items()
+                                                                     if k != "device"}}
+    ckpts = Checkpoints(out, config, name="last.pt" if rank == 0 else f"last.rank{rank}.pt", steps_csv=rank == 0)
+    stepper = (DistributedOpacusDP if plan.dp else DistributedNonDP)(
+        model, torch.optim.Adam(model.parameters(), lr=lr), dataset, plan, unit_schedule=unit_schedule)
+    step, rows, _ = ckpts.resume(stepper)
+    if _all_reduce(torch.tensor([step, -step]), "MAX").tolist() != [step, -step]:  # all ranks at one step
+        raise TrainingError(f"the ranks' checkpoints in {out / 'checkpoints'} are at different steps; delete them")
+    run_steps(stepper, ckpts, step, rows, checkpoint_every=checkpoint_every, progress={}, snapshot=None,
+              desc=f"rank {rank}", on_step=on_step)
     eps_spent = None
-    if dp and sigma and sigma > 0:
-        eps_spent = epsilon_spent(float(sigma), sample_rate, steps, delta, accountant)
-    result = {"dp": dp, "world_size": world, "steps": steps, "n_units": n_units, "sample_rate": sample_rate if dp else None,
-              "noise_multiplier": sigma, "epsilon_target": epsilon, "epsilon_spent": eps_spent, "delta": delta,
-              "accountant": accountant if dp else None, "max_grad_norm": max_grad_norm if dp else None,
+    if plan.dp and plan.sigma > 0:
+        eps_spent = epsilon_spent(plan.sigma, plan.sample_rate, plan.steps, plan.delta, accountant)
+    result = {"dp": plan.dp, "world_size": world, "steps": plan.steps, "n_units": plan.n_units,
+              "sample_rate": plan.sample_rate if plan.dp else None, "noise_multiplier": plan.sigma,
+              "epsilon_target": epsilon, "epsilon_spent": eps_spent, "delta": plan.delta,
+              "accountant": accountant if plan.dp else None, "max_grad_norm": max_grad_norm if plan.dp else None,
               "logical_batch_size": logical_batch_size, "privacy_unit": PRIVACY_UNIT,
-              "noise": "added once per step on rank 0 (Opacus DistributedDPOptimizer)" if dp else None}
+              "noise": "added once per step on rank 0 (Opacus DistributedDPOptimizer)" if plan.dp else None}
     if rank == 0:
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        save_model_atomic(hf, tokenizer, out / "model")
+        save_model_atomic(stepper.module, tokenizer, out / "model")
         write_json(result, out / "privacy.json")
-        with open(out / "steps.csv", "w") as fh:
-            fh.write("step,loss,n_units_in_batch\n")
-            for i, (s, n) in enumerate(t.tolist()):
-                fh.write(f"{i + 1},{s / max(n, 1)},{int(n)}\n")
+        write_steps_csv(rows, out / "steps.csv")
     dist.barrier()
     return result
 

@@ -80,12 +80,38 @@ def train(base_path: str, train_df, out_dir, *, epsilon: float | None, max_grad_
     if 0 in progress and not (out_dir / "progress" / "pct_0").is_dir() and step == 0:
         save_model_atomic(hf, tokenizer, out_dir / "progress" / "pct_0")
 
-    log = StepLog(rows)
+    t0 = time.time()
+    run_steps(stepper, ckpts, step, rows, checkpoint_every=checkpoint_every, progress=progress, on_step=on_step,
+              snapshot=lambda p: save_model_atomic(hf, tokenizer, out_dir / "progress" / f"pct_{p}"),
+              desc="train non-DP" if epsilon is None else f"train eps={epsilon:g}")
+
+    eps_final = _final_epsilon(stepper, rows, epsilon) if plan.dp else None
+    save_model_atomic(hf, tokenizer, out_dir / "model")
+    write_steps_csv(rows, out_dir / "steps.csv")
+    write_json(_privacy_record(plan, dataset, epsilon, eps_final, clipping), out_dir / "privacy.json")
+    result = {"request": request, "out_dir": str(out_dir), "model_dir": str(out_dir / "model"), "dp": plan.dp,
+              "steps": plan.steps, "epsilon_target": epsilon, "epsilon_spent": eps_final, "delta": plan.delta,
+              "noise_multiplier": plan.sigma, "sample_rate": plan.sample_rate if plan.dp else None,
+              "n_units": plan.n_units, "final_loss": rows[-1]["loss"] if rows else None,
+              "resumed_from": resumed_from, "wall_seconds": time.time() - t0, "device": str(dev)}
+    write_json(result, out_dir / DONE_FILE)
+    return result
+
+
+
+def run_steps(stepper: Stepper, ckpts: Checkpoints, step: int, rows: list[dict], *, checkpoint_every: int,
+              progress: dict[int, int], snapshot: Callable[[int], None] | None, desc: str,
+              on_step: Callable[[int], None] | None = None) -> None:
+    """Train from `step` to the plan's last step, appending one row of steps.csv per step to `rows`.
+
+    Epsilon is evaluated every few steps, at checkpoints and at the end; `snapshot(p)` saves the model
+    at progress point p (None: no snapshots); checkpoints every `checkpoint_every` steps and at the end.
+    """
+    plan = stepper.plan
+    log = StepLog(rows, reduce=stepper.reduce_stats)
     eps_every = max(10, plan.steps // 20)  # PRV epsilon costs ~0.5 s; also at checkpoints and the end
     last_eps = rows[-1]["epsilon_spent"] if rows else (0.0 if plan.dp else None)
-    t0 = time.time()
-    bar = tqdm(total=plan.steps, initial=step, desc="train non-DP" if epsilon is None else f"train eps={epsilon:g}",
-               unit="step", leave=False)
+    bar = tqdm(total=plan.steps, initial=step, desc=desc, unit="step", leave=False)
     batches = stepper.batches(step)
     try:
         while step < plan.steps:
@@ -100,13 +126,13 @@ def train(base_path: str, train_df, out_dir, *, epsilon: float | None, max_grad_
             if eps_now:
                 last_eps = stepper.epsilon()
             row = log.close_step(step, step * plan.sample_rate if plan.dp else step / plan.batches_per_epoch,
-                                 last_eps if eps_now else (math.nan if plan.dp else None), lr,
-                                 max_grad_norm if plan.dp else None)
+                                 last_eps if eps_now else (math.nan if plan.dp else None), plan.lr,
+                                 plan.max_grad_norm if plan.dp else None)
             bar.update(1)
             bar.set_postfix(loss=f"{row['loss']:.3f}", eps="inf" if not plan.dp else f"{last_eps:.2f}")
             for p_, s_ in progress.items():
-                if s_ == step and p_ != 0:
-                    save_model_atomic(hf, tokenizer, out_dir / "progress" / f"pct_{p_}")
+                if s_ == step and p_ != 0 and snapshot is not None:
+                    snapshot(p_)
             if step % checkpoint_every == 0 or step == plan.steps:
                 ckpts.save(step, rows, stepper)
             if on_step is not None:
@@ -114,18 +140,6 @@ def train(base_path: str, train_df, out_dir, *, epsilon: float | None, max_grad_
     finally:
         bar.close()
         batches.close()
-
-    eps_final = _final_epsilon(stepper, rows, epsilon) if plan.dp else None
-    save_model_atomic(hf, tokenizer, out_dir / "model")
-    write_steps_csv(rows, out_dir / "steps.csv")
-    write_json(_privacy_record(plan, dataset, epsilon, eps_final, clipping), out_dir / "privacy.json")
-    result = {"request": request, "out_dir": str(out_dir), "model_dir": str(out_dir / "model"), "dp": plan.dp,
-              "steps": plan.steps, "epsilon_target": epsilon, "epsilon_spent": eps_final, "delta": plan.delta,
-              "noise_multiplier": plan.sigma, "sample_rate": plan.sample_rate if plan.dp else None,
-              "n_units": plan.n_units, "final_loss": rows[-1]["loss"] if rows else None,
-              "resumed_from": resumed_from, "wall_seconds": time.time() - t0, "device": str(dev)}
-    write_json(result, out_dir / DONE_FILE)
-    return result
 
 
 # --------------------------------------------------------------------------- set-up
@@ -156,19 +170,21 @@ def _check_numbers(*, epochs, lr, max_grad_norm, dropout, **positive_ints) -> No
 
 
 def make_plan(n: int, *, epsilon: float | None, delta: float | None, accountant: str, epochs: float,
-              logical_batch_size: int, **rest) -> Plan:
-    """Steps = round(epochs N / logical batch); for DP, delta (default 1/N^1.1) and the noise
-    multiplier calibrated to (epsilon, delta, q, steps)."""
-    steps = max(1, int(round(epochs * n / logical_batch_size)))
+              logical_batch_size: int, steps: int | None = None, noise_multiplier: float | None = None,
+              **rest) -> Plan:
+    """Steps = round(epochs N / logical batch) unless given; for DP, delta (default 1/N^1.1) and the
+    noise multiplier calibrated to (epsilon, delta, q, steps) unless given (`noise_multiplier`)."""
+    steps = steps or max(1, int(round(epochs * n / logical_batch_size)))
     plan = Plan(n_units=n, steps=steps, logical_batch_size=logical_batch_size, accountant=accountant,
                 delta=delta, **rest)
-    if epsilon is None:
+    if epsilon is None and noise_multiplier is None:
         return plan  # delta as given: recorded, unused
     delta = default_delta(n) if delta is None else float(delta)
     if plan.sample_rate >= 1:
         raise PrivacyError(f"{n} privacy units are too few for a logical batch of {logical_batch_size} "
                            f"(sample rate {plan.sample_rate:.3g} >= 1): use more units or a smaller batch")
-    sigma = calibrate_noise(float(epsilon), delta, plan.sample_rate, steps, accountant)
+    sigma = (float(noise_multiplier) if noise_multiplier is not None
+             else calibrate_noise(float(epsilon), delta, plan.sample_rate, steps, accountant))
     return dataclasses.replace(plan, sigma=sigma, delta=delta)
 
 

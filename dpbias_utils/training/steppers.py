@@ -25,6 +25,7 @@ one method.
 """
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -85,6 +86,7 @@ class Stepper(ABC):
 
     name: ClassVar[str]
     dp: ClassVar[bool] = True   # draws Poisson batches and noise: needs a plan with sigma and delta
+    reduce_stats = None         # distributed steppers: sums a tensor over the processes (steps.csv)
 
     def __init__(self, model, optimizer: torch.optim.Optimizer, dataset: UnitDataset, plan: Plan):
         self.model, self.optimizer, self.dataset, self.plan = model, optimizer, dataset, plan
@@ -113,6 +115,8 @@ class Stepper(ABC):
         """Epsilon spent so far by the accountant's record (None for non-DP)."""
         if self.accountant is None:
             return None
+        if self.plan.sigma == 0:  # clipping without noise: no privacy
+            return math.inf
         return float(self.accountant.get_epsilon(delta=self.plan.delta)) if len(self.accountant.history) else 0.0
 
     def _physical(self, logical: Iterable[Iterable[int]]) -> Iterator[Physical]:
@@ -187,13 +191,17 @@ class NonDP(Stepper):
 
 class _DPOptimizerStepper(Stepper):
     """A DP stepper whose `dp_opt` (an Opacus DPOptimizer) accumulates physical batches and does the
-    noisy, accounted step at the end of each logical batch."""
+    noisy, accounted step at the end of each logical batch. Unless a BatchMemoryManager does it
+    (`signals_skips` False), the stepper tells the optimizer which physical batches to accumulate."""
 
     dp_opt = None
+    signals_skips = True
 
     def _accumulate(self, pb: Physical) -> None:
         """Fold a physical batch that does not end its logical batch into the optimizer's clipped sum."""
         if not pb.last:
+            if self.signals_skips:
+                self.dp_opt.signal_skip_step(do_skip=True)
             self.dp_opt.step()  # skipped by Opacus: clips and accumulates only
             self.dp_opt.zero_grad(set_to_none=True)
 
@@ -209,6 +217,7 @@ class OpacusDP(_DPOptimizerStepper):
     split into physical batches by Opacus's BatchMemoryManager."""
 
     name = "opacus"
+    signals_skips = False  # BatchMemoryManager signals them
 
     def __init__(self, model, optimizer, dataset, plan):
         super().__init__(model, optimizer, dataset, plan)
@@ -299,7 +308,5 @@ class FastDP(_DPOptimizerStepper):
             for p in self.params:
                 p.grad = torch.zeros_like(p)
             losses, norms = torch.zeros(0), None
-        if not pb.last:
-            self.dp_opt.signal_skip_step(do_skip=True)
         self._accumulate(pb)
         return losses, norms
