@@ -164,5 +164,6 @@ def test_killed_and_resumed_distributed_dp_run_matches_uninterrupted(setup, monk
     whole, resumed = _load(root / "whole" / "model"), _load(root / "resumed" / "model")
     for k in whole:
         assert torch.equal(whole[k], resumed[k]), k
-    pd.testing.assert_frame_equal(pd.read_csv(root / "whole" / "steps.csv"), pd.read_csv(root / "resumed" / "steps.csv"))
+    pd.testing.assert_frame_equal(pd.read_csv(root / "whole" / "steps.csv"),
+                                  pd.read_csv(root / "resumed" / "steps.csv"))
     assert sorted(p.name for p in (root / "resumed" / "checkpoints").iterdir()) == ["last.pt", "last.rank1.pt"]

@@ -5,7 +5,7 @@ import copy
 import pytest
 import torch
 
-from dpbias_utils.training import (STEPPERS, FastDP, NonDP, Physical, Plan, TrainingError, UnitDataset,
+from dpbias_utils.training import (STEPPERS, FastDP, Physical, Plan, TrainingError, UnitDataset,
                                    collate_units, make_stepper, per_unit_loss, stepper_class)
 from dpbias_utils.training import fastclip
 from training_helpers import frame, tiny_gpt2
