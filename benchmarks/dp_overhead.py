@@ -2,10 +2,10 @@
 
 Modes (one optimizer step each = forward + backward + clipping + noise + Adam on one batch):
   nondp             plain per-unit loss, mean over units, torch Adam
-  hooks             Opacus hooks (our Conv1D grad sampler), per-unit clipping, DP-Adam (training.py path)
+  hooks             Opacus hooks (our Conv1D grad sampler), per-unit clipping, DP-Adam (the OpacusDP stepper's path)
   hooks_functorch   same, but Conv1D falls back to Opacus's functorch sampler (what you get without
-                    dpbias_utils.grad_samplers), to show the registered sampler is faster
-  fast              dpbias_utils.fastclip.clipped_grad_sum + noise + Adam (only if fastclip exists)
+                    dpbias_utils.training.grad_samplers), to show the registered sampler is faster
+  fast              dpbias_utils.training.fastclip.clipped_grad_sum + noise + Adam (only if fastclip exists)
 
 Shapes: the tiny built-in default (2 layers, 64 wide, vocab 2000, 64 tokens, batch 32) and
 DistilGPT2's (6 layers, 768 wide, vocab 50257, 128 tokens, batch 8), random weights, tied embeddings.
@@ -93,7 +93,7 @@ def _child(shape: dict, mode: str, warmup: int, steps: int, threads: int, device
             dp_opt.step()
             dp_opt.zero_grad(set_to_none=True)
     elif mode == "fast":
-        from dpbias_utils import fastclip
+        from dpbias_utils.training import fastclip
 
         params = [p for p in model.parameters() if p.requires_grad]
 
@@ -148,7 +148,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--device", default="auto")
     args = ap.parse_args(argv)
     try:
-        from dpbias_utils import fastclip  # noqa: F401
+        from dpbias_utils.training import fastclip  # noqa: F401
         has_fast = hasattr(fastclip, "clipped_grad_sum")
     except ImportError:
         has_fast = False

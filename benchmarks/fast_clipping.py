@@ -1,4 +1,4 @@
-"""DP step cost at DistilGPT2's shape: non-private vs Opacus hooks vs dpbias_utils.fastclip.
+"""DP step cost at DistilGPT2's shape: non-private vs Opacus hooks vs dpbias_utils.training.fastclip.
 
 Shape (issue target): GPT2Config(n_layer=6, n_embd=768, n_head=12, vocab_size=50257,
 n_positions=1024), tied input/output embeddings, random weights, dropout 0, float32, batch 8
@@ -7,7 +7,7 @@ units of one row each, T=128 tokens, ``torch.set_num_threads(2)``. ``--quick`` u
 Modes, one "step" each (gradients set to None before every step):
   nonprivate  forward + backward of the mean over units of the per-row loss (``p.grad``).
   hooks       Opacus 1.6 ``GradSampleModule`` (hooks; GPT-2's Conv1D uses the project's einsum grad
-              sampler from ``dpbias_utils.grad_samplers`` when importable, else Opacus's functorch
+              sampler from ``dpbias_utils.training.grad_samplers`` when importable, else Opacus's functorch
               fallback -- printed) + ``DPOptimizer.clip_and_accumulate`` (per-sample
               norms, clip factors, clipped sum in ``p.summed_grad``); noise excluded.
   fast        ``fastclip.clipped_grad_sum`` (norms + clipped sum in ``p.grad``).
@@ -46,7 +46,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from dpbias_utils import fastclip  # noqa: E402
+from dpbias_utils.training import fastclip  # noqa: E402
 
 MODES = ("nonprivate", "hooks", "fast")
 # dropout off so that the three modes compute the same step (checked below); it costs the same in all.
@@ -86,7 +86,7 @@ def conv1d_has_grad_sampler() -> bool:
     from transformers.pytorch_utils import Conv1D
 
     try:
-        import dpbias_utils.grad_samplers  # noqa: F401
+        import dpbias_utils.training.grad_samplers  # noqa: F401
     except Exception:
         pass
     return Conv1D in GradSampleModule.GRAD_SAMPLERS

@@ -9,7 +9,7 @@ physical batch, through the project's own code (``dpbias_utils.training``):
 * ``nondp``   ``per_unit_loss`` mean, backward, Adam; bf16 autocast on CUDA (as ``training.train``).
 * ``dp``      Opacus hooks (``GradSampleModule`` + ``DPOptimizer``, as ``training.prepare_dp``),
               ``training.dp_backward``, clip + noise + Adam; fp32.
-* ``dp-fast`` ``dpbias_utils.fastclip.clipped_grad_sum`` + Gaussian noise + Adam (only when
+* ``dp-fast`` ``dpbias_utils.training.fastclip.clipped_grad_sum`` + Gaussian noise + Adam (only when
               ``fastclip`` exists); fp32.
 
 Every mode gets ``--warmup`` untimed steps, then ``--steps`` timed steps (CUDA synchronised);
@@ -133,7 +133,7 @@ def run_mode(mode: str, args, dev) -> dict:
             dp_opt.step()
             dp_opt.zero_grad(set_to_none=True)
     elif mode == "dp-fast":
-        from dpbias_utils import fastclip
+        from dpbias_utils.training import fastclip
 
         params = [p for p in model.parameters() if p.requires_grad]
 
@@ -216,11 +216,11 @@ def main(argv=None) -> int:
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     if "dp-fast" in modes:
         try:
-            from dpbias_utils import fastclip  # noqa: F401
+            from dpbias_utils.training import fastclip  # noqa: F401
             if not hasattr(fastclip, "clipped_grad_sum"):
                 raise ImportError
         except ImportError:
-            print("dp-fast: skipped (dpbias_utils.fastclip.clipped_grad_sum not available)")
+            print("dp-fast: skipped (dpbias_utils.training.fastclip.clipped_grad_sum not available)")
             modes.remove("dp-fast")
     name = device_name(dev)
     print(f"device: {name}; torch {torch.__version__}; shape: {'quick' if args.quick else 'distilgpt2'} "

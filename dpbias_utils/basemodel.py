@@ -22,6 +22,7 @@ import torch
 from tqdm import tqdm
 
 from . import paths
+from .training.batching import IGNORE_INDEX, row_losses
 
 HUB_MODELS = ("distilgpt2", "gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
 EOS = "<|endoftext|>"
@@ -167,8 +168,6 @@ def _sentence_phase(model, tok, sentences: list[str], steps: int, lr: float, bat
                     desc: str, until=None) -> int:
     """Up to `steps` Adam steps on batches of whole sentences (right-padded rows, per-row mean loss);
     returns the steps taken (fewer when `until(model, tok)` said stop)."""
-    import torch.nn.functional as F
-
     if steps <= 0:
         return 0
     rows = [ids for ids in tok(sentences, add_special_tokens=False)["input_ids"] if len(ids) >= 2]
@@ -195,11 +194,10 @@ def _sentence_phase(model, tok, sentences: list[str], steps: int, lr: float, bat
         for i, r in enumerate(batch):
             ids[i, : len(r)] = torch.tensor(r)
             mask[i, : len(r)] = 1
-        logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1]
-        target = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
-        ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=-100,
-                             reduction="none").view(target.shape)
-        loss = (ce.sum(1) / (target != -100).sum(1).clamp(min=1)).mean()
+        # The model's default (1, T) position ids, not collate_units' (R, T): the position embedding's
+        # gradient is summed in another order, and the cached base models were built this way.
+        logits = model(input_ids=ids, attention_mask=mask).logits
+        loss = row_losses(logits, ids.masked_fill(mask == 0, IGNORE_INDEX)).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

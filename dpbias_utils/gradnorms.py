@@ -18,7 +18,7 @@ Implementation notes
 * Tied embeddings: parameters are taken from ``named_parameters()`` (deduplicated) and
   ``functional_call`` keeps ties, so the tied ``wte``/``lm_head`` weight gets one gradient that holds
   both its input and output uses, exactly as ``loss.backward()`` would give it.
-* Batches come from ``training.UnitDataset``/``collate_units`` (stage 02's padding and labels), with
+* Batches come from ``training.batching.UnitDataset``/``collate_units`` (stage 02's padding and labels), with
   units grouped by length to save padding compute; output rows are in ``unit_id`` order.
 * Units with 1 or 2 rows: each unit is laid out as ``(R_max, T)`` rows; a unit with fewer rows repeats
   its first row with weight 0 (its gradient contribution is exactly zero).
@@ -132,6 +132,10 @@ def _row_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, 
     """Per-row summed token CE of next-token prediction and the number of predicted tokens.
 
     ``labels`` are unshifted (HF convention) with ``-100`` where there is no target (padding).
+    The training loss (``training.batching.row_losses``) is this sum over the count; this functional
+    form (log-softmax + gather, no ``cross_entropy``) stays separate because it runs under
+    ``torch.func.vmap`` and stage 03 also reports the summed NLL. Replacing it would change stage 03's
+    numbers at float rounding.
     """
     lg = logits[..., :-1, :]
     tg = labels[..., 1:]
@@ -238,11 +242,11 @@ def batch_grad_norms(
 def _unit_batches(df: pd.DataFrame, pad_token_id: int, batch_size: int):
     """Yield (unit_ids, collated batch) for groups of ``batch_size`` units of similar length.
 
-    Uses ``training.UnitDataset``/``collate_units`` so stage 03 pads and labels rows exactly as
+    Uses ``training.batching.UnitDataset``/``collate_units`` so stage 03 pads and labels rows exactly as
     stage 02 does. Units are independent here, so they are batched by length (less padding compute);
     the caller restores ``unit_id`` order.
     """
-    from .training import UnitDataset, collate_units
+    from .training.batching import UnitDataset, collate_units
 
     ds = UnitDataset(df, pad_token_id)
     lengths = np.asarray([max(len(r) for r in ds[i]) for i in range(len(ds))])

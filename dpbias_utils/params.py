@@ -135,8 +135,8 @@ class TrainParams(Section):
     max_grad_norm: PositiveFloat = 0.1
     delta: Optional[OpenUnitFloat] = None  # None: 1 / N**1.1, N = number of privacy units
     accountant: Literal["prv", "rdp"] = "prv"
-    # "fast": exact ghost-norm + book-keeping clipping (dpbias_utils.fastclip), proven equal to the
-    # explicit per-unit loop and to Opacus hooks by tests/test_fastclip.py; "opacus": Opacus hooks.
+    # "fast": exact ghost-norm + book-keeping clipping (dpbias_utils.training.fastclip), proven equal to the
+    # explicit per-unit loop and to Opacus hooks by tests/training/test_fastclip.py; "opacus": Opacus hooks.
     clipping: Literal["opacus", "fast"] = "fast"
     checkpoint_every: PositiveInt = 50
     device: Literal["auto", "cpu", "cuda"] = "auto"

@@ -258,7 +258,7 @@ def test_caches_follow_runs_dir_unless_dpbias_cache_is_set(tmp_path, monkeypatch
 def test_nodes_get_runs_dir_for_their_caches(tmp_path):
     """With --runs-dir (and no DPBIAS_CACHE), the base-model cache and a node's noise-calibration
     cache are under that folder's _cache/, not under the repository's runs/."""
-    calib = ("from dpbias_utils import paths, privacy\n"
+    calib = ("from dpbias_utils import paths\nfrom dpbias_utils.training import privacy\n"
              "privacy.calibrate_noise(3.0, 1e-5, 0.01, 50, 'rdp')\n"
              "pathlib.Path(out_dir, 'cache.txt').write_text(str(paths.cache_dir()))\n")
     nbs = _notebooks(tmp_path / "nb", {"02": calib})

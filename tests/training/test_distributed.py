@@ -1,4 +1,4 @@
-"""Distributed DP training (dpbias_utils.distributed) on two gloo CPU processes equals one process.
+"""Distributed DP training (dpbias_utils.training.distributed) on two gloo CPU processes equals one process.
 
 With noise 0 and the same sampled units per logical step, the parameters after a few DP-Adam steps
 (per-unit clipping, physical batches accumulated into logical ones) match a single process running
@@ -16,7 +16,8 @@ import pandas as pd
 import pytest
 import torch
 
-from dpbias_utils import distributed, training
+from dpbias_utils import training
+from dpbias_utils.training import distributed
 
 N_UNITS, LOGICAL, PHYSICAL, STEPS, C = 24, 8, 3, 3, 0.05
 
@@ -136,3 +137,33 @@ def test_two_gloo_processes_equal_one_process_nondp(setup, monkeypatch):
     # DDP averages in float32 buckets, so gradients differ by ~1e-9; Adam divides by sqrt(v), which turns
     # that into ~1e-5 on parameters whose gradient is ~0 (an Adam step moves a parameter by up to lr = 1e-2).
     _assert_same(_load(root / "nondp" / "model"), _single_process_nondp(base, df, schedule), atol=5e-5)
+
+
+class _Kill(Exception):
+    pass
+
+
+def _die_at_step_3(step):
+    if step == 3:  # last checkpoint at step 2: step 3 is replayed after resuming
+        raise _Kill
+
+
+def test_killed_and_resumed_distributed_dp_run_matches_uninterrupted(setup, monkeypatch):
+    """Poisson sampling on each rank's shard and real noise: the checkpoints carry both generators."""
+    root, base, df, _ = setup
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    kw = dict(epsilon=None, noise_multiplier=0.5, max_grad_norm=C, logical_batch_size=LOGICAL,
+              physical_batch_size=PHYSICAL, lr=1e-2, seed=0, accountant="rdp", steps=4, checkpoint_every=2,
+              backend="gloo")
+    distributed.spawn_local(distributed.train_distributed, 2, base, df, str(root / "whole"), **kw)
+    with pytest.raises(Exception, match="_Kill"):
+        distributed.spawn_local(distributed.train_distributed, 2, base, df, str(root / "resumed"), **kw,
+                                on_step=_die_at_step_3)
+    assert not (root / "resumed" / "model").exists()
+    distributed.spawn_local(distributed.train_distributed, 2, base, df, str(root / "resumed"), **kw)
+    whole, resumed = _load(root / "whole" / "model"), _load(root / "resumed" / "model")
+    for k in whole:
+        assert torch.equal(whole[k], resumed[k]), k
+    pd.testing.assert_frame_equal(pd.read_csv(root / "whole" / "steps.csv"),
+                                  pd.read_csv(root / "resumed" / "steps.csv"))
+    assert sorted(p.name for p in (root / "resumed" / "checkpoints").iterdir()) == ["last.pt", "last.rank1.pt"]

@@ -3,7 +3,7 @@ import math
 
 import pytest
 
-from dpbias_utils.privacy import PrivacyError, calibrate_noise, default_delta, epsilon_spent
+from dpbias_utils.training.privacy import PrivacyError, calibrate_noise, default_delta, epsilon_spent
 
 
 def test_rdp_anchor():
@@ -73,7 +73,7 @@ def test_disk_cache_is_only_a_candidate(tmp_path, monkeypatch):
     """A cached noise multiplier is re-checked: a corrupted cache entry can never weaken privacy."""
     import json as _json
 
-    from dpbias_utils import privacy
+    from dpbias_utils.training import privacy
 
     monkeypatch.setenv("DPBIAS_CACHE", str(tmp_path))
     args = (3.0, 1e-5, 0.01, 300, "rdp")

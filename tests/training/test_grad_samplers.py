@@ -7,7 +7,7 @@ from opacus import GradSampleModule
 from transformers import GPT2Config, GPT2LMHeadModel
 from transformers.pytorch_utils import Conv1D
 
-from dpbias_utils import grad_samplers
+from dpbias_utils.training import grad_samplers
 
 torch.set_num_threads(2)
 

@@ -60,6 +60,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .batching import lm_labels, row_losses
+
 try:  # GPT-2's transposed linear layer
     from transformers.pytorch_utils import Conv1D
 except Exception:  # pragma: no cover - transformers is a dependency
@@ -71,14 +73,12 @@ __all__ = [
     "clipped_grad_sum",
     "per_unit_grad_norms",
     "row_lm_losses",
-    "lm_targets",
     "make_dp_optimizer",
 ]
 
 SUPPORTED_MODULE_TYPES: Tuple[type, ...] = tuple(
     t for t in (nn.Linear, Conv1D, nn.Embedding, nn.LayerNorm) if t is not None
 )
-IGNORE_INDEX = -100
 # "auto": per layer, the cheaper of the ghost norm and materialising one unit gradient at a time
 # (by a flop count); "ghost" / "materialize" force one (tests use this to cover both).
 NORM_METHOD = "auto"
@@ -91,34 +91,11 @@ class UnsupportedModuleError(NotImplementedError):
 # --------------------------------------------------------------------------- loss
 
 
-def lm_targets(batch: dict) -> Tuple[Tensor, Tensor]:
-    """Next-token targets ``(R,T)`` (``-100`` where ignored) and per-token weights ``(R,T)``.
-
-    Position t predicts token t+1. Labels come from ``batch["labels"]`` (``-100`` = ignore) when
-    present, otherwise from ``input_ids`` with padding (``attention_mask == 0``) ignored. The
-    weight of a valid target is ``1/n_r`` (n_r = the row's number of valid targets), so that
-    ``sum_t w * ce`` is the row's mean token cross-entropy.
-    """
-    labels = batch.get("labels")
-    if labels is None:
-        labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, IGNORE_INDEX)
-    targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
-    valid = targets != IGNORE_INDEX
-    n = valid.sum(1, keepdim=True).clamp(min=1)
-    return targets, valid / n
-
-
 def row_lm_losses(logits: Tensor, batch: dict) -> Tensor:
-    """Per-row loss ``(R,)``: mean next-token cross-entropy over the row's real tokens."""
-    targets, w = lm_targets(batch)
-    R, T, V = logits.shape
-    ce = F.cross_entropy(
-        logits.reshape(R * T, V).float() if logits.dtype in (torch.float16, torch.bfloat16) else logits.reshape(R * T, V),
-        targets.reshape(-1),
-        ignore_index=IGNORE_INDEX,
-        reduction="none",
-    ).view(R, T)
-    return (ce * w.to(ce.dtype)).sum(1)
+    """Per-row loss ``(R,)``: mean next-token cross-entropy over the row's real tokens (the training
+    loss, ``batching.row_losses``); labels from ``batch["labels"]`` or, without them, the input ids with
+    padding ignored."""
+    return row_losses(logits, lm_labels(batch))
 
 
 def _model_logits(model: nn.Module, batch: dict) -> Tensor:
@@ -548,7 +525,8 @@ def clipped_grad_sum(model: nn.Module, batch: dict, max_grad_norm: float, *, tim
     return norms
 
 
-def make_dp_optimizer(optimizer, *, noise_multiplier: float, max_grad_norm: float, expected_batch_size: int, **kwargs):
+def make_dp_optimizer(optimizer, *, noise_multiplier: float, max_grad_norm: float, expected_batch_size: float,
+                      **kwargs):
     """Opacus's ``DPOptimizerFastGradientClipping`` around ``optimizer``: its ``step`` takes the
     clipped sum left in ``p.grad`` by ``clipped_grad_sum``, adds ``N(0, (sigma*C)^2)`` noise and
     divides by ``expected_batch_size`` (expected number of units per Poisson batch)."""

@@ -81,7 +81,7 @@ def calibrate_noise(target_epsilon: float, delta: float, sample_rate: float, ste
 
 
 def _disk_cache_file():
-    from . import paths
+    from .. import paths
 
     return paths.cache_dir() / "noise-calibration.jsonl"
 

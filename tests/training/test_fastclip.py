@@ -1,4 +1,4 @@
-"""Exactness of dpbias_utils.fastclip (float64, tiny GPT-2) against two independent references:
+"""Exactness of dpbias_utils.training.fastclip (float64, tiny GPT-2) against two independent references:
 
 * an explicit per-unit loop: each unit's rows alone through the model, its gradient by autograd,
   clipped by hand, summed;
@@ -15,7 +15,7 @@ import pytest
 import torch
 from torch import nn
 
-from dpbias_utils import fastclip
+from dpbias_utils.training import fastclip
 
 transformers = pytest.importorskip("transformers")
 from transformers import GPT2Config, GPT2LMHeadModel  # noqa: E402

@@ -1,0 +1,258 @@
+"""Stage 02: fine-tuning with and without differential privacy, one loop for every way of training.
+
+Privacy unit = one original text chunk (`unit_id`); in CDA `augment` mode its counterfactual row
+belongs to the same unit. DP training Poisson-samples *units*, sums the per-row gradients of each
+unit before clipping, clips each unit to `max_grad_norm`, adds Gaussian noise sigma*C calibrated for
+the planned number of steps, and divides by the expected logical batch. Non-DP training uses the
+same batching and per-unit loss with uniformly shuffled batches. What differs between the ways of
+training lives in `steppers`; this loop plans the run, moves batches through the stepper, logs,
+checkpoints and writes the outputs.
+
+Runs checkpoint atomically and resume bit-exactly (CPU); a finished run (marker file) is never
+retrained. The epsilon reported is the one the accountant recorded, re-checked independently.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+
+from ..basemodel import load_base, resolve_device, save_model_atomic
+from ..progress import tqdm
+from .batching import TrainingError, UnitDataset, n_units
+from .checkpoint import (DONE_FILE, Checkpoints, StepLog, finished_run, frame_fingerprint, seed_everything,
+                         write_json, write_steps_csv)
+from .privacy import PrivacyError, calibrate_noise, default_delta, epsilon_spent
+from .steppers import Plan, Stepper, make_stepper
+
+CLIPPING_MODES = ("opacus", "fast")
+PRIVACY_UNIT = ("one original text chunk (unit_id) of at most block_size tokens; in CDA augment mode its "
+                "counterfactual row belongs to the same unit and is sampled and clipped with it")
+FREEZABLE = {"embeddings": ("wte", "wpe")}
+
+
+def train(base_path: str, train_df, out_dir, *, epsilon: float | None, max_grad_norm: float = 0.1,
+          delta: float | None = None, accountant: str = "prv", epochs: float = 1.0, logical_batch_size: int = 64,
+          physical_batch_size: int = 32, lr: float = 1e-3, seed: int = 0, checkpoint_every: int = 50,
+          device: str = "auto", clipping: str = "opacus", progress_points: Sequence[int] = (0, 25, 50, 100),
+          dropout: float | None = None, freeze: Sequence[str] = (),
+          on_step: Callable[[int], None] | None = None) -> dict:
+    """Fine-tune `base_path` on `train_df` (DP when `epsilon` is a number, non-DP when None).
+
+    Writes model/, progress/pct_<p>/, checkpoints/, steps.csv, privacy.json and a DONE.json marker
+    into out_dir and returns the result dict (the recorded one if the run had already finished).
+    `on_step(step)` is called after every optimizer step and checkpoint (a progress/fault hook).
+    """
+    out_dir = Path(out_dir)
+    request = {"base_path": str(base_path), "data": frame_fingerprint(train_df), "epsilon": epsilon,
+               "max_grad_norm": max_grad_norm, "delta": delta, "accountant": accountant, "epochs": epochs,
+               "logical_batch_size": logical_batch_size, "physical_batch_size": physical_batch_size, "lr": lr,
+               "seed": seed, "clipping": clipping, "dropout": dropout}
+    if freeze:
+        request["freeze"] = sorted(freeze)
+    recorded = finished_run(out_dir, request)
+    if recorded is not None:
+        return recorded
+    method = training_method(epsilon, clipping)
+    _check_numbers(logical_batch_size=logical_batch_size, physical_batch_size=physical_batch_size,
+                   checkpoint_every=checkpoint_every, epochs=epochs, lr=lr, max_grad_norm=max_grad_norm,
+                   dropout=dropout)
+
+    dev = resolve_device(device)
+    seed_everything(seed)
+    model, tokenizer = _load_model(base_path, dev, dropout, freeze)
+    dataset = UnitDataset(train_df, pad_token_id=tokenizer.pad_token_id)
+    plan = make_plan(len(dataset), epsilon=epsilon, delta=delta, accountant=accountant, epochs=epochs,
+                     logical_batch_size=logical_batch_size, physical_batch_size=physical_batch_size, lr=lr,
+                     seed=seed, device=dev, max_grad_norm=max_grad_norm)
+    config = {**request, "delta": plan.delta, "steps": plan.steps, "noise_multiplier": plan.sigma}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    ckpts = Checkpoints(out_dir, config)
+    progress = _progress_steps(progress_points, plan.steps)
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
+    stepper = make_stepper(method, model, optimizer, dataset, plan)
+    step, rows, resumed_from = ckpts.resume(stepper)
+    hf = stepper.module
+    if 0 in progress and not (out_dir / "progress" / "pct_0").is_dir() and step == 0:
+        save_model_atomic(hf, tokenizer, out_dir / "progress" / "pct_0")
+
+    t0 = time.time()
+    run_steps(stepper, ckpts, step, rows, checkpoint_every=checkpoint_every, progress=progress, on_step=on_step,
+              snapshot=lambda p: save_model_atomic(hf, tokenizer, out_dir / "progress" / f"pct_{p}"),
+              desc="train non-DP" if epsilon is None else f"train eps={epsilon:g}")
+
+    eps_final = _final_epsilon(stepper, rows, epsilon) if plan.dp else None
+    save_model_atomic(hf, tokenizer, out_dir / "model")
+    write_steps_csv(rows, out_dir / "steps.csv")
+    write_json(_privacy_record(plan, dataset, epsilon, eps_final, clipping), out_dir / "privacy.json")
+    result = {"request": request, "out_dir": str(out_dir), "model_dir": str(out_dir / "model"), "dp": plan.dp,
+              "steps": plan.steps, "epsilon_target": epsilon, "epsilon_spent": eps_final, "delta": plan.delta,
+              "noise_multiplier": plan.sigma, "sample_rate": plan.sample_rate if plan.dp else None,
+              "n_units": plan.n_units, "final_loss": rows[-1]["loss"] if rows else None,
+              "resumed_from": resumed_from, "wall_seconds": time.time() - t0, "device": str(dev)}
+    write_json(result, out_dir / DONE_FILE)
+    return result
+
+
+
+def run_steps(stepper: Stepper, ckpts: Checkpoints, step: int, rows: list[dict], *, checkpoint_every: int,
+              progress: dict[int, int], snapshot: Callable[[int], None] | None, desc: str,
+              on_step: Callable[[int], None] | None = None) -> None:
+    """Train from `step` to the plan's last step, appending one row of steps.csv per step to `rows`.
+
+    Epsilon is evaluated every few steps, at checkpoints and at the end; `snapshot(p)` saves the model
+    at progress point p (None: no snapshots); checkpoints every `checkpoint_every` steps and at the end.
+    """
+    plan = stepper.plan
+    log = StepLog(rows, reduce=stepper.reduce_stats)
+    eps_every = max(10, plan.steps // 20)  # PRV epsilon costs ~0.5 s; also at checkpoints and the end
+    last_eps = rows[-1]["epsilon_spent"] if rows else (0.0 if plan.dp else None)
+    bar = tqdm(total=plan.steps, initial=step, desc=desc, unit="step")
+    batches = stepper.batches(step)
+    try:
+        while step < plan.steps:
+            pb = next(batches)
+            losses, norms = stepper.backward(pb)
+            log.add(n_units(pb.batch), losses, norms)
+            if not pb.last:
+                continue
+            stepper.step()
+            step += 1
+            eps_now = plan.dp and (step % eps_every == 0 or step == plan.steps or step % checkpoint_every == 0)
+            if eps_now:
+                last_eps = stepper.epsilon()
+            row = log.close_step(step, step * plan.sample_rate if plan.dp else step / plan.batches_per_epoch,
+                                 last_eps if eps_now else (math.nan if plan.dp else None), plan.lr,
+                                 plan.max_grad_norm if plan.dp else None)
+            bar.update(1)
+            bar.set_postfix(loss=f"{row['loss']:.3f}", eps="inf" if not plan.dp else f"{last_eps:.2f}")
+            for p_, s_ in progress.items():
+                if s_ == step and p_ != 0 and snapshot is not None:
+                    snapshot(p_)
+            if step % checkpoint_every == 0 or step == plan.steps:
+                ckpts.save(step, rows, stepper)
+            if on_step is not None:
+                on_step(step)
+    finally:
+        bar.close()
+        batches.close()
+
+
+# --------------------------------------------------------------------------- set-up
+def training_method(epsilon: float | None, clipping: str) -> str:
+    """The stepper's name for these arguments: "nondp" without epsilon, else the clipping mode."""
+    if clipping not in CLIPPING_MODES:
+        raise TrainingError(f"clipping={clipping!r}; allowed: {', '.join(CLIPPING_MODES)}")
+    if clipping == "fast" and _fastclip() is None:
+        raise TrainingError("clipping='fast' needs dpbias_utils.training.fastclip.clipped_grad_sum, which is not "
+                            "available; use clipping='opacus'")
+    if epsilon is None:
+        if clipping == "fast":
+            raise TrainingError("clipping='fast' only applies to DP runs (epsilon is None)")
+        return "nondp"
+    if not (isinstance(epsilon, (int, float)) and math.isfinite(epsilon) and epsilon > 0):
+        raise PrivacyError(f"epsilon={epsilon!r} must be a positive finite number (None = non-DP)")
+    return clipping
+
+
+def _check_numbers(*, epochs, lr, max_grad_norm, dropout, **positive_ints) -> None:
+    for name, v in positive_ints.items():
+        if not (isinstance(v, int) and v > 0):
+            raise TrainingError(f"{name}={v!r} must be a positive integer")
+    if not (epochs > 0 and lr > 0 and max_grad_norm > 0):
+        raise TrainingError(f"epochs={epochs}, lr={lr}, max_grad_norm={max_grad_norm} must all be positive")
+    if dropout is not None and not 0 <= dropout < 1:
+        raise TrainingError(f"dropout={dropout} must lie in [0, 1)")
+
+
+def make_plan(n: int, *, epsilon: float | None, delta: float | None, accountant: str, epochs: float,
+              logical_batch_size: int, steps: int | None = None, noise_multiplier: float | None = None,
+              **rest) -> Plan:
+    """Steps = round(epochs N / logical batch) unless given; for DP, delta (default 1/N^1.1) and the
+    noise multiplier calibrated to (epsilon, delta, q, steps) unless given (`noise_multiplier`)."""
+    steps = steps or max(1, int(round(epochs * n / logical_batch_size)))
+    plan = Plan(n_units=n, steps=steps, logical_batch_size=logical_batch_size, accountant=accountant,
+                delta=delta, **rest)
+    if epsilon is None and noise_multiplier is None:
+        return plan  # delta as given: recorded, unused
+    delta = default_delta(n) if delta is None else float(delta)
+    if plan.sample_rate >= 1:
+        raise PrivacyError(f"{n} privacy units are too few for a logical batch of {logical_batch_size} "
+                           f"(sample rate {plan.sample_rate:.3g} >= 1): use more units or a smaller batch")
+    sigma = (float(noise_multiplier) if noise_multiplier is not None
+             else calibrate_noise(float(epsilon), delta, plan.sample_rate, steps, accountant))
+    return dataclasses.replace(plan, sigma=sigma, delta=delta)
+
+
+def _load_model(base_path: str, dev: torch.device, dropout: float | None, freeze: Sequence[str]):
+    model, tokenizer = load_base(base_path, device=str(dev))
+    if dropout is not None:
+        for m in model.modules():
+            if isinstance(m, torch.nn.Dropout):
+                m.p = float(dropout)
+        for k in ("resid_pdrop", "embd_pdrop", "attn_pdrop"):
+            if hasattr(model.config, k):
+                setattr(model.config, k, float(dropout))
+    _freeze(model, freeze)
+    model.train()
+    return model, tokenizer
+
+
+def _freeze(model, groups: Sequence[str]) -> None:
+    """Freeze parameter groups (``embeddings``: token and position embeddings; with GPT-2's tied head
+    the output embedding too). Frozen parameters get no gradient, no clipping share and no noise."""
+    for group in groups:
+        if group not in FREEZABLE:
+            raise TrainingError(f"freeze={group!r}; allowed: {', '.join(FREEZABLE)}")
+        for name, p in model.named_parameters():
+            if name.split(".")[-2] in FREEZABLE[group]:
+                p.requires_grad_(False)
+
+
+def _progress_steps(points: Sequence[int], steps: int) -> dict[int, int]:
+    out = {}
+    for p in sorted(set(int(p) for p in points)):
+        if not 0 <= p <= 100:
+            raise TrainingError(f"progress point {p} must lie in [0, 100]")
+        out[p] = int(round(p / 100 * steps))
+    return out
+
+
+def _fastclip():
+    try:
+        from . import fastclip
+    except ImportError:
+        return None
+    return fastclip if hasattr(fastclip, "clipped_grad_sum") else None
+
+
+# --------------------------------------------------------------------------- finish
+def _final_epsilon(stepper: Stepper, rows: list[dict], epsilon: float) -> float:
+    """The accountant's record must match the plan and the independent computation."""
+    plan, a = stepper.plan, stepper.accountant
+    hist = list(a.history)
+    if sum(h[2] for h in hist) != plan.steps or any((h[0], h[1]) != (plan.sigma, plan.sample_rate) for h in hist):
+        raise PrivacyError(f"accountant history {hist} does not match the plan ({plan.steps} steps, "
+                           f"sigma={plan.sigma}, q={plan.sample_rate})")
+    recorded = rows[-1]["epsilon_spent"] if rows else None  # computed from the accountant at the last step
+    eps_final = (float(recorded) if isinstance(recorded, float) and math.isfinite(recorded)
+                 else float(a.get_epsilon(delta=plan.delta)))
+    eps_indep = epsilon_spent(plan.sigma, plan.sample_rate, plan.steps, plan.delta, plan.accountant)
+    if not (eps_final <= epsilon and eps_indep <= epsilon):
+        raise PrivacyError(f"epsilon spent {eps_final} (independent {eps_indep}) exceeds the target {epsilon}")
+    return eps_final
+
+
+def _privacy_record(plan: Plan, dataset: UnitDataset, epsilon, eps_final, clipping: str) -> dict:
+    dp = plan.dp
+    return {"epsilon_target": epsilon, "epsilon_spent": eps_final, "delta": plan.delta, "noise_multiplier": plan.sigma,
+            "sample_rate": plan.sample_rate if dp else None, "steps": plan.steps, "n_units": plan.n_units,
+            "n_rows": dataset.n_rows, "expected_batch_size": plan.expected_batch_size if dp else None,
+            "logical_batch_size": plan.logical_batch_size, "accountant": plan.accountant if dp else None,
+            "max_grad_norm": plan.max_grad_norm if dp else None, "clipping": clipping if dp else None,
+            "privacy_unit": PRIVACY_UNIT,
+            "note": None if dp else "non-private training: epsilon is infinite, recorded as null"}

@@ -1,0 +1,312 @@
+"""One class per way of training, behind one interface.
+
+A stepper owns everything that differs between ways of training: how logical batches are drawn,
+how a physical batch's gradient is formed, and what one optimizer step does (clipping, noise,
+accounting). The loop (`loop.train`) only moves batches through it::
+
+    stepper = make_stepper("fast", model, optimizer, dataset, plan)
+    for pb in stepper.batches(start_step):      # physical batches; pb.last ends a logical batch
+        losses, norms = stepper.backward(pb)    # per-unit losses, per-unit gradient norms (DP) or None
+        if pb.last:
+            stepper.step()                      # one optimizer step (+ noise and accounting for DP)
+
+`stepper.accountant` is the Opacus accountant of a DP stepper (None for non-DP); `state_dict` /
+`load_state_dict` carry what a checkpoint needs to resume bit-exactly.
+
+* `NonDP`: uniformly shuffled batches, the mean of the per-unit losses over the logical batch.
+* `OpacusDP`: Opacus hooks (per-row gradients summed per unit), Opacus's DPOptimizer clips, noises
+  and accounts; Poisson sampling of units.
+* `FastDP`: exact per-unit clipping without per-example gradients (`fastclip.clipped_grad_sum`), the
+  clipped sum noised, averaged and accounted by Opacus's `DPOptimizerFastGradientClipping`.
+
+A new way of training is a subclass registered under a name (`@register`); DP variants that only
+change the clipping (`FastDP.clip`) or the noise (`plan.sigma`, `FastDP.noise_multiplier`) override
+one method.
+"""
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import ClassVar, Iterable, Iterator, NamedTuple
+
+import torch
+
+from . import fastclip
+from .batching import TrainingError, UnitDataset, chunks, n_units, per_unit_loss, shuffled_batches, to_device
+from .dp_hooks import _hf_module, dp_backward, per_sample_norms, prepare_dp
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The numbers a run is planned with (all steppers read the same plan)."""
+
+    n_units: int
+    steps: int
+    logical_batch_size: int
+    physical_batch_size: int
+    lr: float
+    seed: int
+    device: torch.device
+    max_grad_norm: float
+    accountant: str
+    sigma: float | None = None        # noise multiplier (DP)
+    delta: float | None = None        # DP
+
+    @property
+    def dp(self) -> bool:
+        return self.sigma is not None
+
+    @property
+    def sample_rate(self) -> float:
+        return self.logical_batch_size / self.n_units
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return -(-self.n_units // self.logical_batch_size)
+
+    @property
+    def expected_batch_size(self) -> float:
+        """Expected units per Poisson batch, the denominator of a DP step."""
+        return self.sample_rate * self.n_units
+
+
+class Physical(NamedTuple):
+    """One physical batch on the device; `last` ends its logical batch of `n_logical` units (None:
+    not known to the loop, the stepper's optimizer keeps count)."""
+
+    batch: dict
+    last: bool
+    n_logical: int | None
+
+
+class Stepper(ABC):
+    """Set up from (model, optimizer, dataset, plan); see the module docstring for the protocol."""
+
+    name: ClassVar[str]
+    dp: ClassVar[bool] = True   # draws Poisson batches and noise: needs a plan with sigma and delta
+    reduce_stats = None         # distributed steppers: sums a tensor over the processes (steps.csv)
+
+    def __init__(self, model, optimizer: torch.optim.Optimizer, dataset: UnitDataset, plan: Plan):
+        self.model, self.optimizer, self.dataset, self.plan = model, optimizer, dataset, plan
+        self.sampler_gen = torch.Generator().manual_seed(plan.seed)
+        self.noise_gen = torch.Generator(device=plan.device).manual_seed(plan.seed + 1)
+        self.accountant = None
+
+    @property
+    def module(self):
+        """The HF model being trained (inside any wrapper): what is saved and checkpointed."""
+        return self.model
+
+    @abstractmethod
+    def batches(self, start_step: int) -> Iterator[Physical]:
+        """Physical batches from logical step `start_step` on (endless)."""
+
+    @abstractmethod
+    def backward(self, pb: Physical) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Gradient of one physical batch: returns (per-unit losses, per-unit gradient norms or None)."""
+
+    @abstractmethod
+    def step(self) -> None:
+        """One optimizer step on the logical batch just completed."""
+
+    def epsilon(self) -> float | None:
+        """Epsilon spent so far by the accountant's record (None for non-DP)."""
+        if self.accountant is None:
+            return None
+        if self.plan.sigma == 0:  # clipping without noise: no privacy
+            return math.inf
+        return float(self.accountant.get_epsilon(delta=self.plan.delta)) if len(self.accountant.history) else 0.0
+
+    def _physical(self, logical: Iterable[Iterable[int]]) -> Iterator[Physical]:
+        for idxs in logical:
+            parts = chunks(idxs, self.plan.physical_batch_size)
+            for j, part in enumerate(parts):
+                yield Physical(to_device(self.dataset.batch(part), self.plan.device), j == len(parts) - 1,
+                               sum(len(p) for p in parts))
+
+    def state_dict(self) -> dict:
+        return {"model": self.module.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "accountant": self.accountant.state_dict() if self.accountant is not None else None,
+                "sampler_gen": self.sampler_gen.get_state(), "noise_gen": self.noise_gen.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.module.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.accountant is not None:
+            self.accountant.load_state_dict(state["accountant"])
+        self.sampler_gen.set_state(state["sampler_gen"])
+        self.noise_gen.set_state(state["noise_gen"])
+
+
+STEPPERS: dict[str, type[Stepper]] = {}
+
+
+def register(cls: type[Stepper]) -> type[Stepper]:
+    """Class decorator: make `cls` available to `make_stepper` under `cls.name`."""
+    STEPPERS[cls.name] = cls
+    return cls
+
+
+def stepper_class(name: str) -> type[Stepper]:
+    if name not in STEPPERS:
+        raise TrainingError(f"training method {name!r} does not exist; allowed: {', '.join(STEPPERS)}")
+    return STEPPERS[name]
+
+
+def make_stepper(name: str, model, optimizer, dataset: UnitDataset, plan: Plan) -> Stepper:
+    cls = stepper_class(name)
+    if plan.dp != cls.dp:
+        raise TrainingError(f"training method {name!r} needs a plan {'with' if cls.dp else 'without'} noise")
+    return cls(model, optimizer, dataset, plan)
+
+
+# --------------------------------------------------------------------------- the ways of training
+@register
+class NonDP(Stepper):
+    """Uniformly shuffled logical batches; loss = mean over the logical batch of the per-unit losses.
+    On CUDA the forward runs under bf16 autocast (the loss is taken in float32)."""
+
+    name = "nondp"
+    dp = False
+
+    def batches(self, start_step: int) -> Iterator[Physical]:
+        p = self.plan
+        return self._physical(shuffled_batches(p.n_units, p.logical_batch_size, p.seed, start_step))
+
+    def _autocast(self):
+        return torch.autocast("cuda", dtype=torch.bfloat16) if self.plan.device.type == "cuda" else nullcontext()
+
+    def backward(self, pb: Physical):
+        with self._autocast():
+            losses = per_unit_loss(self.model, pb.batch)
+        (losses.sum() / pb.n_logical).backward()
+        return losses.detach(), None
+
+    def step(self) -> None:
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+
+class _DPOptimizerStepper(Stepper):
+    """A DP stepper whose `dp_opt` (an Opacus DPOptimizer) accumulates physical batches and does the
+    noisy, accounted step at the end of each logical batch. Unless a BatchMemoryManager does it
+    (`signals_skips` False), the stepper tells the optimizer which physical batches to accumulate."""
+
+    dp_opt = None
+    signals_skips = True
+
+    def _accumulate(self, pb: Physical) -> None:
+        """Fold a physical batch that does not end its logical batch into the optimizer's clipped sum."""
+        if not pb.last:
+            if self.signals_skips:
+                self.dp_opt.signal_skip_step(do_skip=True)
+            self.dp_opt.step()  # skipped by Opacus: clips and accumulates only
+            self.dp_opt.zero_grad(set_to_none=True)
+
+    def step(self) -> None:
+        self.dp_opt.step()
+        self.dp_opt.zero_grad(set_to_none=True)
+
+
+@register
+class OpacusDP(_DPOptimizerStepper):
+    """Opacus hooks: per-row gradients summed per unit (`dp_backward`), Opacus's DPOptimizer clips each
+    unit to C, adds N(0, (sigma C)^2) and divides by the expected batch; Poisson batches of units are
+    split into physical batches by Opacus's BatchMemoryManager."""
+
+    name = "opacus"
+    signals_skips = False  # BatchMemoryManager signals them
+
+    def __init__(self, model, optimizer, dataset, plan):
+        super().__init__(model, optimizer, dataset, plan)
+        self.gsm, self.dp_opt, self.loader, engine = prepare_dp(
+            model, optimizer, dataset, noise_multiplier=plan.sigma, max_grad_norm=plan.max_grad_norm,
+            sample_rate=plan.sample_rate, accountant=plan.accountant, generator=self.sampler_gen,
+            noise_generator=self.noise_gen)
+        self.accountant = engine.accountant
+        self.params = list(self.dp_opt.params)
+
+    @property
+    def module(self):
+        return _hf_module(self.gsm)
+
+    def batches(self, start_step: int) -> Iterator[Physical]:
+        from opacus.utils.batch_memory_manager import BatchMemoryManager
+
+        with BatchMemoryManager(data_loader=self.loader, max_physical_batch_size=self.plan.physical_batch_size,
+                                optimizer=self.dp_opt) as mem_loader:
+            # Iterate the splitting sampler directly: a DataLoader iterator would draw a base seed
+            # from the sampling generator and break bit-exact resumption.
+            bs = mem_loader.batch_sampler
+            while True:
+                for idxs in bs:
+                    last = not self.dp_opt._check_skip_next_step(pop_next=False)
+                    yield Physical(to_device(self.dataset.batch(idxs), self.plan.device), last, None)
+
+    def backward(self, pb: Physical):
+        losses = dp_backward(self.gsm, pb.batch, self.params)
+        norms = per_sample_norms(self.params).detach() if n_units(pb.batch) else None
+        self._accumulate(pb)
+        return losses, norms
+
+
+@register
+class FastDP(_DPOptimizerStepper):
+    """Exact per-unit clipping in one forward and one backward (`fastclip.clipped_grad_sum`: ghost
+    norms + book-keeping), Poisson sampling of units (Opacus's UniformWithReplacementSampler on the
+    sampling generator), and Opacus's `DPOptimizerFastGradientClipping` for the rest: it sums the
+    physical batches' clipped sums, adds N(0, (sigma C)^2) from the noise generator, divides by the
+    expected batch size and steps the accountant. That optimizer gives bit-identical parameters to the
+    hand-written noise draw it replaced (same `torch.normal` call on the same generator, same
+    division), which the project's bit-identity check showed on CPU runs.
+
+    The logged per-unit losses come from a second, gradient-free forward (its dropout draws are part
+    of the run's random stream).
+
+    Variants (issue 16): clip-only = `noise_multiplier` 0; noise-only = `clip` with C = inf and the
+    noise at sigma C; global scaling = `clip` with its own clip factors.
+    """
+
+    name = "fast"
+
+    def __init__(self, model, optimizer, dataset, plan):
+        from opacus.accountants import create_accountant
+
+        super().__init__(model, optimizer, dataset, plan)
+        self.accountant = create_accountant(mechanism=plan.accountant)
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.dp_opt = fastclip.make_dp_optimizer(
+            optimizer, noise_multiplier=self.noise_multiplier(), max_grad_norm=plan.max_grad_norm,
+            expected_batch_size=plan.expected_batch_size, generator=self.noise_gen)
+        self.dp_opt.attach_step_hook(self.accountant.get_optimizer_hook_fn(sample_rate=plan.sample_rate))
+
+    def noise_multiplier(self) -> float:
+        """sigma of the noise N(0, (sigma C)^2) added to each logical batch's clipped sum."""
+        return self.plan.sigma
+
+    def batches(self, start_step: int) -> Iterator[Physical]:
+        from opacus.utils.uniform_sampler import UniformWithReplacementSampler
+
+        p = self.plan
+        return self._physical(UniformWithReplacementSampler(num_samples=p.n_units, sample_rate=p.sample_rate,
+                                                            generator=self.sampler_gen, steps=10**12))
+
+    def clip(self, batch: dict) -> torch.Tensor:
+        """Set every trainable p.grad to the batch's clipped sum; return the per-unit norms (U,)."""
+        for p in self.params:
+            p.grad = None
+        return fastclip.clipped_grad_sum(self.model, batch, self.plan.max_grad_norm)
+
+    def backward(self, pb: Physical):
+        if n_units(pb.batch):
+            norms = torch.as_tensor(self.clip(pb.batch)).detach().reshape(-1)
+            with torch.no_grad():
+                losses = per_unit_loss(self.model, pb.batch)
+        else:  # an empty Poisson batch: nothing to add, the step still noises and is accounted
+            for p in self.params:
+                p.grad = torch.zeros_like(p)
+            losses, norms = torch.zeros(0), None
+        self._accumulate(pb)
+        return losses, norms

@@ -1,0 +1,127 @@
+"""End-to-end runs of dpbias_utils.training.train: outputs, epsilon spent <= target, exact resumption,
+fast clipping equal to Opacus hooks, refusals, frozen parameters."""
+import json
+
+import pandas as pd
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from dpbias_utils import training
+from dpbias_utils.training import TrainingError, train
+from dpbias_utils.training.privacy import PrivacyError, epsilon_spent
+from training_helpers import frame
+
+
+KW = dict(epsilon=3.0, logical_batch_size=8, physical_batch_size=3, lr=1e-2, checkpoint_every=2, device="cpu",
+          dropout=0.0, epochs=2.0, accountant="rdp")
+
+
+def _weights(out):
+    return load_file(str(out / "model" / "model.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def dp_run(base, tmp_path_factory):
+    out = tmp_path_factory.mktemp("dp_run")
+    df = frame(24)
+    return out, df, train(base, df, out, **{**KW, "accountant": "prv"})
+
+
+def test_dp_run_outputs_and_privacy(dp_run):
+    out, df, res = dp_run
+    priv = json.loads((out / "privacy.json").read_text())
+    assert res["steps"] == priv["steps"] == 6 and priv["n_units"] == 24 and priv["sample_rate"] == 8 / 24
+    assert priv["delta"] == pytest.approx(24 ** -1.1) and priv["accountant"] == "prv"
+    indep = epsilon_spent(priv["noise_multiplier"], 8 / 24, 6, priv["delta"], "prv")
+    assert priv["epsilon_spent"] == pytest.approx(indep, rel=1e-9)
+    assert priv["epsilon_spent"] <= priv["epsilon_target"] == 3.0
+    assert priv["epsilon_spent"] > 2.9  # calibrated, not wastefully noisy
+    steps = pd.read_csv(out / "steps.csv")
+    assert list(steps.columns) == training.STEPS_COLUMNS and steps.step.tolist() == list(range(1, 7))
+    eps = steps.set_index("step").epsilon_spent.dropna()
+    assert list(eps.index) == [2, 4, 6]  # evaluated at checkpoints and at the end
+    assert eps.is_monotonic_increasing and eps.iloc[-1] == priv["epsilon_spent"]
+    assert eps.iloc[0] == pytest.approx(epsilon_spent(priv["noise_multiplier"], 8 / 24, 2, priv["delta"], "prv"))
+    assert steps.clip_fraction.between(0, 1).all()
+    for p in (0, 25, 50, 100):
+        assert (out / "progress" / f"pct_{p}" / "config.json").is_file()
+    w = _weights(out)
+    torch.testing.assert_close(load_file(str(out / "progress" / "pct_100" / "model.safetensors"))["transformer.wte.weight"],
+                               w["transformer.wte.weight"])
+    m, _ = training.load_base(str(out / "model"))
+    assert m.lm_head.weight is m.transformer.wte.weight
+
+
+def test_finished_run_is_not_retrained(dp_run, base):
+    out, df, res = dp_run
+    again = train(base, df, out, **{**KW, "accountant": "prv"}, on_step=lambda s: pytest.fail("retrained"))
+    assert again == res
+    with pytest.raises(TrainingError, match="different settings"):  # never hands back a different run
+        train(base, df, out, **{**KW, "accountant": "prv", "epsilon": 10.0})
+
+
+def test_killed_and_resumed_run_matches_uninterrupted(dp_run, base, tmp_path):
+    out_a, df, res_a = dp_run
+
+    class Kill(Exception):
+        pass
+
+    def die(step):
+        if step == 3:  # last checkpoint at step 2: step 3 is replayed after resuming
+            raise Kill
+
+    with pytest.raises(Kill):
+        train(base, df, tmp_path, **{**KW, "accountant": "prv"}, on_step=die)
+    assert not (tmp_path / training.DONE_FILE).exists()
+    res_b = train(base, df, tmp_path, **{**KW, "accountant": "prv"})
+    assert res_b["resumed_from"] == 2
+    wa, wb = _weights(out_a), _weights(tmp_path)
+    for k in wa:
+        assert torch.equal(wa[k], wb[k]), k
+    assert res_b["epsilon_spent"] == res_a["epsilon_spent"]
+    pd.testing.assert_frame_equal(pd.read_csv(out_a / "steps.csv"), pd.read_csv(tmp_path / "steps.csv"))
+
+
+def test_nondp_run_records_null_epsilon(base, tmp_path):
+    res = train(base, frame(24), tmp_path, **{**KW, "epsilon": None, "progress_points": (0, 100)})
+    priv = json.loads((tmp_path / "privacy.json").read_text())
+    assert priv["epsilon_spent"] is None and priv["noise_multiplier"] is None and res["dp"] is False
+    steps = pd.read_csv(tmp_path / "steps.csv")
+    assert (steps.n_units_in_batch == 8).all() and steps.epsilon_spent.isna().all()
+    assert steps.loss.iloc[-2:].mean() < steps.loss.iloc[:2].mean()  # it learns
+
+
+@pytest.mark.skipif(training._fastclip() is None, reason="dpbias_utils.fastclip not available")
+def test_fast_clipping_matches_opacus_run(dp_run, base, tmp_path):
+    out_a, df, res_a = dp_run
+    res = train(base, df, tmp_path, **{**KW, "accountant": "prv"}, clipping="fast")
+    assert res["epsilon_spent"] == res_a["epsilon_spent"] <= 3.0
+    wa, wb = _weights(out_a), _weights(tmp_path)
+    for k in wa:  # same Poisson batches, same noise draws; clipping agrees to float32 rounding
+        torch.testing.assert_close(wb[k], wa[k], rtol=1e-4, atol=1e-5, msg=k)
+
+
+@pytest.mark.parametrize("kwargs,err,match", [
+    (dict(epsilon=3.0, logical_batch_size=64), PrivacyError, "too few"),
+    (dict(epsilon=0.0), PrivacyError, "epsilon"),
+    (dict(epsilon=3.0, delta=1.5), PrivacyError, "delta"),
+    (dict(epsilon=3.0, clipping="ghost"), TrainingError, "clipping"),
+])
+def test_unreachable_or_invalid_refused(base, tmp_path, kwargs, err, match):
+    with pytest.raises(err, match=match):
+        train(base, frame(24), tmp_path, **{**KW, **kwargs})
+    assert not (tmp_path / "model").exists()
+
+
+@pytest.mark.parametrize("epsilon,clipping", [(None, "opacus"), (8.0, "fast"), (8.0, "opacus")])
+def test_frozen_embeddings_stay_put_and_the_rest_trains(base, tmp_path, epsilon, clipping):
+    before = load_file(str(__import__("pathlib").Path(base) / "model.safetensors"))
+    train(base, frame(24), tmp_path, **{**KW, "epsilon": epsilon, "clipping": clipping, "freeze": ("embeddings",),
+                                        "progress_points": (100,)})
+    after = _weights(tmp_path)
+    for name in ("transformer.wte.weight", "transformer.wpe.weight"):
+        assert torch.equal(before[name], after[name]), name
+    assert not torch.equal(before["transformer.h.0.mlp.c_fc.weight"], after["transformer.h.0.mlp.c_fc.weight"])
+    with pytest.raises(TrainingError, match="freeze='lm_head'; allowed: embeddings"):
+        train(base, frame(24), tmp_path / "bad", **{**KW, "freeze": ("lm_head",)})
