@@ -879,7 +879,7 @@ def write_findings(profile_dir: Path, tables: dict[str, pd.DataFrame], figures_d
     privacy = privacy_table(tables["privacy"], tables["results"])
     figures = figure_list(figures_dir, profile_dir, toxicity_backend)
     paths.atomic_write_text(profile_dir / "findings.html", findings_html(md, privacy, figures))
-    if profile_dir.name == "default" and profile_dir.parent.resolve() == paths.RUNS.resolve():
+    if profile_dir.name == "default" and profile_dir.parent.resolve() == (paths.REPO_ROOT / "runs").resolve():
         paths.FIGURES.mkdir(exist_ok=True)
         for f in sorted(figures_dir.glob("*.png")) + sorted(figures_dir.glob("*.svg")):
             shutil.copy2(f, paths.FIGURES / f.name)
