@@ -122,11 +122,10 @@ def check_writable(folder: Path) -> None:
         probe.write_bytes(b"ok")
         probe.unlink()
         free = shutil.disk_usage(folder).free
-    except OSError as exc:
-        err = unwritable_error(exc, folder)
-        if err is None:
-            raise
-        raise err from exc
+    except OSError as exc:  # any failure here (also a missing parent on /proc, a file in the path) stops the run
+        raise (unwritable_error(exc, folder) or RunsDirError(
+            f"runs folder {folder} cannot be created or written ({exc.filename or folder}: {exc.strerror}); "
+            "choose another with --runs-dir or DPBIAS_RUNS")) from exc
     if free < MIN_FREE_BYTES:
         raise RunsDirError(f"runs folder {folder} is full ({free / 2**20:.1f} MiB free, a node needs at least "
                            f"{MIN_FREE_BYTES // 2**20} MiB); free space or choose another with --runs-dir or DPBIAS_RUNS")

@@ -235,6 +235,15 @@ def test_unwritable_runs_folder_is_one_line_and_exit_2(tmp_path, options, why):
     assert len(lines) == 1 and str(tmp_path / "mnt" / "runs") in lines[0] and why in lines[0], proc.stderr
 
 
+def test_runs_folder_under_a_file_is_one_line_and_exit_2(tmp_path):
+    (tmp_path / "afile").write_text("")
+    spec = _write(tmp_path, parse_profile(ONE_RUN))
+    proc = subprocess.run(_cli(spec, "--runs-dir", tmp_path / "afile" / "runs"), capture_output=True, text=True,
+                          env=_env(tmp_path), timeout=300)
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert "cannot be created or written" in proc.stderr and str(tmp_path / "afile" / "runs") in proc.stderr
+
+
 def test_runs_folder_that_fills_up_during_the_study_stops_it_with_exit_2(tmp_path):
     blob = "pathlib.Path(out_dir, 'blob.bin').write_bytes(bytes(24 * 2**20))\n"
     nbs = _notebooks(tmp_path / "nb", {"02": blob})
