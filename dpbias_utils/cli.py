@@ -84,7 +84,7 @@ def run(profile, **options):
     """Run the profile's stage graph (`pipeline.run.run`, same options) with the two calls into the
     science: the built-in base model built before the local pool, the index page written after."""
     from .pipeline import run as pipeline_run
-    from .report import write_index
+    from .results.report import write_index
     from .stages.s01_data import prebuild_base
 
     return pipeline_run.run(profile, prepare=prebuild_base, write_index=write_index, **options)

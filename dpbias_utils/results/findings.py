@@ -222,7 +222,7 @@ def write_findings(profile_dir: Path, tables: dict[str, pd.DataFrame], figures_d
     regenerate the README's results block from that findings.md."""
     import shutil
 
-    from .. import readme
+    from . import readme
 
     profile_dir, figures_dir = Path(profile_dir), Path(figures_dir)
     judged = study_claims(tables)

@@ -10,7 +10,8 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import pytest  # noqa: E402
 
-from dpbias_utils import paths, plots, readme, results  # noqa: E402
+from dpbias_utils import paths, plots, results  # noqa: E402
+from dpbias_utils.results import readme  # noqa: E402
 from dpbias_utils.results import findings  # noqa: E402
 
 

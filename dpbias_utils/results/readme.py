@@ -2,7 +2,7 @@
 
 Stage 05 writes `findings.md` once and renders both the report's findings (`findings.html`, shown
 in `index.html`) and, for the default study, the README block between `START` and `END` from it,
-so the README and the report cannot disagree. `python -m dpbias_utils.readme` rewrites the block
+so the README and the report cannot disagree. `python -m dpbias_utils.results.readme` rewrites the block
 from the committed `figures/findings.md`; `--check` only compares (exit 1 when they differ).
 """
 from __future__ import annotations
@@ -11,11 +11,11 @@ import argparse
 import sys
 from pathlib import Path
 
-from . import paths
+from .. import paths
 
 START = "<!-- findings:start -->"
 END = "<!-- findings:end -->"
-NOTE = "<!-- generated from figures/findings.md by stage 05 (or `python -m dpbias_utils.readme`); do not edit by hand -->"
+NOTE = "<!-- generated from figures/findings.md by stage 05 (or `python -m dpbias_utils.results.readme`); do not edit by hand -->"
 README = paths.REPO_ROOT / "README.md"
 FINDINGS = paths.FIGURES / "findings.md"
 
@@ -45,7 +45,7 @@ def update_readme(readme: Path = README, findings: Path = FINDINGS) -> bool:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m dpbias_utils.readme", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="python -m dpbias_utils.results.readme", description=__doc__.splitlines()[0])
     ap.add_argument("--check", action="store_true", help="compare only; exit 1 when the README block is stale")
     args = ap.parse_args(argv)
     for p in (README, FINDINGS):

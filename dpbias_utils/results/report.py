@@ -8,7 +8,7 @@ import html
 import os
 from pathlib import Path
 
-from . import paths
+from .. import paths
 
 FINDINGS = "findings.html"
 
@@ -35,7 +35,7 @@ def code_version_html(nodes, profile_dir: Path) -> str:
     import json
     from collections import Counter
 
-    from .pipeline import provenance
+    from ..pipeline import provenance
 
     counts: Counter = Counter()
     for n in nodes:
@@ -90,7 +90,7 @@ def _privacy_facts(profile_dir: Path) -> dict:
     """N, δ, steps (non-DP / DP) and σ from `privacy.csv` when stage 05 has written it."""
     import pandas as pd
 
-    from .plots import fmt_number
+    from ..plots import fmt_number
 
     path = Path(profile_dir) / "privacy.csv"
     if not path.is_file() or path.stat().st_size < 2:
@@ -104,7 +104,7 @@ def _privacy_facts(profile_dir: Path) -> dict:
 
 def _metric_rows(profile) -> list[tuple[str, str]]:
     """(label, one-line definition) of each metric the study reports (from `bias.registry`)."""
-    from .bias import registry
+    from ..bias import registry
 
     wanted = ["learned_association", "loglik_gap", *[s.name for s in registry.outcome_metrics()], "perplexity_corpus"]
     return [(registry.METRICS[n].label, registry.METRICS[n].definition) for n in wanted if n in registry.METRICS]
@@ -112,7 +112,7 @@ def _metric_rows(profile) -> list[tuple[str, str]]:
 
 def methods_html(profile, profile_dir: Path) -> str:
     """The methods section: corpus, model, N, steps, ε, δ, C, training rules, backend, metric definitions."""
-    from .results.figures import TOXICITY_SCORES
+    from .figures import TOXICITY_SCORES
 
     t, ev = profile.train, profile.evaluation
     facts = _privacy_facts(profile_dir)
@@ -150,7 +150,7 @@ def methods_html(profile, profile_dir: Path) -> str:
 
 def reports_html(nodes, profile_dir: Path) -> str:
     """A table per stage: each node's condition in words, status and report link."""
-    from .pipeline.context import point_label
+    from ..pipeline.context import point_label
 
     parts = ["<h2>Node reports</h2><p>Each node is one executed stage notebook; its report is the notebook rendered "
              "without code.</p>"]
