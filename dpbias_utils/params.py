@@ -10,6 +10,8 @@ means the folder beside the checkout), then checked to exist.
 """
 from __future__ import annotations
 
+import math
+
 import itertools
 import re
 from pathlib import Path
@@ -280,6 +282,19 @@ class Profile(Section):
 
 
 # --------------------------------------------------------------------------- loading
+# One privacy condition, one name. A profile writes non-DP as `epsilon: null` (None in Python); a node
+# id uses the slug "nondp" (`pipeline.graph`); results.csv stores epsilon = inf with dp = False (a
+# number column); wherever a person reads it, it is `privacy_label`'s "non-DP" or "DP ε=3".
+NON_DP = "non-DP"
+
+
+def privacy_label(epsilon) -> str:
+    """The readable name of a privacy condition: "non-DP" (None, NaN or inf) or "DP ε=<epsilon>"."""
+    if epsilon is None or not math.isfinite(float(epsilon)):
+        return NON_DP
+    return f"DP ε={float(epsilon):g}"
+
+
 SECTIONS = ("name", "description", "include_base", "data", "model", "train", "gradnorms", "evaluation", "grid", "execution")
 
 _FLOAT_RE = re.compile(

@@ -121,3 +121,11 @@ def test_cli_validate_ok():
 def test_every_committed_profile_validates():
     for f in sorted(Path(paths.PARAMS).glob("*.yaml")):
         load_profile(f)
+
+
+def test_privacy_label_is_the_one_readable_name():
+    from dpbias_utils.params import NON_DP, privacy_label
+
+    assert privacy_label(None) == NON_DP == "non-DP"
+    assert privacy_label(float("inf")) == privacy_label(float("nan")) == "non-DP"
+    assert privacy_label(3) == privacy_label(3.0) == "DP ε=3" and privacy_label(0.5) == "DP ε=0.5"

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from .. import paths
-from ..params import SECTIONS, Profile, load_profile, parse_profile
+from ..params import SECTIONS, Profile, load_profile, parse_profile, privacy_label
 from .graph import find_node, plan
 
 
@@ -77,7 +77,7 @@ def point_label(point: dict, run_id: Optional[str] = None, stage: str = "02") ->
     if stage == "05":
         return "whole study"
     eps = point.get("epsilon")
-    priv = "non-DP" if eps is None else f"DP ε={eps:g}" + (f" (C={point['max_grad_norm']:g})" if point.get("max_grad_norm") else "")
+    priv = privacy_label(eps) + (f" (C={point['max_grad_norm']:g})" if eps is not None and point.get("max_grad_norm") else "")
     return f"{priv} · {cda} · {seed}"
 
 

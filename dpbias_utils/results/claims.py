@@ -38,6 +38,7 @@ import pandas as pd
 
 from ..data import corpus
 from ..bias.perplexity import CORPUS as PPL
+from ..params import privacy_label
 from . import inference
 
 FAMILIES = corpus.FAMILIES
@@ -143,10 +144,6 @@ def _ratios(items: pd.DataFrame, dp: bool, epsilon: float | None) -> list[float]
     return sorted({float(r) for r in sub["mixing_ratio"].dropna()})
 
 
-def _label(eps) -> str:
-    return "non-DP" if eps is None else f"DP ε={eps:g}"
-
-
 def study_claims(items: pd.DataFrame, results: pd.DataFrame, trajectory: pd.DataFrame | None = None) -> pd.DataFrame:
     """Every claim this profile can test, judged (columns `CLAIM_COLUMNS` + p_holm, mde, verdict)."""
     cal = calibration_table(items, results)
@@ -158,11 +155,11 @@ def study_claims(items: pd.DataFrame, results: pd.DataFrame, trajectory: pd.Data
         for family in FAMILIES:
             ok, text = calibrated.get(family, (False, "no non-DP run"))
             metric = ASSOC.format(family)
-            out.append(_claim(f"amplify/{family}/{eps:g}", f"DP amplifies the learned {family} association ({_label(eps)})",
-                              metric, f"{_label(eps)} - non-DP", _diff(dp, nondp, metric), +1, ok, text))
+            out.append(_claim(f"amplify/{family}/{eps:g}", f"DP amplifies the learned {family} association ({privacy_label(eps)})",
+                              metric, f"{privacy_label(eps)} - non-DP", _diff(dp, nondp, metric), +1, ok, text))
         ok, text = calibrated.get("toxicity", (False, "no non-DP run"))
-        out.append(_claim(f"amplify-output/toxicity/{eps:g}", f"DP amplifies the toxicity gap of continuations ({_label(eps)})",
-                          "toxicity", f"{_label(eps)} - non-DP, of (female - male)", _diff(dp, nondp, "toxicity", "diff"),
+        out.append(_claim(f"amplify-output/toxicity/{eps:g}", f"DP amplifies the toxicity gap of continuations ({privacy_label(eps)})",
+                          "toxicity", f"{privacy_label(eps)} - non-DP, of (female - male)", _diff(dp, nondp, "toxicity", "diff"),
                           +1, ok, text))
         if trajectory is not None and not trajectory.empty:
             for family in FAMILIES:
@@ -180,10 +177,10 @@ def study_claims(items: pd.DataFrame, results: pd.DataFrame, trajectory: pd.Data
                 own = arm_summary(r0, metric, lower=0, upper=1)
                 if own is None or not own.low > 0.5:
                     ok = False
-                    text = (f"the {_label(eps)} model at CDA ratio 0 carries no association to remove "
+                    text = (f"the {privacy_label(eps)} model at CDA ratio 0 carries no association to remove "
                             f"({own.point:.3f} [{own.low:.3f}, {own.high:.3f}])" if own else "no run at ratio 0")
-            out.append(_claim(f"cda/{family}/{_label(eps)}", f"CDA reduces the learned {family} association ({_label(eps)})",
-                              metric, f"ratio {ratios[-1]:g} - ratio 0 ({_label(eps)})", _diff(r1, r0, metric), -1, ok, text))
+            out.append(_claim(f"cda/{family}/{privacy_label(eps)}", f"CDA reduces the learned {family} association ({privacy_label(eps)})",
+                              metric, f"ratio {ratios[-1]:g} - ratio 0 ({privacy_label(eps)})", _diff(r1, r0, metric), -1, ok, text))
     out += gradnorm_claims(results)
     table = pd.DataFrame([c for c in out if c], columns=CLAIM_COLUMNS)
     if table.empty:
@@ -223,8 +220,8 @@ def matched_claim(trajectory: pd.DataFrame, family: str, eps: float, calibrated:
                            f"[{math.exp(max(a for a, _ in lo_hi)):.3f}, {math.exp(min(b for _, b in lo_hi)):.3f}]")
     res = inference.two_way_bootstrap([dp_final[[metric]].to_numpy(float), np.array(matched, float)[:, None]],
                                       n_boot=N_BOOT, seed=0)
-    return _claim(f"matched/{family}/{eps:g}", f"At equal perplexity, DP carries more {family} association ({_label(eps)})",
-                  metric, f"{_label(eps)} - non-DP checkpoint at perplexity {target:.3f}", res, +1, ok, text)
+    return _claim(f"matched/{family}/{eps:g}", f"At equal perplexity, DP carries more {family} association ({privacy_label(eps)})",
+                  metric, f"{privacy_label(eps)} - non-DP checkpoint at perplexity {target:.3f}", res, +1, ok, text)
 
 
 def with_base_start(trajectory: pd.DataFrame) -> pd.DataFrame:
@@ -254,12 +251,12 @@ def gradnorm_claims(results: pd.DataFrame) -> list[dict]:
     for eps in sorted({float(e) for e in g.loc[g["dp"].astype(bool), "epsilon"]}):
         dp = g[g["dp"].astype(bool) & np.isclose(g["epsilon"].astype(float), eps)]["value"].to_numpy(float)[:, None]
         res = inference.two_way_bootstrap([dp], n_boot=N_BOOT, seed=0)
-        out.append(_claim(f"gradnorm/{eps:g}", f"Female per-example gradient norms exceed male ({_label(eps)})",
+        out.append(_claim(f"gradnorm/{eps:g}", f"Female per-example gradient norms exceed male ({privacy_label(eps)})",
                           "grad_l2_total", "female - male (final checkpoint)", res, +1))
         if len(nd):
             res = inference.two_way_bootstrap([dp, nd], n_boot=N_BOOT, seed=0)
-            out.append(_claim(f"gradnorm-widen/{eps:g}", f"DP widens the female - male gradient-norm gap ({_label(eps)})",
-                              "grad_l2_total", f"(female - male) {_label(eps)} - non-DP", res, +1))
+            out.append(_claim(f"gradnorm-widen/{eps:g}", f"DP widens the female - male gradient-norm gap ({privacy_label(eps)})",
+                              "grad_l2_total", f"(female - male) {privacy_label(eps)} - non-DP", res, +1))
     return out
 
 

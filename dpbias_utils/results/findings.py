@@ -10,6 +10,7 @@ import pandas as pd
 
 from .. import paths
 from ..bias.perplexity import CORPUS as PPL
+from ..params import NON_DP, privacy_label
 from . import claims
 from .figures import TOXICITY_SCORES, figure_list
 from .tables import association_summary, condition_order, epsilon_of, seed_summary, table1
@@ -187,11 +188,11 @@ def privacy_table(privacy: pd.DataFrame, results: pd.DataFrame) -> pd.DataFrame:
     for _, r in privacy.iterrows():
         c = cond.loc[r["run_id"]] if r["run_id"] in cond.index else None
         dp = pd.notna(r["epsilon_target"])
-        label = f"DP ε={r['epsilon_target']:g}" if dp else "non-DP"
+        label = privacy_label(r["epsilon_target"] if dp else None)
         if c is not None:
             label += f" · CDA {float(c['mixing_ratio']):g} · seed {int(c['seed'])}"
-        rows.append({"condition": label, "ε target": fmt_number(r["epsilon_target"]) if dp else "non-DP",
-                     "ε spent": fmt_number(r["epsilon_spent"]) if dp else "∞ (non-DP)",
+        rows.append({"condition": label, "ε target": fmt_number(r["epsilon_target"]) if dp else NON_DP,
+                     "ε spent": fmt_number(r["epsilon_spent"]) if dp else f"∞ ({NON_DP})",
                      "δ": fmt_number(r["delta"]) if dp else "–", "noise σ": fmt_number(r["noise_multiplier"]) if dp else "–",
                      "sampling rate q": fmt_number(r["sample_rate"]) if dp else "–", "steps": fmt_number(r["steps"]),
                      "privacy units N": fmt_number(r["n_units"]),

@@ -22,6 +22,7 @@ import pandas as pd
 from .. import paths
 from ..bias.perplexity import CORPUS as PPL
 from ..bias.registry import outcome_metrics
+from ..params import privacy_label
 from . import claims
 
 
@@ -181,7 +182,7 @@ def load_tables(profile_dir: Path) -> dict[str, pd.DataFrame]:
 def condition_label(row) -> str:
     if row["run_id"] == "base":
         return "base"
-    return "non-DP" if not row["dp"] else f"DP ε={row['epsilon']:g}"
+    return privacy_label(row["epsilon"] if row["dp"] else None)
 
 
 def with_condition(results: pd.DataFrame) -> pd.DataFrame:
@@ -192,7 +193,7 @@ def with_condition(results: pd.DataFrame) -> pd.DataFrame:
 
 def condition_order(df: pd.DataFrame) -> list[str]:
     eps = sorted({e for e in df.loc[df["dp"] == True, "epsilon"]})  # noqa: E712
-    order = ["base", "non-DP"] + [f"DP ε={e:g}" for e in eps]
+    order = ["base", privacy_label(None)] + [privacy_label(e) for e in eps]
     return [c for c in order if c in set(df["condition"])]
 
 
