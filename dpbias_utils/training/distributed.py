@@ -39,10 +39,10 @@ from typing import Iterator, Optional, Sequence
 import torch
 
 from ..basemodel import load_base, save_model_atomic
-from .batching import (TrainingError, UnitDataset, chunks, collate_units, n_units, per_unit_loss, shuffled_batches,
+from .batching import (TrainingError, UnitDataset, chunks, n_units, per_unit_loss, shuffled_batches,
                        to_device)
 from .checkpoint import Checkpoints, frame_fingerprint, seed_everything, write_json, write_steps_csv
-from .dp_hooks import _is_tied, check_sample_rate, check_tie_kept, dp_backward, per_sample_norms
+from .dp_hooks import _is_tied, check_sample_rate, check_tie_kept, dp_backward, make_private_units, per_sample_norms
 from .loop import PRIVACY_UNIT, make_plan, run_steps
 from .privacy import epsilon_spent
 from .steppers import NonDP, Physical, Plan, _DPOptimizerStepper
@@ -89,7 +89,6 @@ def prepare_dp_distributed(model, optimizer, dataset, *, noise_multiplier: float
     """
     import torch.distributed as dist
     from opacus import PrivacyEngine
-    from opacus.data_loader import DPDataLoader
     from opacus.distributed import DifferentiallyPrivateDistributedDataParallel as DPDDP
     from opacus.optimizers import DistributedDPOptimizer
 
@@ -98,13 +97,9 @@ def prepare_dp_distributed(model, optimizer, dataset, *, noise_multiplier: float
     tied = _is_tied(model)
     ddp = DPDDP(model)
     gen = generator if generator is not None else torch.Generator().manual_seed(seed * 1_000_003 + dist.get_rank())
-    loader = DPDataLoader(dataset, sample_rate=sample_rate, generator=gen, distributed=True,
-                          collate_fn=lambda items: collate_units(items, dataset.pad_token_id))
     engine = PrivacyEngine(accountant=accountant)
-    gsm, dp_opt, dp_loader = engine.make_private(
-        module=ddp, optimizer=optimizer, data_loader=loader, noise_multiplier=noise_multiplier,
-        max_grad_norm=max_grad_norm, poisson_sampling=False, loss_reduction="mean", grad_sample_mode="hooks",
-        noise_generator=noise_generator)
+    gsm, dp_opt, dp_loader = make_private_units(engine, ddp, optimizer, dataset, sample_rate, gen, noise_multiplier,
+                                                max_grad_norm, noise_generator, distributed=True)
     if not isinstance(dp_opt, DistributedDPOptimizer):
         raise RuntimeError("Opacus did not build a DistributedDPOptimizer for the DPDDP module")
     dp_opt.expected_batch_size = sample_rate * len(dataset) / world

@@ -40,6 +40,20 @@ def check_sample_rate(sample_rate: float) -> None:
         raise PrivacyError(f"sample_rate={sample_rate} must lie in (0, 1)")
 
 
+def make_private_units(engine, module, optimizer, dataset: UnitDataset, sample_rate: float, generator,
+                       noise_multiplier: float, max_grad_norm: float, noise_generator, distributed: bool = False):
+    """``engine.make_private`` with hooks over a Poisson loader of whole units that we built with our
+    own q (Opacus's own sampling is switched off): (grad-sample module, DP optimizer, loader)."""
+    from opacus.data_loader import DPDataLoader
+
+    loader = DPDataLoader(dataset, sample_rate=sample_rate, generator=generator, distributed=distributed,
+                          collate_fn=lambda items: collate_units(items, dataset.pad_token_id))
+    return engine.make_private(
+        module=module, optimizer=optimizer, data_loader=loader, noise_multiplier=noise_multiplier,
+        max_grad_norm=max_grad_norm, poisson_sampling=False, loss_reduction="mean", grad_sample_mode="hooks",
+        noise_generator=noise_generator)
+
+
 def prepare_dp(model, optimizer, dataset: UnitDataset, *, noise_multiplier: float, max_grad_norm: float,
                sample_rate: float, accountant: str = "prv", generator: torch.Generator | None = None,
                noise_generator: torch.Generator | None = None):
@@ -50,17 +64,12 @@ def prepare_dp(model, optimizer, dataset: UnitDataset, *, noise_multiplier: floa
     Returns (gsm, dp_optimizer, dp_loader, engine).
     """
     from opacus import PrivacyEngine
-    from opacus.data_loader import DPDataLoader
 
     check_sample_rate(sample_rate)
     tied = _is_tied(_hf_module(model))
-    loader = DPDataLoader(dataset, sample_rate=sample_rate, generator=generator,
-                          collate_fn=lambda items: collate_units(items, dataset.pad_token_id))
     engine = PrivacyEngine(accountant=accountant)
-    gsm, dp_opt, dp_loader = engine.make_private(
-        module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=noise_multiplier,
-        max_grad_norm=max_grad_norm, poisson_sampling=False, loss_reduction="mean", grad_sample_mode="hooks",
-        noise_generator=noise_generator)
+    gsm, dp_opt, dp_loader = make_private_units(engine, model, optimizer, dataset, sample_rate, generator,
+                                                noise_multiplier, max_grad_norm, noise_generator)
     dp_opt.expected_batch_size = sample_rate * len(dataset)
     dp_opt.attach_step_hook(engine.accountant.get_optimizer_hook_fn(sample_rate=sample_rate))
     check_tie_kept(tied, _hf_module(gsm))
