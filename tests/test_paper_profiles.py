@@ -189,7 +189,7 @@ def test_paper_distilgpt2_code_path_offline(tmp_path, shared_data, monkeypatch):
     results = pd.read_csv(pdir / "results.csv")
     privacy = pd.read_csv(pdir / "privacy.csv")
     metrics = set(results["metric"])
-    for m in ("toxicity", "sentiment", "perplexity", "stereoset", "crows_pairs", "local_kl_fm", "gender_count_bias"):
+    for m in ("toxicity", "sentiment", "perplexity_corpus", "stereoset", "crows_pairs", "local_kl_fm", "gender_count_bias"):
         assert m in metrics, f"{m} missing from results.csv ({sorted(metrics)})"
     tox = results[(results["metric"] == "toxicity") & (results["group"] != "diff")]  # diff = female - male may be < 0
     assert tox["value"].between(0, 1).all() and len(tox) > 0
