@@ -106,7 +106,8 @@ def _metric_rows(profile) -> list[tuple[str, str]]:
     """(label, one-line definition) of each metric the study reports (from `bias.registry`)."""
     from ..bias import registry
 
-    wanted = ["learned_association", "loglik_gap", *[s.name for s in registry.outcome_metrics()], "perplexity_corpus"]
+    wanted = ["learned_association", "loglik_gap", *[s.name for s in registry.outcome_metrics()], "perplexity_corpus",
+              "perplexity_corpus_bos"]
     return [(registry.METRICS[n].label, registry.METRICS[n].definition) for n in wanted if n in registry.METRICS]
 
 
