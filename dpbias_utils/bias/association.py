@@ -43,8 +43,8 @@ import torch
 
 from ..data import corpus, lexicon
 from ..stats import bootstrap_ci, bootstrap_diff_ci, tidy_row
-from .context import FamilyResult, pad_id
-from .perplexity import token_nll
+from .context import FamilyResult
+from .perplexity import pad_id, token_nll
 
 __all__ = ["family_of", "AssociationPrompt", "association_prompts", "attribute_continuations", "association_scores",
            "association_rows", "model_scorer", "continuation_logprobs", "loglik_gap_rows"]

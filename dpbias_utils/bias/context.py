@@ -108,7 +108,3 @@ def subsample(df: pd.DataFrame, n: Optional[int], seed: int) -> pd.DataFrame:
         return df
     idx = np.sort(np.random.default_rng(seed).permutation(len(df))[:n])
     return df.iloc[idx].reset_index(drop=True)
-
-
-def pad_id(tokenizer) -> int:
-    return int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id)

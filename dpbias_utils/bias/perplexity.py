@@ -35,7 +35,7 @@ from ..stats import bootstrap_ci, bootstrap_diff_ci, tidy_row
 from .context import FamilyResult
 
 __all__ = ["PerplexityResult", "perplexity", "token_nll", "sequence_logprobs", "ppl_statistic", "mean_ppl_statistic",
-           "perplexity_rows", "CORPUS", "CORPUS_BOS", "GENDER_SPLITS"]
+           "perplexity_rows", "pad_id", "start_id", "CORPUS", "CORPUS_BOS", "GENDER_SPLITS"]
 
 CORPUS, CORPUS_BOS = "perplexity_corpus", "perplexity_corpus_bos"
 MEAN, MEAN_BOS = "perplexity_mean", "perplexity_mean_bos"
@@ -113,13 +113,22 @@ def _rows_from(data, tokenizer) -> list[list[int]]:
     return [list(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in data]
 
 
-def _start_id(tokenizer, model) -> int:
+def pad_id(tokenizer) -> int:
+    """The id right padding uses (always masked, so any real id will do): pad, else EOS, else 0."""
+    if tokenizer is None:
+        return 0
+    return int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0))
+
+
+def start_id(tokenizer, model=None) -> int:
+    """The id a sentence's first token is conditioned on (``<|endoftext|>`` for GPT-2): BOS, else EOS,
+    of the tokenizer, then of the model's config."""
     for source in (tokenizer, getattr(model, "config", None)):
         for attr in ("bos_token_id", "eos_token_id"):
             value = getattr(source, attr, None)
             if value is not None:
                 return int(value)
-    raise ValueError("start_token=True needs a BOS or EOS token id (tokenizer or model config)")
+    raise ValueError("scoring the first token needs a BOS or EOS token id (tokenizer or model config)")
 
 
 def perplexity(
@@ -134,13 +143,10 @@ def perplexity(
     """Token-weighted (``value``) and per-row mean (``mean``) perplexity of token rows (DataFrame
     ``input_ids``, ``n_tokens``) or texts; ``start_token``: score the first token given <|endoftext|>."""
     rows = _rows_from(data, tokenizer)
-    pad_id = 0
-    if tokenizer is not None:
-        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     if start_token:
-        start = _start_id(tokenizer, model)
+        start = start_id(tokenizer, model)
         rows = [[start] + r for r in rows]
-    nll, npred = token_nll(model, rows, batch_size, pad_id)
+    nll, npred = token_nll(model, rows, batch_size, pad_id(tokenizer))
     with np.errstate(divide="ignore", invalid="ignore"):
         per_ppl = np.where(npred > 0, np.exp(nll / np.maximum(npred, 1)), np.nan)
     per = pd.DataFrame({"nll_sum": nll, "n_predicted": npred, "ppl": per_ppl})
@@ -176,11 +182,12 @@ def perplexity_rows(results: Sequence[tuple[str, PerplexityResult]], n_boot: int
 
 def sequence_logprobs(model, tokenizer, sentences: Sequence[str], batch_size: int = 16) -> np.ndarray:
     """Sum of token log-probs of each sentence, BOS (or EOS) prepended so every word is scored."""
-    start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
-    prefix = [int(start)] if start is not None else []
+    try:
+        prefix = [start_id(tokenizer)]
+    except ValueError:  # no start token: the first word is context only
+        prefix = []
     rows = [prefix + list(tokenizer(s, add_special_tokens=False)["input_ids"]) for s in sentences]
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
-    nll, _ = token_nll(model, rows, batch_size, pad_id)
+    nll, _ = token_nll(model, rows, batch_size, pad_id(tokenizer))
     return -nll
 
 

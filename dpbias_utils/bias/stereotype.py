@@ -43,7 +43,7 @@ import torch
 
 from ..data import corpus
 from ..stats import bootstrap_ci, tidy_row
-from .perplexity import sequence_logprobs, token_nll
+from .perplexity import pad_id, sequence_logprobs, start_id, token_nll
 from .context import FamilyResult, subsample
 
 __all__ = [
@@ -241,13 +241,6 @@ def preference(stereo_score: np.ndarray, other_score: np.ndarray) -> np.ndarray:
     return (np.asarray(stereo_score, dtype=float) > np.asarray(other_score, dtype=float)).astype(float)
 
 
-def _start_id(tokenizer) -> int:
-    start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
-    if start is None:
-        raise ValueError("the tokenizer has neither a BOS nor an EOS token to condition the first token on")
-    return int(start)
-
-
 @torch.no_grad()
 def geometric_mean_logprobs(model, tokenizer, sentences: Sequence[str], batch_size: int = 16) -> np.ndarray:
     """StereoSet's generative sentence score, in log form: (1/T) sum_t log P(x_t | ...), where
@@ -255,12 +248,11 @@ def geometric_mean_logprobs(model, tokenizer, sentences: Sequence[str], batch_si
     exp() of it is the reference's ``score`` (a geometric-mean probability); the order is the same."""
     model.eval()
     device = next(model.parameters()).device
-    first = torch.log_softmax(model(torch.tensor([[_start_id(tokenizer)]], device=device)).logits[0, -1].double(), -1)
+    first = torch.log_softmax(model(torch.tensor([[start_id(tokenizer)]], device=device)).logits[0, -1].double(), -1)
     rows = [list(tokenizer(s, add_special_tokens=False)["input_ids"]) for s in sentences]
     if any(not r for r in rows):
         raise ValueError("an empty sentence cannot be scored")
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else _start_id(tokenizer)
-    rest_nll, _ = token_nll(model, rows, batch_size, pad_id)
+    rest_nll, _ = token_nll(model, rows, batch_size, pad_id(tokenizer))
     first_lp = first.cpu().numpy()[[r[0] for r in rows]]
     return (first_lp - rest_nll) / np.array([len(r) for r in rows], dtype=float)
 
