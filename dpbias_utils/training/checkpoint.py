@@ -166,7 +166,8 @@ class StepLog:
         loss = float(losses.mean()) if losses.numel() else math.nan
         if self.reduce is not None:
             total = self.reduce(torch.tensor([float(losses.sum()), self._n_units], dtype=torch.float64))
-            loss, self._n_units = float(total[0]) / max(float(total[1]), 1.0), int(total[1])
+            self._n_units = int(total[1])
+            loss = float(total[0]) / self._n_units if self._n_units else math.nan  # as one process: NaN if empty
         self.rows.append({
             "step": step, "epoch": epoch, "loss": loss,
             "epsilon_spent": epsilon,

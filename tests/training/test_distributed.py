@@ -1,13 +1,16 @@
 """Distributed DP training (dpbias_utils.training.distributed) on two gloo CPU processes equals one process.
 
-With noise 0 and the same sampled units per logical step, the parameters after a few DP-Adam steps
-(per-unit clipping, physical batches accumulated into logical ones) match a single process running
-`training.prepare_dp` on the whole logical batch, up to float summation order. Launched once with
-torchrun (the production path) and once with torch.multiprocessing.spawn (non-DP, DDP).
+Real Poisson sampling: at each of the plan's steps rank 0 draws one Poisson(q) sample of all units and
+the ranks split it; the noise is added once, on rank 0. Seeded as a single process is, the two-process
+run draws the same samples and noise as `training.train` with the same seed, so its parameters match
+that run up to float summation order; the test's seed gives steps with an empty global sample, an
+empty local sample on rank 1 and different numbers of physical batches per rank. The production path
+is launched with torchrun; kill-and-resume and the non-DP (DDP) run with torch.multiprocessing.spawn.
 """
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 
@@ -15,11 +18,17 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+import torch.distributed as dist
 
 from dpbias_utils import training
 from dpbias_utils.training import distributed
+from dpbias_utils.training.privacy import PrivacyError, epsilon_spent
 
-N_UNITS, LOGICAL, PHYSICAL, STEPS, C = 24, 8, 3, 3, 0.05
+N_UNITS, C, SEED = 24, 0.05, 0
+# q = 2/24 over 6 steps: with seed 0 the global samples have 1, 3, 0, 4, 2, 1 units (checked below).
+DP_KW = dict(epsilon=8.0, max_grad_norm=C, accountant="rdp", epochs=0.5, logical_batch_size=2, physical_batch_size=1,
+             lr=1e-2, seed=SEED, checkpoint_every=2)
+STEPS = 6
 
 
 def _tiny_base(folder):
@@ -51,38 +60,11 @@ def _units_frame(seed=0):
     return df
 
 
-def _schedule(seed=1):
-    rng = np.random.default_rng(seed)
-    return [sorted(rng.choice(N_UNITS, size=LOGICAL, replace=False).tolist()) for _ in range(STEPS)]
-
-
-def _single_process_setup(base, df):
-    """The reference run's model, dataset and optimiser, seeded as every rank is."""
-    torch.manual_seed(0)
-    model, tok = training.load_base(base)
-    model.train()
-    ds = training.UnitDataset(df, tok.pad_token_id)
-    return model, ds, torch.optim.Adam(model.parameters(), lr=1e-2)
-
-
-def _single_process_dp(base, df, schedule):
-    model, ds, opt = _single_process_setup(base, df)
-    gsm, dp_opt, _, _ = training.prepare_dp(model, opt, ds, noise_multiplier=0.0, max_grad_norm=C,
-                                            sample_rate=LOGICAL / N_UNITS, accountant="rdp")
-    params = list(dp_opt.params)
-    for idxs in schedule:
-        distributed._dp_logical_step(gsm, dp_opt, ds, idxs, PHYSICAL, params, torch.device("cpu"))
-    return {k: v.detach().clone() for k, v in training._hf_module(gsm).state_dict().items()}
-
-
-def _single_process_nondp(base, df, schedule):
-    model, ds, opt = _single_process_setup(base, df)
-    for idxs in schedule:
-        batch = training.collate_units([ds[i] for i in idxs], ds.pad_token_id)
-        (training.per_unit_loss(model, batch).sum() / len(idxs)).backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-    return model.state_dict()
+def _expected_samples(q, steps, seed=SEED):
+    """The Poisson samples by definition: unit i in step t's batch iff U_ti < q, the U drawn in order from
+    a generator seeded `seed` (the single-process sampling generator's seed)."""
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.nonzero(torch.rand(N_UNITS, generator=gen) < q).reshape(-1).tolist() for _ in range(steps)]
 
 
 def _load(folder):
@@ -97,46 +79,100 @@ def _assert_same(a, b, atol=1e-6):
         torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=atol, msg=lambda m: f"{k}: {m}")
 
 
+def _env():
+    return {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+
+
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("dist")
     base = _tiny_base(root / "base")
     df = _units_frame()
     df.to_parquet(root / "train.parquet")
-    return root, base, df, _schedule()
+    return root, base, df
 
 
-def test_two_gloo_processes_equal_one_process_dp(setup):
-    root, base, df, schedule = setup
+@pytest.fixture(scope="module")
+def dp_runs(setup):
+    """The two-process DP run (torchrun) and `training.train` with the same seed in this process."""
+    root, base, df = setup
     spec = {"base_path": base, "train_parquet": str(root / "train.parquet"), "out_dir": str(root / "dp"),
-            "epsilon": None, "noise_multiplier": 0.0, "max_grad_norm": C, "logical_batch_size": LOGICAL,
-            "physical_batch_size": PHYSICAL, "lr": 1e-2, "seed": 0, "accountant": "rdp", "unit_schedule": schedule,
-            "backend": "gloo"}
+            "backend": "gloo", **DP_KW}
     (root / "dp.json").write_text(json.dumps(spec))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
-    out = subprocess.run(distributed.launch_command(root / "dp.json", 2), capture_output=True, text=True, env=env,
-                         timeout=240)
+    out = subprocess.run(distributed.launch_command(root / "dp.json", 2), capture_output=True, text=True,
+                         env=_env(), timeout=240)
     assert out.returncode == 0, out.stderr[-3000:]
-    before = _load(base)
-    ref = _single_process_dp(base, df, schedule)
-    got = _load(root / "dp" / "model")
-    _assert_same(got, ref)
-    assert any(not torch.equal(before[k], ref[k]) for k in ref), "training did not move the parameters"
-    priv = json.loads((root / "dp" / "privacy.json").read_text())
-    assert priv["world_size"] == 2 and priv["steps"] == STEPS and priv["dp"] and priv["noise_multiplier"] == 0.0
-    steps = pd.read_csv(root / "dp" / "steps.csv")
-    assert steps["n_units_in_batch"].tolist() == [LOGICAL] * STEPS  # both ranks' units counted
+    torch.set_num_threads(1)
+    training.train(base, df, root / "single", **{k: v for k, v in DP_KW.items() if k != "backend"}, device="cpu",
+                   progress_points=())
+    return root / "dp", root / "single"
 
 
-def test_two_gloo_processes_equal_one_process_nondp(setup, monkeypatch):
-    root, base, df, schedule = setup
+def test_rank_shares_partition_one_poisson_sample():
+    gen = torch.Generator().manual_seed(1)
+    masks = torch.stack([distributed.poisson_mask(1000, 0.1, gen) for _ in range(20)])
+    assert abs(float(masks.double().mean()) - 0.1) < 0.01  # each unit in with probability q
+    sample = masks[0].nonzero().reshape(-1).tolist()
+    for world in (1, 2, 3):
+        shares = [distributed.rank_share(sample, r, world) for r in range(world)]
+        assert sorted(sum(shares, [])) == sample  # disjoint, union = the global sample
+        assert max(map(len, shares)) - min(map(len, shares)) <= 1
+
+
+def test_two_gloo_processes_equal_one_process_with_the_same_poisson_samples_and_noise(setup, dp_runs):
+    root, base, df = setup
+    dp_dir, single_dir = dp_runs
+    got, ref, before = _load(dp_dir / "model"), _load(single_dir / "model"), _load(base)
+    _assert_same(got, ref, atol=1e-5)
+    assert all(not torch.equal(before[k], ref[k]) for k in ("transformer.wte.weight", "transformer.h.0.mlp.c_fc.weight"))
+    cols = ["step", "n_units_in_batch", "loss", "epsilon_spent"]
+    dist_steps, single_steps = pd.read_csv(dp_dir / "steps.csv"), pd.read_csv(single_dir / "steps.csv")
+    pd.testing.assert_frame_equal(dist_steps[cols], single_steps[cols], rtol=1e-5)
+    priv, single = json.loads((dp_dir / "privacy.json").read_text()), json.loads((single_dir / "privacy.json").read_text())
+    assert priv["world_size"] == 2 and priv["steps"] == STEPS and priv["sample_rate"] == 2 / N_UNITS
+    for k in ("noise_multiplier", "delta", "epsilon_spent", "n_units", "privacy_unit"):
+        assert priv[k] == single[k], k
+    indep = epsilon_spent(priv["noise_multiplier"], 2 / N_UNITS, STEPS, priv["delta"], "rdp")
+    assert priv["epsilon_spent"] == pytest.approx(indep, rel=1e-9) and indep <= priv["epsilon_target"] == 8.0
+
+
+def test_empty_global_and_local_samples_are_steps_noised_and_accounted(dp_runs):
+    """Every planned step is taken, including those whose sample is empty on one rank or on all."""
+    dp_dir, _ = dp_runs
+    samples = _expected_samples(2 / N_UNITS, STEPS)
+    sizes = [len(s) for s in samples]
+    shares = [[len(distributed.rank_share(s, r, 2)) for r in (0, 1)] for s in samples]
+    assert 0 in sizes, "no empty global sample: the test would not test it"
+    assert any(n0 > 0 and n1 == 0 for n0, n1 in shares), "rank 1 is never alone without units"
+    assert any(math.ceil(n0 / 1) != max(1, n1) for n0, n1 in shares), "ranks always ran as many physical batches"
+    steps = pd.read_csv(dp_dir / "steps.csv")
+    assert steps["step"].tolist() == list(range(1, STEPS + 1))
+    assert steps["n_units_in_batch"].tolist() == sizes  # the union of the ranks' samples, step by step
+    assert steps.loc[[s == 0 for s in sizes], "loss"].isna().all()
+    # the accountant (checked against the plan at the end) recorded every step, empty ones included
+    assert steps["epsilon_spent"].iloc[-1] == pytest.approx(
+        epsilon_spent(json.loads((dp_dir / "privacy.json").read_text())["noise_multiplier"], 2 / N_UNITS, STEPS,
+                      N_UNITS ** -1.1, "rdp"), rel=1e-9)
+
+
+def test_forced_noise_below_the_target_is_refused_before_training(setup, tmp_path):
+    root, base, df = setup
+    with pytest.raises(PrivacyError, match=r"noise_multiplier=0.3 spends epsilon=.* more than the target epsilon=3"):
+        distributed.train_distributed(base, df, tmp_path / "run", epsilon=3.0, noise_multiplier=0.3, max_grad_norm=C,
+                                      logical_batch_size=8, steps=10, accountant="rdp", backend="gloo")
+    assert not (tmp_path / "run").exists() and not dist.is_initialized()
+
+
+def test_two_gloo_processes_equal_one_process_nondp(setup, monkeypatch, tmp_path):
+    root, base, df = setup
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    distributed.spawn_local(distributed.train_distributed, 2, base, df, str(root / "nondp"), epsilon=None,
-                            logical_batch_size=LOGICAL, physical_batch_size=PHYSICAL, lr=1e-2, seed=0,
-                            unit_schedule=schedule, backend="gloo")
+    kw = dict(epsilon=None, logical_batch_size=7, physical_batch_size=3, lr=1e-2, seed=0, epochs=1.0)
+    distributed.spawn_local(distributed.train_distributed, 2, base, df, str(tmp_path / "nondp"), backend="gloo", **kw)
+    training.train(base, df, tmp_path / "single", **kw, device="cpu", progress_points=())
     # DDP averages in float32 buckets, so gradients differ by ~1e-9; Adam divides by sqrt(v), which turns
     # that into ~1e-5 on parameters whose gradient is ~0 (an Adam step moves a parameter by up to lr = 1e-2).
-    _assert_same(_load(root / "nondp" / "model"), _single_process_nondp(base, df, schedule), atol=5e-5)
+    # Logical batches of 7 give the ranks 4 and 3 units: 2 and 1 physical batches, one all-reduce each.
+    _assert_same(_load(tmp_path / "nondp" / "model"), _load(tmp_path / "single" / "model"), atol=5e-5)
 
 
 class _Kill(Exception):
@@ -148,22 +184,19 @@ def _die_at_step_3(step):
         raise _Kill
 
 
-def test_killed_and_resumed_distributed_dp_run_matches_uninterrupted(setup, monkeypatch):
-    """Poisson sampling on each rank's shard and real noise: the checkpoints carry both generators."""
-    root, base, df, _ = setup
+def test_killed_and_resumed_distributed_dp_run_matches_uninterrupted(setup, dp_runs, monkeypatch):
+    """The checkpoints carry rank 0's sampling and noise generators: the resumed run draws the same samples
+    and noise as the uninterrupted one (the torchrun run of `dp_runs`)."""
+    root, base, df = setup
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    kw = dict(epsilon=None, noise_multiplier=0.5, max_grad_norm=C, logical_batch_size=LOGICAL,
-              physical_batch_size=PHYSICAL, lr=1e-2, seed=0, accountant="rdp", steps=4, checkpoint_every=2,
-              backend="gloo")
-    distributed.spawn_local(distributed.train_distributed, 2, base, df, str(root / "whole"), **kw)
+    out = root / "resumed"
     with pytest.raises(Exception, match="_Kill"):
-        distributed.spawn_local(distributed.train_distributed, 2, base, df, str(root / "resumed"), **kw,
+        distributed.spawn_local(distributed.train_distributed, 2, base, df, str(out), backend="gloo", **DP_KW,
                                 on_step=_die_at_step_3)
-    assert not (root / "resumed" / "model").exists()
-    distributed.spawn_local(distributed.train_distributed, 2, base, df, str(root / "resumed"), **kw)
-    whole, resumed = _load(root / "whole" / "model"), _load(root / "resumed" / "model")
+    assert not (out / "model").exists()
+    distributed.spawn_local(distributed.train_distributed, 2, base, df, str(out), backend="gloo", **DP_KW)
+    whole, resumed = _load(dp_runs[0] / "model"), _load(out / "model")
     for k in whole:
         assert torch.equal(whole[k], resumed[k]), k
-    pd.testing.assert_frame_equal(pd.read_csv(root / "whole" / "steps.csv"),
-                                  pd.read_csv(root / "resumed" / "steps.csv"))
-    assert sorted(p.name for p in (root / "resumed" / "checkpoints").iterdir()) == ["last.pt", "last.rank1.pt"]
+    pd.testing.assert_frame_equal(pd.read_csv(dp_runs[0] / "steps.csv"), pd.read_csv(out / "steps.csv"))
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["last.pt", "last.rank1.pt"]
