@@ -172,7 +172,9 @@ def unwrap(module):
 class _Sharded:
     """A stepper whose logical batches are split over the ranks (`rank_share`)."""
 
-    reduce_stats = staticmethod(_all_reduce)
+    def reduce_stats(self, t: torch.Tensor) -> torch.Tensor:
+        """`t` summed over the ranks (steps.csv), through the run's device: NCCL reduces device tensors."""
+        return _all_reduce(t.to(self.plan.device)).cpu()
 
     def _set_up_ranks(self) -> None:
         import torch.distributed as dist
@@ -277,7 +279,9 @@ def _check_forced_noise(plan: Plan, epsilon: Optional[float]) -> None:
 def _plan(train_df, epsilon, noise_multiplier, **kw) -> Plan:
     """The run's plan, checked before any process group or model exists (device: CPU until joined)."""
     if epsilon is not None:
-        training_method(epsilon, "opacus")  # a positive finite number
+        training_method(epsilon, "opacus")  # refuses an epsilon that is not a positive finite number
+    if kw.get("steps") is not None and not (isinstance(kw["steps"], int) and kw["steps"] > 0):
+        raise TrainingError(f"steps={kw['steps']!r} must be a positive integer (None: epochs N / logical batch)")
     if "unit_id" not in train_df.columns or len(train_df) == 0:
         raise TrainingError("training frame is empty or lacks the column unit_id")
     plan = make_plan(int(train_df["unit_id"].nunique()), epsilon=epsilon, noise_multiplier=noise_multiplier,

@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 
 from dpbias_utils import training
-from dpbias_utils.training import distributed
+from dpbias_utils.training import TrainingError, distributed
 from dpbias_utils.training.privacy import PrivacyError, epsilon_spent
 
 N_UNITS, C, SEED = 24, 0.05, 0
@@ -155,11 +155,20 @@ def test_empty_global_and_local_samples_are_steps_noised_and_accounted(dp_runs):
                       N_UNITS ** -1.1, "rdp"), rel=1e-9)
 
 
-def test_forced_noise_below_the_target_is_refused_before_training(setup, tmp_path):
+@pytest.mark.parametrize("kwargs,err,match", [
+    (dict(epsilon=3.0, noise_multiplier=0.3), PrivacyError,
+     r"noise_multiplier=0.3 spends epsilon=\d+\.\d+ over 10 steps .* more than the target epsilon=3"),
+    (dict(epsilon=None, noise_multiplier=float("nan")), PrivacyError, "noise_multiplier=nan must be a positive"),
+    (dict(epsilon=3.0, steps=0), TrainingError, "steps=0 must be a positive integer"),
+    (dict(epsilon=3.0, logical_batch_size=24), PrivacyError, "too few"),
+])
+def test_unreachable_or_invalid_refused_before_training(setup, tmp_path, kwargs, err, match):
+    """Refused in this process before any process group, model or file exists (a forced sigma of 0.3 would
+    otherwise have trained and reported an epsilon far above the target)."""
     root, base, df = setup
-    with pytest.raises(PrivacyError, match=r"noise_multiplier=0.3 spends epsilon=.* more than the target epsilon=3"):
-        distributed.train_distributed(base, df, tmp_path / "run", epsilon=3.0, noise_multiplier=0.3, max_grad_norm=C,
-                                      logical_batch_size=8, steps=10, accountant="rdp", backend="gloo")
+    kw = {**dict(max_grad_norm=C, logical_batch_size=8, steps=10, accountant="rdp", backend="gloo"), **kwargs}
+    with pytest.raises(err, match=match):
+        distributed.train_distributed(base, df, tmp_path / "run", **kw)
     assert not (tmp_path / "run").exists() and not dist.is_initialized()
 
 
