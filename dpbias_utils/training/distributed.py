@@ -1,6 +1,6 @@
 """One DP training run over several processes (GPUs) with torchrun and Opacus's distributed DP.
 
-Launch: ``torchrun --nproc_per_node W -m dpbias_utils.training.distributed RUN.json`` (or `launch` /
+Launch: ``torchrun --nproc_per_node W -m dpbias_utils.training.distributed RUN.json`` (or `launch_command` /
 `spawn_local` from Python). Every rank loads the same base model; Opacus's
 `DifferentiallyPrivateDistributedDataParallel` (DPDDP) broadcasts rank 0's weights.
 
