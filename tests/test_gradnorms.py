@@ -506,3 +506,25 @@ def test_gradnorms_over_training_cda_pairs_and_sum_rows(tmp_path):
     assert _val(tidy, pair, "pair_norm_ratio").value == pytest.approx(l2["cda_original"] / l2["cda_counterfactual"], rel=1e-5)
     with pytest.raises(Exception, match="one original and one counterfactual row per paired unit"):
         cda_pair_splits(df[df.kind == "counterfactual"])
+
+
+def test_misalignment_figure_and_cda_pair_table():
+    from dpbias_utils import plots
+
+    def at(ckpt, scale, cda):
+        sums = {"female": _hand_sums([[3.0, 0.0], [0.0, 1.0]], scale), "male": _hand_sums([[0.0, 2.0]], scale)}
+        if cda:
+            sums |= {"cda_original": _hand_sums([[1.0, 2.0]], scale), "cda_counterfactual": _hand_sums([[2.0, 1.0]], scale)}
+        return gn.sum_measures(sums, gn.DEFAULT_CONTRASTS, checkpoint=ckpt)
+
+    plain = pd.concat([at("pct_0", 1.0, False), at("pct_100", 0.5, False)], ignore_index=True)
+    shown = plots.gradnorm_misalignment(plain, 1.0, "DP ε=3, CDA 0, seed 0")
+    assert len(shown.panels) == 2 and shown.empty == []
+    assert plots.gradnorm_cda_pairs(plain).empty
+    cda = pd.concat([at("pct_0", 1.0, True), at("pct_100", 0.5, True)], ignore_index=True)
+    table = plots.gradnorm_cda_pairs(cda)
+    assert table.index.tolist() == ["pct_0", "pct_100"] and table.columns.tolist() == list(gn.PAIR_SUM_MEASURES)
+    assert table.loc["pct_0", "pair_cos"] == pytest.approx(4 / 5)
+    assert table.loc["pct_0", "pair_norm_ratio"] == pytest.approx(1.0)
+    final = plots.gradnorm_final(cda)
+    assert final.loc["misalignment_cos", "male"] == "1"  # a point value has no interval
