@@ -437,7 +437,8 @@ def sum_measures(
     members = [s for pair in present for s in pair]
     shared = sorted({s for s in members if members.count(s) > 1})
     if shared:
-        raise ValueError(f"splits {shared} are in more than one of the contrasts {present}; pooled measures need disjoint pairs")
+        raise ValueError(
+            f"splits {shared} are in more than one of the contrasts {present}; pooled measures need disjoint pairs")
     rows: list[dict] = []
 
     def row(split, measure, value, n):
@@ -545,10 +546,11 @@ def summarize_gradnorms(
     ``l2_total > C``), ``clip_factor`` (mean ``min(1, C / l2_total)``), ``clipped_l2_total`` (mean
     ``min(l2_total, C)``), ``norm_share`` (share of the split's gradient norm that survives clipping,
     ``sum_i min(||g_i||, C) / sum_i ||g_i||`` = ``sum_i ||c_i g_i|| / sum_i ||g_i||``; compare
-    :func:`sum_measures`' ``sum_share``, the same for the summed vectors), ``loss`` (mean unit loss) and ``perplexity`` (exp of the token-weighted mean
-    loss). For each contrast ``(a, b)`` with both splits present, rows with ``split = "a-b"`` hold
-    ``value(a) - value(b)`` with :func:`stats.bootstrap_diff_ci` (groups resampled independently) and
-    ``n = n_a + n_b``.
+    :func:`sum_measures`' ``sum_share``, the same for the summed vectors), ``loss`` (mean unit loss)
+    and ``perplexity`` (exp of the token-weighted mean loss). For each contrast ``(a, b)`` with both
+    splits present, rows with ``split = "a-b"`` hold ``value(a) - value(b)`` with
+    :func:`stats.bootstrap_diff_ci` (groups resampled independently, also for CDA's paired splits:
+    wider than a paired interval when the two sides correlate positively) and ``n = n_a + n_b``.
     """
     pe = per_example.copy()
     if "split" not in pe:

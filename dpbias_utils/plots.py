@@ -364,7 +364,8 @@ def gradnorm_misalignment(tidy: pd.DataFrame, max_grad_norm: float, condition: s
     order = list(dict.fromkeys(tidy["checkpoint"].tolist()))
     x_of = {c: i for i, c in enumerate(order)}
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.6))
-    styles = {"female": ("C3", "-"), "male": ("C0", "-"), "cda_original": ("C2", "--"), "cda_counterfactual": ("C1", "--")}
+    styles = {"female": ("C3", "-"), "male": ("C0", "-"),
+              "cda_original": ("C2", "--"), "cda_counterfactual": ("C1", "--")}
     for split, (color, ls) in styles.items():
         d = tidy[(tidy["split"] == split) & (tidy["measure"] == "misalignment_cos")]
         if len(d):

@@ -488,7 +488,8 @@ def test_gradnorms_over_training_cda_pairs_and_sum_rows(tmp_path):
     pairs = cda_pair_splits(df)
     assert list(pairs) == list(CDA_PAIR_SPLITS)
     assert pairs["cda_original"].unit_id.tolist() == pairs["cda_counterfactual"].unit_id.tolist() == [11, 13]
-    assert set(pairs["cda_original"].kind) == {"original"} and set(pairs["cda_counterfactual"].kind) == {"counterfactual"}
+    assert set(pairs["cda_original"].kind) == {"original"}
+    assert set(pairs["cda_counterfactual"].kind) == {"counterfactual"}
     originals = df[df.kind == "original"]
     splits = {"female": originals[originals.gender == "female"], "male": originals[originals.gender == "male"], **pairs}
     tidy, pe = gn.gradnorms_over_training({"pct_0": tmp_path / "pct_0"}, splits, PAD, max_grad_norm=0.05,
@@ -503,7 +504,8 @@ def test_gradnorms_over_training_cda_pairs_and_sum_rows(tmp_path):
             assert np.isfinite(_val(tidy, split, measure).value), (split, measure)
     # the pair's summed gradients are the one unit's two rows' gradients: compare with per-unit norms
     l2 = pe.set_index("split").l2_total
-    assert _val(tidy, pair, "pair_norm_ratio").value == pytest.approx(l2["cda_original"] / l2["cda_counterfactual"], rel=1e-5)
+    ratio = l2["cda_original"] / l2["cda_counterfactual"]
+    assert _val(tidy, pair, "pair_norm_ratio").value == pytest.approx(ratio, rel=1e-5)
     with pytest.raises(Exception, match="one original and one counterfactual row per paired unit"):
         cda_pair_splits(df[df.kind == "counterfactual"])
 
@@ -514,7 +516,8 @@ def test_misalignment_figure_and_cda_pair_table():
     def at(ckpt, scale, cda):
         sums = {"female": _hand_sums([[3.0, 0.0], [0.0, 1.0]], scale), "male": _hand_sums([[0.0, 2.0]], scale)}
         if cda:
-            sums |= {"cda_original": _hand_sums([[1.0, 2.0]], scale), "cda_counterfactual": _hand_sums([[2.0, 1.0]], scale)}
+            sums |= {"cda_original": _hand_sums([[1.0, 2.0]], scale),
+                     "cda_counterfactual": _hand_sums([[2.0, 1.0]], scale)}
         return gn.sum_measures(sums, gn.DEFAULT_CONTRASTS, checkpoint=ckpt)
 
     plain = pd.concat([at("pct_0", 1.0, False), at("pct_100", 0.5, False)], ignore_index=True)
