@@ -385,14 +385,16 @@ def gradnorm_misalignment(tidy: pd.DataFrame, max_grad_norm: float, condition: s
     return finish(fig, title=f"Gradient misalignment by group ({where}; point values per run)", legend=True)
 
 
-def gradnorm_cda_pairs(tidy: pd.DataFrame) -> pd.DataFrame:
+def gradnorm_cda_pairs(tidy: pd.DataFrame) -> "pd.DataFrame | Record":
     """CDA's originals against their counterfactuals at every checkpoint: the cosine between the two
-    summed gradients and their norm ratio, unclipped and clipped (empty without CDA pair splits)."""
+    summed gradients and their norm ratio, unclipped and clipped (a note for runs without CDA pairs)."""
     from .data.units import CDA_PAIR_SPLITS
     from .gradnorms import PAIR_SUM_MEASURES, contrast_name
 
     pair = contrast_name(*CDA_PAIR_SPLITS)
     d = tidy[(tidy["split"] == pair) & tidy["measure"].isin(PAIR_SUM_MEASURES)]
+    if d.empty:
+        return Record({"CDA pairs": "not measured: this run's data has no counterfactual rows (mixing ratio 0)"})
     wide = d.pivot_table(index="checkpoint", columns="measure", values="value", aggfunc="first", sort=False)
     return wide.reindex(columns=[m for m in PAIR_SUM_MEASURES if m in wide.columns]).rename_axis(
         columns=f"{pair.replace('-', ' vs ')}")

@@ -523,7 +523,7 @@ def test_misalignment_figure_and_cda_pair_table():
     plain = pd.concat([at("pct_0", 1.0, False), at("pct_100", 0.5, False)], ignore_index=True)
     shown = plots.gradnorm_misalignment(plain, 1.0, "DP ε=3, CDA 0, seed 0")
     assert len(shown.panels) == 2 and shown.empty == []
-    assert plots.gradnorm_cda_pairs(plain).empty
+    assert "no counterfactual rows" in plots.gradnorm_cda_pairs(plain).rows["CDA pairs"]
     cda = pd.concat([at("pct_0", 1.0, True), at("pct_100", 0.5, True)], ignore_index=True)
     table = plots.gradnorm_cda_pairs(cda)
     assert table.index.tolist() == ["pct_0", "pct_100"] and table.columns.tolist() == list(gn.PAIR_SUM_MEASURES)
