@@ -421,7 +421,9 @@ def test_nothing_clipped_means_no_misalignment():
     C = 10 * pe.l2_total.max()
     sums = {s: gn.GradSums(C) for s in ("female", "male")}
     for s in sums:
-        gn.per_example_grad_norms(model, df[df.unit_id.map(GENDER) == s], PAD, progress=False, sums=sums[s])
+        got = gn.per_example_grad_norms(model, df[df.unit_id.map(GENDER) == s], PAD, progress=False, sums=sums[s])
+        want = pe[pe.unit_id.isin(got.unit_id)].reset_index(drop=True)
+        pd.testing.assert_frame_equal(got, want, rtol=1e-12)  # accumulating the sums changes no norm
     t = gn.sum_measures(sums, [("female", "male")]).set_index(["split", "measure"]).value
     for s in ("female", "male"):
         assert t[(s, "misalignment_cos")] == pytest.approx(1.0, abs=1e-12)
