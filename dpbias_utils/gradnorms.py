@@ -10,7 +10,11 @@ text, and DP clipping at ``C`` removes more of one group's signal. This module m
 * :func:`summarize_gradnorms` turns those into a tidy table with bootstrap intervals (mean norms,
   fraction clipped, mean clip factor, loss, perplexity) and contrast rows (female - male,
   stereotypical - anti_stereotypical).
-* :func:`gradnorms_over_training` runs both over the training-progress snapshots.
+* :class:`GradSums` accumulates, over a split's units, the summed gradient ``G = sum_i g_i`` and the
+  summed clipped gradient ``G~ = sum_i c_i g_i`` (``c_i = min(1, C / ||g_i||_2)``) inside the same
+  batched computation; :func:`sum_measures` turns them into the misalignment measures (cosines and norm
+  ratios of these sums, Esipova et al. 2023).
+* :func:`gradnorms_over_training` runs all of it over the training-progress snapshots.
 * :func:`plot_gap_over_training` plots a contrast over the checkpoints.
 
 Implementation notes
@@ -39,6 +43,7 @@ import pandas as pd
 import torch
 from torch.func import functional_call, grad_and_value, vmap
 
+from .data.units import CDA_PAIR_SPLITS
 from .stats import DEFAULT_N_BOOT, bootstrap_ci, bootstrap_diff_ci
 
 #: Default layer groups for GPT-2 style models: group -> regex searched in the parameter name; the first
@@ -52,8 +57,11 @@ GPT2_LAYER_GROUPS: dict[str, str] = {
 OTHER_GROUP = "other"
 TOTAL_GROUP = "total"
 
-#: Contrast rows of :func:`summarize_gradnorms`: (a, b) gives rows with ``split == "a-b"``, value a - b.
-DEFAULT_CONTRASTS: tuple[tuple[str, str], ...] = (("female", "male"), ("stereotypical", "anti_stereotypical"))
+#: Contrast rows of :func:`summarize_gradnorms` and :func:`sum_measures`: (a, b) gives rows with
+#: ``split == "a-b"``, value a - b (and the pair measures); the last pair is CDA's originals against
+#: their counterfactuals (``data.units.cda_pair_splits``).
+DEFAULT_CONTRASTS: tuple[tuple[str, str], ...] = (
+    ("female", "male"), ("stereotypical", "anti_stereotypical"), CDA_PAIR_SPLITS)
 
 TIDY_COLUMNS = ["checkpoint", "split", "measure", "value", "ci_low", "ci_high", "n"]
 #: Columns of the tidy table that identify a group of per-example rows (kept when present).
@@ -179,6 +187,7 @@ def batch_grad_norms(
     batch: Mapping[str, torch.Tensor],
     layer_groups: LayerGroups = None,
     chunk_size: int | None = None,
+    sums: "GradSums | None" = None,
 ) -> dict[str, np.ndarray]:
     """Per-unit loss and gradient norms for one collated batch (``collate_units`` output).
 
@@ -187,6 +196,9 @@ def batch_grad_norms(
     ``l1_<group>``/``l2_<group>`` for every layer group and ``total``. The caller is responsible for
     ``model.eval()`` and the attention implementation (see :func:`per_example_grad_norms`).
     ``chunk_size`` bounds how many per-unit gradients are alive at once (memory).
+
+    With ``sums`` (a :class:`GradSums`), the batch's per-unit gradients ``g_i`` (at most ``chunk_size``
+    alive at once) are also added to its running sums ``sum_i g_i`` and ``sum_i c_i g_i``.
     """
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     names = [n for n, _ in named]
@@ -219,11 +231,21 @@ def batch_grad_norms(
         g, (loss, nll) = grad_and_value(unit_loss, has_aux=True)(p, u_ids, u_am, u_pos, u_lab, u_w)
         l1 = torch.stack([torch.linalg.vector_norm(g[n], ord=1, dtype=torch.float64) for n in names])
         sq = torch.stack([torch.linalg.vector_norm(g[n], ord=2, dtype=torch.float64) ** 2 for n in names])
-        return loss, nll, l1, sq
+        return (loss, nll, l1, sq, g) if sums is not None else (loss, nll, l1, sq)
 
-    loss, nll, l1, sq = vmap(unit_norms, in_dims=(None, 0, 0, 0, 0, 0), chunk_size=chunk_size)(
-        params, ids[rows], am[rows], pos[rows], labels[rows], weight
-    )
+    inputs = (ids[rows], am[rows], pos[rows], labels[rows], weight)
+    in_dims = (None, 0, 0, 0, 0, 0)
+    if sums is None:
+        loss, nll, l1, sq = vmap(unit_norms, in_dims=in_dims, chunk_size=chunk_size)(params, *inputs)
+    else:
+        step = chunk_size or len(weight)
+        parts = []
+        for start in range(0, len(weight), step):
+            *norms, g = vmap(unit_norms, in_dims=in_dims)(params, *(x[start : start + step] for x in inputs))
+            sums.add(g, norms[3].sum(-1).sqrt())
+            parts.append(norms)
+            del g
+        loss, nll, l1, sq = (torch.cat(t) for t in zip(*parts))
     n_pred = ((labels[:, 1:] != -100).sum(-1).double()[rows] * weight.double()).sum(-1)
     out: dict[str, np.ndarray] = {
         "loss": loss.detach().double().cpu().numpy(),
@@ -267,13 +289,15 @@ def per_example_grad_norms(
     chunk_size: int | None = None,
     progress: bool = True,
     desc: str = "grad norms",
+    sums: "GradSums | None" = None,
 ) -> pd.DataFrame:
     """One row per privacy unit of ``df``: ``unit_id, n_rows, n_tokens, n_predicted, loss, nll_sum``,
     ``gender``/``label`` (of the unit's first row, when present), ``l1_<group>``, ``l2_<group>``.
 
     Norms are of the gradient of the unit's loss (sum over its rows of the mean token CE, i.e. the
     quantity DP-SGD clips), w.r.t. all trainable parameters, with dropout off. The model is moved to
-    ``device``; its train/eval mode and attention implementation are restored afterwards.
+    ``device``; its train/eval mode and attention implementation are restored afterwards. With
+    ``sums`` (a :class:`GradSums`), the units' gradient sums are accumulated into it as well.
     """
     from .progress import tqdm
 
@@ -284,7 +308,7 @@ def per_example_grad_norms(
     with _measuring(model), tqdm(total=n_units, desc=desc, unit="unit", disable=not progress, leave=False) as bar:
         if n_units:
             for uid, batch in _unit_batches(df, pad_token_id, batch_size):
-                res = batch_grad_norms(model, batch, layer_groups, chunk_size)
+                res = batch_grad_norms(model, batch, layer_groups, chunk_size, sums=sums)
                 part = pd.DataFrame({"unit_id": uid, **res})
                 records.append(part)
                 bar.update(len(uid))
@@ -301,6 +325,153 @@ def per_example_grad_norms(
         out[c] = out["unit_id"].map(units[c].first())
     lead = ["unit_id", "n_rows", "n_tokens", "n_predicted", "loss", "nll_sum", *meta_cols]
     return out[lead + [c for c in out.columns if c not in lead]]
+
+
+# --------------------------------------------------------------------------------------------------
+# summed gradients: misalignment
+# --------------------------------------------------------------------------------------------------
+
+
+class GradSums:
+    """Running sums over a split's units of the per-unit gradients and of their clipped versions.
+
+    For units ``i`` with gradients ``g_i`` (all trainable parameters) and clip factors
+    ``c_i = min(1, C / ||g_i||_2)``:
+
+        G  = sum_i g_i            (the split's summed gradient, what non-private SGD follows)
+        G~ = sum_i c_i g_i        (its summed clipped gradient, what DP-SGD follows before noise)
+
+    Both are kept per parameter (``grad``/``clipped``: name -> tensor, in the parameters' dtype);
+    ``n`` counts the units added. Filled by :func:`batch_grad_norms` one batch at a time, so only a
+    batch's (or a chunk's) per-unit gradients are ever alive.
+    """
+
+    def __init__(self, max_grad_norm: float):
+        if isinstance(max_grad_norm, bool) or not isinstance(max_grad_norm, (int, float)) or not (
+            0 < float(max_grad_norm) < float("inf")
+        ):
+            raise ValueError(f"max_grad_norm must be a positive finite number (the clip norm C), got {max_grad_norm!r}")
+        self.max_grad_norm = float(max_grad_norm)
+        self.grad: dict[str, torch.Tensor] = {}
+        self.clipped: dict[str, torch.Tensor] = {}
+        self.n = 0
+
+    def add(self, per_unit: Mapping[str, torch.Tensor], l2: torch.Tensor) -> None:
+        """Add units: ``per_unit[name]`` has shape ``(U, *param.shape)``, ``l2`` their ``||g_i||_2`` (U,)."""
+        factor = (self.max_grad_norm / l2.double()).clamp(max=1.0)  # ||g_i|| = 0 -> inf -> 1
+        for name, g in per_unit.items():
+            s, sc = g.sum(0), torch.tensordot(factor.to(device=g.device, dtype=g.dtype), g, dims=1)
+            if name in self.grad:
+                self.grad[name] += s
+                self.clipped[name] += sc
+            else:
+                self.grad[name], self.clipped[name] = s, sc
+        self.n += int(l2.shape[0])
+
+
+def _dot(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor]) -> float:
+    """<a, b> over all parameters, accumulated in float64."""
+    return float(sum(torch.sum(a[n].double() * b[n].double()) for n in a)) if a else 0.0
+
+
+def _gram(vectors: Sequence[Mapping[str, torch.Tensor]]) -> np.ndarray:
+    """K[j, k] = <v_j, v_k> (float64)."""
+    K = np.zeros((len(vectors), len(vectors)))
+    for j, a in enumerate(vectors):
+        for k in range(j, len(vectors)):
+            K[j, k] = K[k, j] = _dot(a, vectors[k])
+    return K
+
+
+def _cos(K: np.ndarray, u: Sequence[float], v: Sequence[float]) -> float:
+    """cos(x, y) for x = sum_j u_j v_j, y = sum_j v_j v_j given the Gram matrix K of the basis (nan if 0)."""
+    u, v = np.asarray(u, float), np.asarray(v, float)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return float(u @ K @ v / np.sqrt((u @ K @ u) * (v @ K @ v)))
+
+
+def _norm_ratio(K: np.ndarray, u: Sequence[float], v: Sequence[float]) -> float:
+    """||x|| / ||y|| for x, y given as in :func:`_cos` (nan if both are 0, inf if only y is)."""
+    u, v = np.asarray(u, float), np.asarray(v, float)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return float(np.sqrt(max(u @ K @ u, 0.0) / max(v @ K @ v, 0.0)))
+
+
+#: Measures of :func:`sum_measures` on a split (point values; no interval).
+SPLIT_SUM_MEASURES = ("sum_share", "misalignment_cos", "pooled_cos", "pooled_cos_clipped")
+#: Measures of :func:`sum_measures` on a contrast split ``a-b`` besides the a - b differences.
+PAIR_SUM_MEASURES = ("pair_cos", "pair_cos_clipped", "pair_norm_ratio", "pair_norm_ratio_clipped")
+
+
+def sum_measures(
+    sums: Mapping[str, GradSums],
+    contrasts: Sequence[tuple[str, str]] = DEFAULT_CONTRASTS,
+    checkpoint: str | None = None,
+) -> pd.DataFrame:
+    """Tidy rows (:data:`TIDY_COLUMNS`, ``ci_low = ci_high = nan``) of the gradient-sum measures.
+
+    With ``G_s``, ``G~_s`` the summed and summed clipped gradients of split ``s`` (:class:`GradSums`):
+
+    * ``sum_share``        = ||G~_s|| / ||G_s||: how much of the split's summed gradient survives clipping;
+    * ``misalignment_cos`` = cos(G~_s, G_s): how far clipping turns the split's summed gradient
+      (1 when no unit is clipped, or when all clipped units point the same way);
+
+    and for each contrast ``(a, b)`` with both splits present, pooling ``D = a + b`` (the two splits'
+    units together, each split as subsampled, i.e. in equal numbers when both have enough units):
+
+    * on ``a`` and on ``b``: ``pooled_cos`` = cos(G_s, G_D) and ``pooled_cos_clipped`` =
+      cos(G_s, G~_D) with ``G_D = G_a + G_b``, ``G~_D = G~_a + G~_b``. These are Esipova et al.'s
+      (ICLR 2023) cos(theta) and cos(theta~), the angles between a group's own gradient and the
+      non-private / clipped update of the batch; their drop ``pooled_cos - pooled_cos_clipped`` drives
+      the group's *direction error* (noise, mean zero, is left out);
+    * on ``a-b``: ``pair_cos`` = cos(G_a, G_b), ``pair_cos_clipped`` = cos(G~_a, G~_b),
+      ``pair_norm_ratio`` = ||G_a|| / ||G_b||, ``pair_norm_ratio_clipped`` = ||G~_a|| / ||G~_b|| (for
+      CDA's originals against their counterfactuals: do the two point the same way, with equal weight?)
+      and ``value(a) - value(b)`` of every split measure.
+
+    All are cosines or norm ratios of linear combinations of the 2 or 4 sums, from their Gram matrix in
+    float64. ``n`` is the split's unit count (``n_a + n_b`` on ``a-b``). A split in two contrasts is an
+    error (its pooled measures would be ambiguous).
+    """
+    present = [(a, b) for a, b in contrasts if a in sums and b in sums]
+    members = [s for pair in present for s in pair]
+    shared = sorted({s for s in members if members.count(s) > 1})
+    if shared:
+        raise ValueError(
+            f"splits {shared} are in more than one of the contrasts {present}; pooled measures need disjoint pairs")
+    rows: list[dict] = []
+
+    def row(split, measure, value, n):
+        rows.append({"checkpoint": checkpoint, "split": split, "measure": measure, "value": value,
+                     "ci_low": np.nan, "ci_high": np.nan, "n": int(n)})
+
+    values: dict[str, dict[str, float]] = {}
+    for s, acc in sums.items():
+        K = _gram([acc.grad, acc.clipped])
+        values[s] = {"sum_share": _norm_ratio(K, [0, 1], [1, 0]), "misalignment_cos": _cos(K, [0, 1], [1, 0])}
+    pairs: dict[tuple[str, str], dict[str, float]] = {}
+    for a, b in present:
+        K = _gram([sums[a].grad, sums[a].clipped, sums[b].grad, sums[b].clipped])  # G_a, G~_a, G_b, G~_b
+        for s, own in ((a, [1, 0, 0, 0]), (b, [0, 0, 1, 0])):
+            values[s]["pooled_cos"] = _cos(K, own, [1, 0, 1, 0])
+            values[s]["pooled_cos_clipped"] = _cos(K, own, [0, 1, 0, 1])
+        pairs[(a, b)] = {
+            "pair_cos": _cos(K, [1, 0, 0, 0], [0, 0, 1, 0]),
+            "pair_cos_clipped": _cos(K, [0, 1, 0, 0], [0, 0, 0, 1]),
+            "pair_norm_ratio": _norm_ratio(K, [1, 0, 0, 0], [0, 0, 1, 0]),
+            "pair_norm_ratio_clipped": _norm_ratio(K, [0, 1, 0, 0], [0, 0, 0, 1]),
+        }
+    for s, vals in values.items():
+        for m in SPLIT_SUM_MEASURES:
+            if m in vals:
+                row(s, m, vals[m], sums[s].n)
+    for (a, b), vals in pairs.items():
+        n = sums[a].n + sums[b].n
+        for m in SPLIT_SUM_MEASURES:
+            row(contrast_name(a, b), m, values[a][m] - values[b][m], n)
+        for m in PAIR_SUM_MEASURES:
+            row(contrast_name(a, b), m, vals[m], n)
+    return pd.DataFrame(rows, columns=TIDY_COLUMNS)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -326,6 +497,12 @@ def _ppl_stat(a: np.ndarray) -> float:
     return float(np.exp(a[:, 0].sum() / tokens)) if tokens > 0 else float("nan")
 
 
+def _ratio_stat(a: np.ndarray) -> float:
+    """sum(a[:, 0]) / sum(a[:, 1]) (a ratio of totals over the units, not a mean of ratios)."""
+    total = a[:, 1].sum()
+    return float(a[:, 0].sum() / total) if total > 0 else float("nan")
+
+
 def _measures(pe: pd.DataFrame, max_grad_norm: float) -> dict[str, tuple[np.ndarray, Callable]]:
     """measure -> (per-unit values, statistic) for one group of per-example rows."""
     norm_cols = [c for c in pe.columns if c.startswith(("l1_", "l2_"))]
@@ -339,6 +516,7 @@ def _measures(pe: pd.DataFrame, max_grad_norm: float) -> dict[str, tuple[np.ndar
         m["clip_fraction"] = (clipped(l2, max_grad_norm), np.mean)
         m["clip_factor"] = (clip_factor(l2, max_grad_norm), np.mean)
         m["clipped_l2_total"] = (np.minimum(l2, max_grad_norm), np.mean)
+        m["norm_share"] = (np.column_stack([np.minimum(l2, max_grad_norm), l2]), _ratio_stat)
     if "loss" in pe:
         m["loss"] = (pe["loss"].to_numpy(float), np.mean)
     if {"nll_sum", "n_predicted"} <= set(pe.columns):
@@ -366,10 +544,13 @@ def summarize_gradnorms(
     ``split`` column means one split ``all``; a missing ``checkpoint`` column takes ``checkpoint``).
     Measures: ``l1_<group>``/``l2_<group>`` (mean norms), ``clip_fraction`` (share of units with
     ``l2_total > C``), ``clip_factor`` (mean ``min(1, C / l2_total)``), ``clipped_l2_total`` (mean
-    ``min(l2_total, C)``), ``loss`` (mean unit loss) and ``perplexity`` (exp of the token-weighted mean
-    loss). For each contrast ``(a, b)`` with both splits present, rows with ``split = "a-b"`` hold
-    ``value(a) - value(b)`` with :func:`stats.bootstrap_diff_ci` (groups resampled independently) and
-    ``n = n_a + n_b``.
+    ``min(l2_total, C)``), ``norm_share`` (share of the split's gradient norm that survives clipping,
+    ``sum_i min(||g_i||, C) / sum_i ||g_i||`` = ``sum_i ||c_i g_i|| / sum_i ||g_i||``; compare
+    :func:`sum_measures`' ``sum_share``, the same for the summed vectors), ``loss`` (mean unit loss)
+    and ``perplexity`` (exp of the token-weighted mean loss). For each contrast ``(a, b)`` with both
+    splits present, rows with ``split = "a-b"`` hold ``value(a) - value(b)`` with
+    :func:`stats.bootstrap_diff_ci` (groups resampled independently, also for CDA's paired splits:
+    wider than a paired interval when the two sides correlate positively) and ``n = n_a + n_b``.
     """
     pe = per_example.copy()
     if "split" not in pe:
@@ -421,6 +602,13 @@ def subsample_units(df: pd.DataFrame, max_units: int | None, seed: int = 0) -> p
     return df[df["unit_id"].isin(set(keep.tolist()))]
 
 
+def _split_groups(names: Sequence[str], contrasts: Sequence[tuple[str, str]]) -> list[tuple[str, ...]]:
+    """``names`` grouped into the contrast pairs present (in contrast order), then the other splits alone."""
+    groups = [(a, b) for a, b in contrasts if a in names and b in names]
+    paired = {s for g in groups for s in g}
+    return groups + [(s,) for s in names if s not in paired]
+
+
 def gradnorms_over_training(
     checkpoints: Mapping[str, str | Path],
     splits: Mapping[str, pd.DataFrame],
@@ -437,32 +625,45 @@ def gradnorms_over_training(
     torch_dtype: torch.dtype | None = None,
     progress: bool = True,
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Per-example norms and their tidy summary for every checkpoint x split.
+    """Per-example norms, their tidy summary and the gradient-sum measures for every checkpoint x split.
 
     ``checkpoints`` maps a key (``pct_0``, ``pct_25``, ...; kept in the given order) to a
     ``save_pretrained`` folder; ``splits`` maps a split name (``female``, ``male``, ...) to its rows.
-    The same units (subsampled once per split with ``seed``) are measured at every checkpoint.
-    Returns ``(tidy, per_example)``; ``per_example`` has ``checkpoint`` and ``split`` columns.
+    The same units (subsampled once per split with ``seed``; splits with the same unit ids, such as
+    CDA's originals and their counterfactuals, keep the same units) are measured at every checkpoint.
+    Returns ``(tidy, per_example)``: ``tidy`` is :func:`summarize_gradnorms` followed by
+    :func:`sum_measures` at each checkpoint; ``per_example`` has ``checkpoint`` and ``split`` columns.
+    Splits are measured a contrast pair at a time, so at most four parameter-sized sums are alive.
     """
     from transformers import AutoModelForCausalLM
 
     chosen = {s: subsample_units(d, max_units_per_split, seed) for s, d in splits.items()}
-    parts: list[pd.DataFrame] = []
+    parts: dict[tuple[str, str], pd.DataFrame] = {}
+    sum_rows: list[pd.DataFrame] = []
     for ckpt, path in checkpoints.items():
         kwargs = {"dtype": torch_dtype} if torch_dtype is not None else {}
         model = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
         model.eval()
-        for split, d in chosen.items():
-            pe = per_example_grad_norms(
-                model, d, pad_token_id, batch_size=batch_size, layer_groups=layer_groups, device=device,
-                chunk_size=chunk_size, progress=progress, desc=f"{ckpt}/{split}",
-            )
-            pe.insert(0, "split", split)
-            pe.insert(0, "checkpoint", ckpt)
-            parts.append(pe)
+        for group in _split_groups(list(chosen), contrasts):
+            sums = {split: GradSums(max_grad_norm) for split in group}
+            for split in group:
+                pe = per_example_grad_norms(
+                    model, chosen[split], pad_token_id, batch_size=batch_size, layer_groups=layer_groups,
+                    device=device, chunk_size=chunk_size, progress=progress, desc=f"{ckpt}/{split}", sums=sums[split],
+                )
+                pe.insert(0, "split", split)
+                pe.insert(0, "checkpoint", ckpt)
+                parts[(ckpt, split)] = pe
+            sum_rows.append(sum_measures(sums, contrasts, checkpoint=ckpt))
+            del sums
         del model
-    per_example = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=["checkpoint", "split"])
+    ordered = [parts[(c, s)] for c in checkpoints for s in chosen]
+    per_example = pd.concat(ordered, ignore_index=True) if ordered else pd.DataFrame(columns=["checkpoint", "split"])
     tidy = summarize_gradnorms(per_example, max_grad_norm, n_boot=n_boot, seed=seed, contrasts=contrasts)
+    if sum_rows:
+        tidy = pd.concat([tidy, *sum_rows], ignore_index=True)
+        order = {c: k for k, c in enumerate(checkpoints)}
+        tidy = tidy.sort_values("checkpoint", key=lambda c: c.map(order), kind="stable").reset_index(drop=True)
     return tidy, per_example
 
 

@@ -312,9 +312,10 @@ def gradnorm_overview(tidy: pd.DataFrame) -> pd.DataFrame:
 
 
 def gradnorm_final(tidy: pd.DataFrame) -> pd.DataFrame:
-    """Every measure by split at the last checkpoint: mean [95 % bootstrap interval over units]."""
+    """Every measure by split at the last checkpoint: mean [95 % bootstrap interval over units] (the
+    gradient-sum measures of `gradnorms.sum_measures` are point values)."""
     last = tidy[tidy["checkpoint"] == tidy["checkpoint"].iloc[-1]]
-    cells = last.assign(cell=[f"{v:.4g} [{lo:.4g}, {hi:.4g}]" for v, lo, hi in zip(last["value"], last["ci_low"], last["ci_high"])])
+    cells = last.assign(cell=[_cell(v, lo, hi) for v, lo, hi in zip(last["value"], last["ci_low"], last["ci_high"])])
     wide = cells.pivot_table(index="measure", columns="split", values="cell", aggfunc="first", sort=False)
     wide.columns.name = f"split (checkpoint {tidy['checkpoint'].iloc[-1]})"
     return wide
@@ -343,6 +344,60 @@ def gradnorm_gap(tidy: pd.DataFrame, measure: str = "l2_total", contrast: str = 
     ax.set(xlabel="checkpoint (% of training)", ylabel=f"Δ {GRAD_UNITS.get(measure, measure)}",
            title=f"{measure}: {contrast.replace('-', ' − ')} over training")
     return finish(fig, legend=True)
+
+
+def _checkpoint_axis(ax, order: list[str]) -> None:
+    ax.set_xticks(range(len(order)), [c.replace("pct_", "") + " %" if c.startswith("pct_") else c for c in order])
+    ax.set_xlabel("checkpoint (% of training)")
+
+
+def gradnorm_misalignment(tidy: pd.DataFrame, max_grad_norm: float, condition: str = "") -> Shown:
+    """How clipping at C turns each group's summed gradient, over training (`gradnorms.sum_measures`).
+
+    Left: ``misalignment_cos`` = cos(sum_i c_i g_i, sum_i g_i) per split (female, male; CDA's originals
+    and counterfactuals dashed when measured). Right: Esipova et al.'s cos(G_s, G~_D) between a group's
+    gradient and the clipped update of female + male together (solid), and cos(G_s, G_D) without
+    clipping (dotted): the drop from dotted to solid is the group's direction error.
+    """
+    import matplotlib.pyplot as plt
+
+    order = list(dict.fromkeys(tidy["checkpoint"].tolist()))
+    x_of = {c: i for i, c in enumerate(order)}
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.6))
+    styles = {"female": ("C3", "-"), "male": ("C0", "-"),
+              "cda_original": ("C2", "--"), "cda_counterfactual": ("C1", "--")}
+    for split, (color, ls) in styles.items():
+        d = tidy[(tidy["split"] == split) & (tidy["measure"] == "misalignment_cos")]
+        if len(d):
+            left.plot(d["checkpoint"].map(x_of), d["value"], marker="o", color=color, ls=ls, label=split)
+        for measure, mls in (("pooled_cos_clipped", "-"), ("pooled_cos", ":")):
+            d = tidy[(tidy["split"] == split) & (tidy["measure"] == measure)]
+            if split in ("female", "male") and len(d):
+                right.plot(d["checkpoint"].map(x_of), d["value"], marker="o", color=color, ls=mls)
+    left.set(ylabel="cos(Σ clipped g, Σ g)", title="clipping turns the group's gradient")
+    right.set(ylabel="cos(group's Σ g, update)",
+              title="group gradient vs female + male update\n(solid: clipped update, dotted: unclipped)")
+    for ax in (left, right):
+        _checkpoint_axis(ax, order)
+        ax.axhline(1.0, color="grey", lw=0.8, ls=":")
+    clip = f"C={max_grad_norm:g}"
+    where = condition if clip in condition else ", ".join(filter(None, [f"clip norm {clip}", condition]))
+    return finish(fig, title=f"Gradient misalignment by group ({where}; point values per run)", legend=True)
+
+
+def gradnorm_cda_pairs(tidy: pd.DataFrame) -> "pd.DataFrame | Record":
+    """CDA's originals against their counterfactuals at every checkpoint: the cosine between the two
+    summed gradients and their norm ratio, unclipped and clipped (a note for runs without CDA pairs)."""
+    from .data.units import CDA_PAIR_SPLITS
+    from .gradnorms import PAIR_SUM_MEASURES, contrast_name
+
+    pair = contrast_name(*CDA_PAIR_SPLITS)
+    d = tidy[(tidy["split"] == pair) & tidy["measure"].isin(PAIR_SUM_MEASURES)]
+    if d.empty:
+        return Record({"CDA pairs": "not measured: this run's data has no counterfactual rows (mixing ratio 0)"})
+    wide = d.pivot_table(index="checkpoint", columns="measure", values="value", aggfunc="first", sort=False)
+    return wide.reindex(columns=[m for m in PAIR_SUM_MEASURES if m in wide.columns]).rename_axis(
+        columns=f"{pair.replace('-', ' vs ')}")
 
 
 # --------------------------------------------------------------------------- stage 04

@@ -340,3 +340,196 @@ def test_gradnorms_over_training(tmp_path):
     f = pe[(pe.checkpoint == "pct_0") & (pe.split == "female")].l2_total.mean()
     m = pe[(pe.checkpoint == "pct_0") & (pe.split == "male")].l2_total.mean()
     assert v == pytest.approx(f - m)
+
+
+# ---------------------------------------------------------------------------------------------------
+# summed gradients: surviving share and misalignment (Esipova et al. 2023)
+# ---------------------------------------------------------------------------------------------------
+
+
+def _reference_grads(model, rows):
+    """unit_id -> its gradient as one flat float64 vector, each unit alone through loss.backward()."""
+    model.eval()
+    out = {}
+    for uid in dict.fromkeys(r[0] for r in rows):
+        model.zero_grad()
+        sum(_row_loss(model, ids) for u, _, ids in rows if u == uid).backward()
+        out[uid] = torch.cat([p.grad.detach().flatten().clone() for p in model.parameters()]).numpy()
+    model.zero_grad()
+    return out
+
+
+def _cos(x, y):
+    return float(x @ y / np.linalg.norm(x) / np.linalg.norm(y))
+
+
+def _hand_sums(vectors, C):
+    acc = gn.GradSums(C)
+    g = torch.tensor(vectors, dtype=torch.float64)
+    acc.add({"w": g}, g.norm(dim=1))
+    return acc
+
+
+def test_gradient_sums_and_measures_equal_a_per_unit_loop_float64():
+    """GradSums and sum_measures against explicit per-unit gradients (loss.backward one unit at a time)."""
+    model = _tiny_gpt2()
+    rows = _rows()
+    df = _frame(rows)
+    ref = _reference_grads(model, rows)
+    C = float(np.median([np.linalg.norm(v) for v in ref.values()]))  # some units clipped, some not
+    sums = {}
+    for split in ("female", "male"):
+        sums[split] = gn.GradSums(C)
+        d = df[df.unit_id.map(GENDER) == split]
+        gn.per_example_grad_norms(model, d, PAD, batch_size=2, chunk_size=1, progress=False, sums=sums[split])
+    G, Gc = {}, {}
+    for split in ("female", "male"):
+        vs = [ref[u] for u in sorted(GENDER) if GENDER[u] == split]
+        G[split] = sum(vs)
+        Gc[split] = sum(min(1.0, C / np.linalg.norm(v)) * v for v in vs)
+        assert sums[split].n == len(vs)
+        flat = lambda d: torch.cat([d[n].flatten() for n, _ in model.named_parameters()]).numpy()  # noqa: E731
+        np.testing.assert_allclose(flat(sums[split].grad), G[split], rtol=1e-9, atol=1e-13)
+        np.testing.assert_allclose(flat(sums[split].clipped), Gc[split], rtol=1e-9, atol=1e-13)
+    t = gn.sum_measures(sums, [("female", "male")], checkpoint="pct_0")
+    assert list(t.columns) == gn.TIDY_COLUMNS and t.ci_low.isna().all() and (t.checkpoint == "pct_0").all()
+    f, m = G["female"], G["male"]
+    fc, mc = Gc["female"], Gc["male"]
+    expect = {
+        ("female", "sum_share"): np.linalg.norm(fc) / np.linalg.norm(f),
+        ("female", "misalignment_cos"): _cos(fc, f),
+        ("male", "misalignment_cos"): _cos(mc, m),
+        ("female", "pooled_cos"): _cos(f, f + m),
+        ("female", "pooled_cos_clipped"): _cos(f, fc + mc),
+        ("male", "pooled_cos_clipped"): _cos(m, fc + mc),
+        ("female-male", "misalignment_cos"): _cos(fc, f) - _cos(mc, m),
+        ("female-male", "pair_cos"): _cos(f, m),
+        ("female-male", "pair_cos_clipped"): _cos(fc, mc),
+        ("female-male", "pair_norm_ratio"): np.linalg.norm(f) / np.linalg.norm(m),
+        ("female-male", "pair_norm_ratio_clipped"): np.linalg.norm(fc) / np.linalg.norm(mc),
+    }
+    for (split, measure), v in expect.items():
+        assert _val(t, split, measure).value == pytest.approx(v, rel=1e-9), (split, measure)
+    assert _val(t, "female", "misalignment_cos").value < 1 - 1e-6  # clipping did turn the sum
+    assert _val(t, "female-male", "pair_cos").n == len(GENDER)
+
+
+def test_nothing_clipped_means_no_misalignment():
+    model = _tiny_gpt2()
+    df = _frame(_rows())
+    pe = gn.per_example_grad_norms(model, df, PAD, batch_size=16, progress=False)
+    C = 10 * pe.l2_total.max()
+    sums = {s: gn.GradSums(C) for s in ("female", "male")}
+    for s in sums:
+        got = gn.per_example_grad_norms(model, df[df.unit_id.map(GENDER) == s], PAD, progress=False, sums=sums[s])
+        want = pe[pe.unit_id.isin(got.unit_id)].reset_index(drop=True)
+        pd.testing.assert_frame_equal(got, want, rtol=1e-12)  # accumulating the sums changes no norm
+    t = gn.sum_measures(sums, [("female", "male")]).set_index(["split", "measure"]).value
+    for s in ("female", "male"):
+        assert t[(s, "misalignment_cos")] == pytest.approx(1.0, abs=1e-12)
+        assert t[(s, "sum_share")] == pytest.approx(1.0, abs=1e-12)
+        assert t[(s, "pooled_cos_clipped")] == pytest.approx(t[(s, "pooled_cos")], abs=1e-12)
+    assert t[("female-male", "pair_cos_clipped")] == pytest.approx(t[("female-male", "pair_cos")], abs=1e-12)
+    norm_share = _val(gn.summarize_gradnorms(pe, C, n_boot=20), "all", "norm_share")
+    assert norm_share.value == norm_share.ci_low == norm_share.ci_high == 1.0
+
+
+def test_sum_measures_hand_case():
+    # female: g = (3, 0), (0, 1), (0, 0) at C = 1 -> clipped (1, 0), (0, 1), (0, 0); G = (3, 1), G~ = (1, 1)
+    # male:   g = (0, 2)                            -> clipped (0, 1);               G = (0, 2), G~ = (0, 1)
+    sums = {"female": _hand_sums([[3.0, 0.0], [0.0, 1.0], [0.0, 0.0]], 1.0), "male": _hand_sums([[0.0, 2.0]], 1.0)}
+    np.testing.assert_allclose(sums["female"].clipped["w"], [1.0, 1.0])
+    t = gn.sum_measures(sums, [("female", "male")])
+    r2, r10, r18, r50 = np.sqrt([2, 10, 18, 50])
+    expect = {
+        ("female", "sum_share"): r2 / r10, ("female", "misalignment_cos"): 4 / (r10 * r2),
+        ("male", "sum_share"): 0.5, ("male", "misalignment_cos"): 1.0,
+        ("female", "pooled_cos"): 12 / (r10 * r18),  # G_D = (3, 3)
+        ("female", "pooled_cos_clipped"): 5 / r50,  # G~_D = (1, 2)
+        ("male", "pooled_cos"): 6 / (2 * r18), ("male", "pooled_cos_clipped"): 2 / np.sqrt(5),
+        ("female-male", "sum_share"): r2 / r10 - 0.5,
+        ("female-male", "pair_cos"): 1 / r10, ("female-male", "pair_cos_clipped"): 1 / r2,
+        ("female-male", "pair_norm_ratio"): r10 / 2, ("female-male", "pair_norm_ratio_clipped"): r2,
+    }
+    for (split, measure), v in expect.items():
+        assert _val(t, split, measure).value == pytest.approx(v, rel=1e-12), (split, measure)
+    assert _val(t, "female", "sum_share").n == 3 and _val(t, "female-male", "pair_cos").n == 4
+    # the per-unit surviving share: sum_i min(||g_i||, C) / sum_i ||g_i|| = (1 + 1 + 0) / (3 + 1 + 0)
+    pe = pd.DataFrame({"unit_id": [1, 2, 3], "l2_total": [3.0, 1.0, 0.0]})
+    assert _val(gn.summarize_gradnorms(pe, 1.0, n_boot=20), "all", "norm_share").value == pytest.approx(0.5)
+    # a zero sum has no direction
+    assert np.isnan(_val(gn.sum_measures({"z": _hand_sums([[0.0, 0.0]], 1.0)}), "z", "misalignment_cos").value)
+
+
+def test_sum_measures_bad_input():
+    with pytest.raises(ValueError, match="max_grad_norm must be a positive finite number .* got 0"):
+        gn.GradSums(0)
+    with pytest.raises(ValueError, match="max_grad_norm .* got inf"):
+        gn.GradSums(float("inf"))
+    sums = {s: _hand_sums([[1.0, 0.0]], 1.0) for s in "abc"}
+    with pytest.raises(ValueError, match=r"splits \['a'\] are in more than one of the contrasts"):
+        gn.sum_measures(sums, [("a", "b"), ("a", "c")])
+
+
+def test_norm_share_interval_and_contrast():
+    t = gn.summarize_gradnorms(_hand_per_example(), 0.1, n_boot=200, seed=0)
+    f = _val(t, "female", "norm_share")
+    assert f.value == pytest.approx((0.05 + 0.1 + 0.1 + 0.1) / (0.05 + 0.1 + 0.2 + 0.4))
+    assert f.ci_low <= f.value <= f.ci_high and f.ci_low < f.ci_high
+    m = _val(t, "male", "norm_share").value
+    assert m == pytest.approx((0.08 + 0.1 + 0.1) / (0.08 + 0.3 + 0.1))
+    assert _val(t, "female-male", "norm_share").value == pytest.approx(f.value - m)
+
+
+def test_gradnorms_over_training_cda_pairs_and_sum_rows(tmp_path):
+    from dpbias_utils.data.units import CDA_PAIR_SPLITS, cda_pair_splits
+
+    model = _tiny_gpt2(dtype=torch.float32)
+    model.save_pretrained(tmp_path / "pct_0")
+    df = _frame(_rows())  # units 11 and 13 have an original and a counterfactual row
+    pairs = cda_pair_splits(df)
+    assert list(pairs) == list(CDA_PAIR_SPLITS)
+    assert pairs["cda_original"].unit_id.tolist() == pairs["cda_counterfactual"].unit_id.tolist() == [11, 13]
+    assert set(pairs["cda_original"].kind) == {"original"}
+    assert set(pairs["cda_counterfactual"].kind) == {"counterfactual"}
+    originals = df[df.kind == "original"]
+    splits = {"female": originals[originals.gender == "female"], "male": originals[originals.gender == "male"], **pairs}
+    tidy, pe = gn.gradnorms_over_training({"pct_0": tmp_path / "pct_0"}, splits, PAD, max_grad_norm=0.05,
+                                          max_units_per_split=1, n_boot=20, progress=False)
+    assert list(pe.split.drop_duplicates()) == list(splits)  # per-example rows keep the split order
+    chosen = pe.groupby("split").unit_id.apply(list)
+    assert chosen["cda_original"] == chosen["cda_counterfactual"]  # the same unit on both sides of a pair
+    pair = "cda_original-cda_counterfactual"
+    for split, measures in [("female", gn.SPLIT_SUM_MEASURES), (pair, gn.PAIR_SUM_MEASURES + gn.SPLIT_SUM_MEASURES),
+                            (pair, ("l2_total", "norm_share", "clip_fraction"))]:
+        for measure in measures:
+            assert np.isfinite(_val(tidy, split, measure).value), (split, measure)
+    # the pair's summed gradients are the one unit's two rows' gradients: compare with per-unit norms
+    l2 = pe.set_index("split").l2_total
+    ratio = l2["cda_original"] / l2["cda_counterfactual"]
+    assert _val(tidy, pair, "pair_norm_ratio").value == pytest.approx(ratio, rel=1e-5)
+    with pytest.raises(Exception, match="one original and one counterfactual row per paired unit"):
+        cda_pair_splits(df[df.kind == "counterfactual"])
+
+
+def test_misalignment_figure_and_cda_pair_table():
+    from dpbias_utils import plots
+
+    def at(ckpt, scale, cda):
+        sums = {"female": _hand_sums([[3.0, 0.0], [0.0, 1.0]], scale), "male": _hand_sums([[0.0, 2.0]], scale)}
+        if cda:
+            sums |= {"cda_original": _hand_sums([[1.0, 2.0]], scale),
+                     "cda_counterfactual": _hand_sums([[2.0, 1.0]], scale)}
+        return gn.sum_measures(sums, gn.DEFAULT_CONTRASTS, checkpoint=ckpt)
+
+    plain = pd.concat([at("pct_0", 1.0, False), at("pct_100", 0.5, False)], ignore_index=True)
+    shown = plots.gradnorm_misalignment(plain, 1.0, "DP ε=3, CDA 0, seed 0")
+    assert len(shown.panels) == 2 and shown.empty == []
+    assert "no counterfactual rows" in plots.gradnorm_cda_pairs(plain).rows["CDA pairs"]
+    cda = pd.concat([at("pct_0", 1.0, True), at("pct_100", 0.5, True)], ignore_index=True)
+    table = plots.gradnorm_cda_pairs(cda)
+    assert table.index.tolist() == ["pct_0", "pct_100"] and table.columns.tolist() == list(gn.PAIR_SUM_MEASURES)
+    assert table.loc["pct_0", "pair_cos"] == pytest.approx(4 / 5)
+    assert table.loc["pct_0", "pair_norm_ratio"] == pytest.approx(1.0)
+    final = plots.gradnorm_final(cda)
+    assert final.loc["misalignment_cos", "male"] == "1"  # a point value has no interval

@@ -37,6 +37,8 @@ from .cda import counterfactual, gender_of, gendered_counts
 CDA_MODES = ("substitute", "augment")
 UNIT_COLUMNS = ["unit_id", "kind", "text", "input_ids", "n_tokens", "gender", "label"]
 SPLIT_NAMES = ("female", "male", "stereotypical", "anti_stereotypical")
+#: Stage 03's CDA splits (`cda_pair_splits`): gendered validation units and their counterfactuals.
+CDA_PAIR_SPLITS = ("cda_original", "cda_counterfactual")
 REQUIRED_META = ("tokenizer", "block_size", "pad_token_id", "mixing_ratio", "cda_mode")
 UNLABELLED = "unlabelled"
 _FLIPPED_LABEL = {"stereotypical": "anti-stereotypical", "anti-stereotypical": "stereotypical"}
@@ -251,6 +253,31 @@ def gender_splits(df: pd.DataFrame) -> dict[str, pd.DataFrame]:
         splits["stereotypical"] = df[df["label"] == "stereotypical"].reset_index(drop=True)
         splits["anti_stereotypical"] = df[df["label"] == "anti-stereotypical"].reset_index(drop=True)
     return splits
+
+
+def cda_pair_splits(df: pd.DataFrame) -> dict[str, pd.DataFrame]:
+    """``cda_original`` / ``cda_counterfactual``: the units of ``df`` that have a counterfactual row,
+    as their original rows and their counterfactual rows (one row per unit each, same ``unit_id``s in
+    the same order), so that stage 03 can compare the gradients of the two.
+
+    ``df`` comes from `build_units` with ``mode="augment"`` (``mixing_ratio=1.0`` pairs every gendered
+    unit); ``substitute`` drops the originals, which is an error here.
+    """
+    missing = {"unit_id", "kind"} - set(df.columns)
+    if missing:
+        raise DataError(f"df must have the columns unit_id and kind, missing {sorted(missing)}")
+    counterfactual = df[df["kind"] == "counterfactual"].sort_values("unit_id", kind="stable")
+    original = df[(df["kind"] == "original") & df["unit_id"].isin(set(counterfactual["unit_id"]))]
+    original = original.sort_values("unit_id", kind="stable")
+    rows = pd.DataFrame({"original": original["unit_id"].value_counts(),
+                         "counterfactual": counterfactual["unit_id"].value_counts()}).fillna(0)
+    unpaired = sorted(rows.index[(rows != 1).any(axis=1)].tolist())[:5]
+    if unpaired:
+        raise DataError(
+            f"df must hold one original and one counterfactual row per paired unit (build_units with "
+            f"mode='augment'); unit_ids without exactly one of each include {unpaired}"
+        )
+    return dict(zip(CDA_PAIR_SPLITS, (original.reset_index(drop=True), counterfactual.reset_index(drop=True))))
 
 
 def cda_statistics(texts_before: list[str], df_after: pd.DataFrame, include_names: bool = False) -> pd.DataFrame:

@@ -88,13 +88,15 @@ def cda_preview(ctx: StageContext, texts: dict, tokenizer, max_units: int = 2000
 
 def build_datasets(ctx: StageContext, texts: dict, tokenizer) -> dict:
     """Privacy units for train (with CDA at the point's mixing ratio) and for valid / test (no CDA),
-    and the mechanism splits from the validation units."""
+    and the mechanism splits from the validation units; a CDA run (mixing ratio > 0) also gets the
+    CDA pair splits (every gendered validation unit and its counterfactual, `units.cda_pair_splits`)."""
     from ..data import units
 
     d = ctx.profile.data
     out = {}
+    chunked = {}
     for name, frame in texts.items():
-        chunks, labels = _train_chunks(ctx, frame, tokenizer)
+        chunks, labels = chunked[name] = _train_chunks(ctx, frame, tokenizer)
         if name == "train" and d.max_train_units:
             chunks = chunks[: d.max_train_units]
             labels = labels[: d.max_train_units] if labels else None
@@ -102,6 +104,11 @@ def build_datasets(ctx: StageContext, texts: dict, tokenizer) -> dict:
         out[name] = units.build_units(chunks, tokenizer, d.block_size, ratio, ctx.point["cda_mode"],
                                      seed=ctx.point["seed"], swap_names=d.swap_names, labels=labels)
     out["splits"] = units.gender_splits(out["valid"])
+    if ctx.point["mixing_ratio"] > 0:
+        chunks, labels = chunked["valid"]
+        paired = units.build_units(chunks, tokenizer, d.block_size, 1.0, "augment", seed=ctx.point["seed"],
+                                   swap_names=d.swap_names, labels=labels)
+        out["splits"].update(units.cda_pair_splits(paired))
     return out
 
 

@@ -13,11 +13,10 @@ def context(namespace: dict) -> StageContext:
     return pipeline_context.context(STAGE, namespace)
 
 
-MECHANISM_SPLITS = ("female", "male", "stereotypical", "anti_stereotypical")
-
-
 def gradient_norms(ctx: StageContext):
-    """Per-example gradient norms on the mechanism splits at every saved point of training."""
+    """Per-example gradient norms on the mechanism splits at every saved point of training, with the
+    clipping measures of the splits' summed gradients (`gradnorms.sum_measures`); CDA runs add the CDA
+    pair splits (stage 01's `cda_original` / `cda_counterfactual`)."""
     from .. import gradnorms
     from ..data import units
 
@@ -25,7 +24,8 @@ def gradient_norms(ctx: StageContext):
     progress = ctx.upstream_dir("02") / "progress"
     checkpoints = {p.name: p for p in sorted(progress.iterdir(), key=lambda p: float(p.name.split("_")[-1]))
                    if p.is_dir() and p.name.startswith("pct_")}
-    splits = {s: frames[s] for s in MECHANISM_SPLITS if s in frames and len(frames[s])}
+    names = (*units.SPLIT_NAMES, *units.CDA_PAIR_SPLITS)
+    splits = {s: frames[s] for s in names if s in frames and len(frames[s])}
     g = ctx.profile.gradnorms
     tidy, per_example = gradnorms.gradnorms_over_training(
         checkpoints, splits, meta["pad_token_id"], ctx.point["max_grad_norm"],

@@ -9,9 +9,11 @@ from dpbias_utils.data import lexicon
 from dpbias_utils.data.cda import counterfactual, gendered_counts
 from dpbias_utils.data.corpus import generate_controlled
 from dpbias_utils.data.units import (
+    CDA_PAIR_SPLITS,
     UNIT_COLUMNS,
     DataError,
     build_units,
+    cda_pair_splits,
     cda_statistics,
     chunk_texts,
     gender_splits,
@@ -139,6 +141,22 @@ def test_augment_adds_r_n_rows_that_share_their_unit():
     originals = frame[frame["kind"] == "original"].set_index("unit_id")["gender"]
     for row in extra.itertuples():
         assert {row.gender, originals[row.unit_id]} == {"female", "male"}
+
+
+def test_cda_pair_splits_pair_each_gendered_unit_with_its_counterfactual():
+    chunks = _gendered_chunks(20) + ["a plain sentence without gender ."]
+    frame = build_units(chunks, WordTokenizer(), 16, 1.0, "augment", seed=0)
+    pairs = cda_pair_splits(frame)
+    assert list(pairs) == list(CDA_PAIR_SPLITS)
+    original, swapped = pairs["cda_original"], pairs["cda_counterfactual"]
+    assert original["unit_id"].tolist() == swapped["unit_id"].tolist() == list(range(20))  # not the neutral unit
+    assert original["text"].tolist() == chunks[:20]
+    assert swapped["text"].tolist() == [counterfactual(c) for c in chunks[:20]]
+    assert all({a, b} == {"female", "male"} for a, b in zip(original["gender"], swapped["gender"]))
+    with pytest.raises(DataError, match="one original and one counterfactual row per paired unit.*include \\[0, 1"):
+        cda_pair_splits(build_units(chunks, WordTokenizer(), 16, 1.0, "substitute", seed=0))
+    with pytest.raises(DataError, match="missing \\['kind'\\]"):
+        cda_pair_splits(frame.drop(columns="kind"))
 
 
 def test_ratio_extremes_and_seed():
