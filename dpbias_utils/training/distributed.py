@@ -38,6 +38,7 @@ from typing import Iterator, Optional, Sequence
 
 import torch
 
+from .. import seeds
 from ..basemodel import load_base, save_model_atomic
 from .batching import (TrainingError, UnitDataset, chunks, n_units, per_unit_loss, shuffled_batches,
                        to_device)
@@ -82,8 +83,8 @@ def prepare_dp_distributed(model, optimizer, dataset, *, noise_multiplier: float
     """Distributed counterpart of `training.prepare_dp`: DPDDP + hooks + DistributedDPOptimizer +
     a per-rank Poisson loader over this rank's shard, with the run's exact q.
 
-    `generator` draws this rank's Poisson samples (default: seeded with seed * 1_000_003 + rank, so
-    the shards' draws are independent). Returns (gsm, dp_optimizer, dp_loader, engine).
+    `generator` draws this rank's Poisson samples (default: the stream `seeds.torch_generator(seed,
+    "sampling", rank)`, so the shards' draws are independent). Returns (gsm, dp_optimizer, dp_loader, engine).
     `dp_optimizer.expected_batch_size` is the per-rank expected batch q N / W (Opacus's convention for
     `DistributedDPOptimizer`).
     """
@@ -96,7 +97,7 @@ def prepare_dp_distributed(model, optimizer, dataset, *, noise_multiplier: float
     check_sample_rate(sample_rate)
     tied = _is_tied(model)
     ddp = DPDDP(model)
-    gen = generator if generator is not None else torch.Generator().manual_seed(seed * 1_000_003 + dist.get_rank())
+    gen = generator if generator is not None else seeds.torch_generator(seed, "sampling", dist.get_rank())
     engine = PrivacyEngine(accountant=accountant)
     gsm, dp_opt, dp_loader = make_private_units(engine, ddp, optimizer, dataset, sample_rate, gen, noise_multiplier,
                                                 max_grad_norm, noise_generator, distributed=True)
@@ -167,7 +168,7 @@ class DistributedOpacusDP(_Sharded, _DPOptimizerStepper):
     def __init__(self, model, optimizer, dataset, plan: Plan, unit_schedule=None):
         super().__init__(model, optimizer, dataset, plan)
         self._set_up_ranks(unit_schedule)
-        self.sampler_gen.manual_seed(plan.seed * 1_000_003 + self.rank)  # independent shards' draws
+        self.sampler_gen = self.streams.generator("sampling", self.rank)  # independent shards' draws
         self.gsm, self.dp_opt, self.loader, engine = prepare_dp_distributed(
             model, optimizer, dataset, noise_multiplier=float(plan.sigma), max_grad_norm=plan.max_grad_norm,
             sample_rate=plan.sample_rate, accountant=plan.accountant, noise_generator=self.noise_gen,
