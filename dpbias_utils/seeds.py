@@ -36,6 +36,18 @@ import numpy as np
 PURPOSES = ("init", "sampling", "noise", "generation", "cda", "gradnorms")
 SECRET_BITS = 128
 
+# Noise modes of DP training (`train.noise`): where the sampling and noise streams' entropy comes from,
+# and what the trained model may be released as (privacy.json's `release`, the report, the README).
+NOISE_MODES = ("secret", "reproducible")
+NOISE_LABEL = {"secret": "private release", "reproducible": "simulation of DP"}
+RELEASE = {
+    "secret": "private release: the Poisson sampling and the noise come from a secret drawn from the operating "
+              "system's CSPRNG at run time and written nowhere, so the model may be released with (epsilon, delta) "
+              "as long as checkpoints/ is deleted or kept as secret as the data",
+    "reproducible": "simulation of DP: the noise and sampling seeds derive from the recorded seed, so this model is "
+                    "not a private release",
+}
+
 
 class SeedError(ValueError):
     """A seed or purpose that names no stream."""

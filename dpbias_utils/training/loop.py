@@ -29,6 +29,7 @@ from typing import Callable, Sequence
 import torch
 
 from ..basemodel import load_base, resolve_device, save_model_atomic
+from ..seeds import RELEASE
 from ..progress import tqdm
 from .batching import TrainingError, UnitDataset, n_units
 from .checkpoint import (DONE_FILE, PRIVATE_STATISTICS, Checkpoints, StepLog, finished_run, frame_fingerprint,
@@ -40,13 +41,6 @@ CLIPPING_MODES = ("opacus", "fast")
 PRIVACY_UNIT = ("one original text chunk (unit_id) of at most block_size tokens; in CDA augment mode its "
                 "counterfactual row belongs to the same unit and is sampled and clipped with it")
 FREEZABLE = {"embeddings": ("wte", "wpe")}
-RELEASE = {
-    "secret": "private release: the Poisson sampling and the noise come from a secret drawn from the operating "
-              "system's CSPRNG at run time and written nowhere, so the model may be released with (epsilon, delta) "
-              "as long as checkpoints/ is deleted or kept as secret as the data",
-    "reproducible": "simulation of DP: the noise and sampling seeds derive from the recorded seed, so this model is "
-                    "not a private release",
-}
 NOT_COVERED = {
     "steps.csv": list(PRIVATE_STATISTICS),
     "checkpoints/": "sampling and noise generator states (they determine every batch and noise vector) and the "
