@@ -232,7 +232,7 @@ def train_distributed(base_path: str, train_df, out_dir, *, epsilon: Optional[fl
                       logical_batch_size: int = 64, physical_batch_size: int = 32, lr: float = 1e-3, seed: int = 0,
                       noise_multiplier: Optional[float] = None, steps: Optional[int] = None,
                       unit_schedule: Optional[list[list[int]]] = None, backend: Optional[str] = None,
-                      checkpoint_every: int = 50, on_step=None) -> dict:
+                      checkpoint_every: int = 50, noise: str = "secret", on_step=None) -> dict:
     """One training run across the process group (call on every rank).
 
     DP when `epsilon` is a number (sigma calibrated for (epsilon, delta, q, steps) like
@@ -240,6 +240,7 @@ def train_distributed(base_path: str, train_df, out_dir, *, epsilon: Optional[fl
     `unit_schedule` (tests): the global unit indices of each logical step instead of Poisson
     sampling; each rank takes every W-th of them. Rank 0 writes model/, privacy.json, steps.csv;
     every rank checkpoints (checkpoints/last.pt, last.rank<r>.pt) and resumes from its checkpoint.
+    `noise`: the noise mode of `training.train` (each rank draws its own secret in "secret" mode).
     """
     import torch.distributed as dist
 
@@ -251,7 +252,7 @@ def train_distributed(base_path: str, train_df, out_dir, *, epsilon: Optional[fl
     plan = make_plan(len(dataset), epsilon=epsilon, delta=delta, accountant=accountant, epochs=epochs,
                      logical_batch_size=logical_batch_size, physical_batch_size=physical_batch_size, lr=lr,
                      seed=seed, device=device, max_grad_norm=max_grad_norm, noise_multiplier=noise_multiplier,
-                     steps=steps or (len(unit_schedule) if unit_schedule else None))
+                     noise=noise, steps=steps or (len(unit_schedule) if unit_schedule else None))
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     config = {"base_path": str(base_path), "data": frame_fingerprint(train_df), "epsilon": epsilon,
@@ -273,7 +274,8 @@ def train_distributed(base_path: str, train_df, out_dir, *, epsilon: Optional[fl
               "epsilon_target": epsilon, "epsilon_spent": eps_spent, "delta": plan.delta,
               "accountant": accountant if plan.dp else None, "max_grad_norm": max_grad_norm if plan.dp else None,
               "logical_batch_size": logical_batch_size, "privacy_unit": PRIVACY_UNIT,
-              "noise": "added once per step on rank 0 (Opacus DistributedDPOptimizer)" if plan.dp else None}
+              "noise": "added once per step on rank 0 (Opacus DistributedDPOptimizer)" if plan.dp else None,
+              "noise_mode": plan.noise if plan.dp else None}
     if rank == 0:
         save_model_atomic(stepper.module, tokenizer, out / "model")
         write_json(result, out / "privacy.json")

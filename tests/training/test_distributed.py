@@ -154,7 +154,7 @@ def test_killed_and_resumed_distributed_dp_run_matches_uninterrupted(setup, monk
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     kw = dict(epsilon=None, noise_multiplier=0.5, max_grad_norm=C, logical_batch_size=LOGICAL,
               physical_batch_size=PHYSICAL, lr=1e-2, seed=0, accountant="rdp", steps=4, checkpoint_every=2,
-              backend="gloo")
+              backend="gloo", noise="reproducible")  # two runs compared bit-exactly: the same draws
     distributed.spawn_local(distributed.train_distributed, 2, base, df, str(root / "whole"), **kw)
     with pytest.raises(Exception, match="_Kill"):
         distributed.spawn_local(distributed.train_distributed, 2, base, df, str(root / "resumed"), **kw,
