@@ -147,7 +147,7 @@ def _privacy_md(tables) -> list[str]:
     rows = []
     for eps, g in p.groupby("epsilon_target"):
         spent = g["epsilon_spent"].astype(float)
-        rows.append([f"DP ε={eps:g}", " / ".join(sorted({noise_label(m) for m in g["noise_mode"]})), len(g),
+        rows.append([f"DP ε={eps:g}", " / ".join(sorted({noise_label(m) for m in g.get("noise_mode", [None])})), len(g),
                      fmt_number(spent.max()), " / ".join(fmt_number(d) for d in sorted(set(g["delta"]))),
                      " / ".join(fmt_number(v) for v in sorted(set(g["noise_multiplier"].round(4)))),
                      " / ".join(fmt_number(v) for v in sorted(set(g["sample_rate"].round(6)))),
