@@ -14,7 +14,7 @@ from dpbias_utils.training.checkpoint import PRIVATE_STATISTICS, STEPS_COLUMNS
 from training_helpers import frame
 
 KW = dict(epsilon=8.0, logical_batch_size=8, physical_batch_size=8, lr=1e-2, checkpoint_every=2, device="cpu",
-          dropout=0.0, epochs=2.0, accountant="rdp", clipping="fast", progress_points=(100,), seed=0)
+          dropout=0.0, epochs=1.0, accountant="rdp", clipping="fast", progress_points=(100,), seed=0)
 SECRET = 0x5EC12E7_0123456789ABCDEF_F00D  # what the patched CSPRNG returns (test_secret_is_written_nowhere)
 
 
@@ -28,7 +28,7 @@ def _differ(a, b):
 
 @pytest.fixture(scope="module")
 def secret_run(base, tmp_path_factory):
-    """An uninterrupted secret run (6 steps), with a copy of its checkpoint at step 2."""
+    """An uninterrupted secret run (3 steps), with a copy of its checkpoint at step 2."""
     out = tmp_path_factory.mktemp("secret")
     kept = tmp_path_factory.mktemp("kept") / "step2.pt"
 
@@ -40,15 +40,21 @@ def secret_run(base, tmp_path_factory):
     return out, df, kept, train(base, df, out, **KW, noise="secret", on_step=keep)
 
 
-def test_secret_runs_with_the_same_seed_differ(secret_run, base, tmp_path):
+@pytest.fixture(scope="module")
+def reproducible_run(secret_run, base, tmp_path_factory):
+    out = tmp_path_factory.mktemp("reproducible")
+    return out, train(base, secret_run[1], out, **KW, noise="reproducible")
+
+
+def test_secret_runs_with_the_same_seed_differ(secret_run, reproducible_run, base, tmp_path):
     out, df, _, res = secret_run
     again = train(base, df, tmp_path / "again", **KW, noise="secret")
     assert _differ(_weights(out), _weights(tmp_path / "again"))
     assert res["epsilon_spent"] == again["epsilon_spent"] <= 8.0  # same plan, other draws
-    r1 = train(base, df, tmp_path / "r1", **KW, noise="reproducible")
-    r2 = train(base, df, tmp_path / "r2", **KW, noise="reproducible")
-    assert not _differ(_weights(tmp_path / "r1"), _weights(tmp_path / "r2"))
-    assert r1["epsilon_spent"] == res["epsilon_spent"]
+    rep_out, rep = reproducible_run
+    train(base, df, tmp_path / "r2", **KW, noise="reproducible")
+    assert not _differ(_weights(rep_out), _weights(tmp_path / "r2"))
+    assert rep["epsilon_spent"] == res["epsilon_spent"]
 
 
 def test_secret_run_resumed_from_its_checkpoint_continues_it_exactly(secret_run, base, tmp_path):
@@ -65,8 +71,8 @@ def test_secret_run_resumed_from_its_checkpoint_continues_it_exactly(secret_run,
     assert (out / "steps.csv").read_text() == (tmp_path / "steps.csv").read_text()
 
 
-def test_privacy_json_states_mode_release_and_what_epsilon_does_not_cover(secret_run, base, tmp_path):
-    out, df, _, _ = secret_run
+def test_privacy_json_states_mode_release_and_what_epsilon_does_not_cover(secret_run, reproducible_run):
+    out = secret_run[0]
     priv = json.loads((out / "privacy.json").read_text())
     assert priv["noise_mode"] == "secret" and "may be released with (epsilon, delta)" in priv["release"]
     assert "secrets.randbits" in priv["noise_rng"] and "never written" in priv["noise_rng"]
@@ -76,8 +82,7 @@ def test_privacy_json_states_mode_release_and_what_epsilon_does_not_cover(secret
     # every other column is public: the plan's schedule and the accountant's epsilon
     assert set(STEPS_COLUMNS) - set(steps_cols) == {"step", "epoch", "epsilon_spent", "lr"}
     assert "private material" in priv["not_covered_by_epsilon"]["checkpoints/"]
-    train(base, df, tmp_path, **KW, noise="reproducible")
-    rep = json.loads((tmp_path / "privacy.json").read_text())
+    rep = json.loads((reproducible_run[0] / "privacy.json").read_text())
     assert rep["noise_mode"] == "reproducible"
     assert rep["release"] == ("simulation of DP: the noise and sampling seeds derive from the recorded seed, so "
                               "this model is not a private release")
