@@ -29,8 +29,8 @@ from typing import Callable, Sequence
 import torch
 
 from ..basemodel import load_base, resolve_device, save_model_atomic
-from ..seeds import RELEASE
 from ..progress import tqdm
+from ..seeds import RELEASE
 from .batching import TrainingError, UnitDataset, n_units
 from .checkpoint import (DONE_FILE, PRIVATE_STATISTICS, Checkpoints, StepLog, finished_run, frame_fingerprint,
                          seed_everything, write_json, write_steps_csv)
@@ -199,8 +199,9 @@ def make_plan(n: int, *, epsilon: float | None, delta: float | None, accountant:
         return plan  # delta as given: recorded, unused
     delta = default_delta(n) if delta is None else float(delta)
     if delta >= 1 / n:
-        raise PrivacyError(f"delta={delta:.6g} >= 1/N = {1 / n:.6g} (N = {n} privacy units): a mechanism may then "
-                           f"publish a whole unit with probability delta; allowed: delta < 1/N "
+        raise PrivacyError(f"delta={delta:.6g} >= 1/N = {1 / n:.6g} (N = {n} privacy units): (epsilon, delta)-DP "
+                           f"then allows publishing each unit whole with probability delta, about delta N >= 1 "
+                           f"units expected; allowed: delta < 1/N "
                            f"(null: the default 1/N^1.1 = {default_delta(n):.6g})")
     if plan.sample_rate >= 1:
         raise PrivacyError(f"{n} privacy units are too few for a logical batch of {logical_batch_size} "

@@ -42,8 +42,8 @@ from typing import ClassVar, Iterable, Iterator, NamedTuple
 
 import torch
 
-from . import fastclip
 from ..seeds import NOISE_MODES, Streams
+from . import fastclip
 from .batching import TrainingError, UnitDataset, chunks, n_units, per_unit_loss, shuffled_batches, to_device
 from .dp_hooks import _hf_module, dp_backward, per_sample_norms, prepare_dp
 
