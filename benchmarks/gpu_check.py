@@ -6,7 +6,7 @@ profile's ``data.block_size``), ``physical_batch`` rows per step (the profile's
 ``train.physical_batch_size``), one row per privacy unit. Modes, each a full optimizer step on one
 physical batch, through the project's own code (``dpbias_utils.training``):
 
-* ``nondp``   ``per_unit_loss`` mean, backward, Adam; bf16 autocast on CUDA (as ``training.train``).
+* ``nondp``   ``per_unit_loss`` mean, backward, Adam; fp32 (as ``training.train``: every stepper, DP or not).
 * ``dp``      Opacus hooks (``GradSampleModule`` + ``DPOptimizer``, as ``training.prepare_dp``),
               ``training.dp_backward``, clip + noise + Adam; fp32.
 * ``dp-fast`` ``dpbias_utils.training.fastclip.clipped_grad_sum`` + Gaussian noise + Adam (only when
@@ -92,8 +92,6 @@ def _sync(dev):
 
 def run_mode(mode: str, args, dev) -> dict:
     """Warm-up + timed steps of one mode on a fresh model; returns the measurements."""
-    from contextlib import nullcontext
-
     import torch
 
     from dpbias_utils import training
@@ -108,12 +106,8 @@ def run_mode(mode: str, args, dev) -> dict:
     noise_gen = torch.Generator(device=dev).manual_seed(1)
     precision = "fp32"
     if mode == "nondp":
-        autocast = torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" else nullcontext()
-        precision = "bf16-autocast" if dev.type == "cuda" else "fp32"
-
         def step():
-            with autocast:
-                losses = training.per_unit_loss(model, batch)
+            losses = training.per_unit_loss(model, batch)
             (losses.sum() / R).backward()
             opt.step()
             opt.zero_grad(set_to_none=True)

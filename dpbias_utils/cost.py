@@ -18,8 +18,8 @@ Per training run (stage 02 node):
 * **GPU hours** = compute tokens / throughput, from ``benchmarks/throughput.csv``. A row matching
   (model, mode, device) is used as is; otherwise the nearest row is scaled, and the line says from
   what: another model on the same device by training FLOPs per token (6 x parameters + attention,
-  Kaplan et al. 2020), another GPU by the ratio of peak FLOP/s (bf16 for non-DP, which runs under
-  bf16 autocast; fp32 for DP). ``source`` in the table says whether a row was measured (CPU here,
+  Kaplan et al. 2020), another GPU by the ratio of peak fp32 FLOP/s (every stepper, DP and non-DP,
+  runs in float32). ``source`` in the table says whether a row was measured (CPU here,
   or `benchmarks/gpu_check.sh` on a GPU) or is an assumption.
 
 Only stage 02 (training) is estimated in hours; the other stages are listed with their node counts
@@ -167,7 +167,7 @@ def lookup_throughput(rows: list[Throughput], shape: tuple[str, int, int, int], 
         return r.tokens_per_s * f, (f"{kind}: scaled from {r.model} on {r.device} ({r.tokens_per_s:.0f} tok/s, "
                                     f"{r.source}) by training FLOPs/token x{f:.3g}")
     if dev in GPU_PEAK_TFLOPS:
-        prec = 0 if mode == "nondp" else 1
+        prec = 1  # fp32: every way of training runs in float32 (training.steppers)
         gpu_rows = sorted([r for r in cands if r.device in GPU_PEAK_TFLOPS],
                           key=lambda r: (r.model != name, not r.measured, abs(r.block_size - seq_len)))
         if gpu_rows:

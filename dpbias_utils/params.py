@@ -140,6 +140,10 @@ class TrainParams(Section):
     # "fast": exact ghost-norm + book-keeping clipping (dpbias_utils.training.fastclip), proven equal to the
     # explicit per-unit loop and to Opacus hooks by tests/training/test_fastclip.py; "opacus": Opacus hooks.
     clipping: Literal["opacus", "fast"] = "fast"
+    # "secret": DP sampling and noise from a CSPRNG secret drawn at run time and never written (a private
+    # release); "reproducible": from the replicate seed (study replicates: a simulation of DP, not a private
+    # release). training.loop's docstring; privacy.json records the mode.
+    noise: Literal["secret", "reproducible"] = "secret"
     checkpoint_every: PositiveInt = 50
     device: Literal["auto", "cpu", "cuda"] = "auto"
     progress_points: list[Annotated[int, Field(ge=0, le=100)]] = [0, 25, 50, 100]

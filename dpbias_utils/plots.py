@@ -268,7 +268,10 @@ PRIVACY_FIELDS = {"epsilon_target": "ε target", "epsilon_spent": "ε spent (acc
                   "noise_multiplier": "noise multiplier σ", "sample_rate": "sampling rate q (Poisson)",
                   "expected_batch_size": "expected batch (units)", "steps": "steps", "n_units": "privacy units (N)",
                   "max_grad_norm": "clipping norm C", "clipping": "clipping implementation", "accountant": "accountant",
-                  "privacy_unit": "privacy unit"}
+                  "privacy_unit": "privacy unit", "noise_mode": "noise mode", "release": "release",
+                  "noise_rng": "sampling and noise generator", "not_covered_by_epsilon": "not covered by ε"}
+# What stage 02's training curves show besides ε: steps.csv's statistics of the private batches.
+PRIVATE_STEPS_CAPTION = "statistics of the private batches, not covered by ε (diagnostics only; not for release)"
 
 
 def privacy_record(out_dir: Path) -> Record:
@@ -277,12 +280,16 @@ def privacy_record(out_dir: Path) -> Record:
     if rec.get("epsilon_target") is None:
         return key_value({"privacy": "non-DP run: no privacy guarantee (ε = ∞)", "steps": rec.get("steps"),
                           "privacy units (N)": rec.get("n_units"), "privacy unit": rec.get("privacy_unit")})
+    uncovered = rec.get("not_covered_by_epsilon") or {}
+    rec["not_covered_by_epsilon"] = "; ".join(f"{where}: {', '.join(what) if isinstance(what, list) else what}"
+                                              for where, what in uncovered.items()) or None
     return key_value({label: rec.get(k) for k, label in PRIVACY_FIELDS.items()})
 
 
 def training_curves(steps: pd.DataFrame, title: str = "") -> Shown:
     """Loss, ε spent and clip fraction against optimizer steps; the DP panels only for a DP run
-    (ε is logged every few steps: the points between are dropped, not drawn as gaps)."""
+    (ε is logged every few steps: the points between are dropped, not drawn as gaps). A DP run's loss
+    and clip fraction are `PRIVATE_STEPS_CAPTION`, and its title says so."""
     import matplotlib.pyplot as plt
 
     eps = steps[["step", "epsilon_spent"]].dropna() if "epsilon_spent" in steps else pd.DataFrame()
@@ -299,7 +306,8 @@ def training_curves(steps: pd.DataFrame, title: str = "") -> Shown:
         axes[-1].plot(clip["step"], clip["clip_fraction"], color="C2")
         axes[-1].set(xlabel="optimizer step", ylabel="fraction of units clipped", title="clip fraction at C",
                      ylim=(-0.02, 1.02))
-    return finish(fig, title if n > 1 else f"{title} (non-DP: no privacy accounting, no clipping)")
+    return finish(fig, f"{title}\nloss and clip fraction: {PRIVATE_STEPS_CAPTION}" if n > 1
+                  else f"{title} (non-DP: no privacy accounting, no clipping)")
 
 
 # --------------------------------------------------------------------------- stage 03

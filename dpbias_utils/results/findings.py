@@ -11,6 +11,7 @@ import pandas as pd
 from .. import paths
 from ..bias.perplexity import CORPUS as PPL
 from ..params import NON_DP, privacy_label
+from ..seeds import NOISE_LABEL
 from . import claims
 from .figures import TOXICITY_SCORES, figure_list
 from .tables import association_summary, condition_order, epsilon_of, seed_summary, table1
@@ -146,14 +147,15 @@ def _privacy_md(tables) -> list[str]:
     rows = []
     for eps, g in p.groupby("epsilon_target"):
         spent = g["epsilon_spent"].astype(float)
-        rows.append([f"DP ε={eps:g}", len(g), fmt_number(spent.max()), " / ".join(fmt_number(d) for d in sorted(set(g["delta"]))),
+        rows.append([f"DP ε={eps:g}", " / ".join(sorted({noise_label(m) for m in g.get("noise_mode", [None])})), len(g),
+                     fmt_number(spent.max()), " / ".join(fmt_number(d) for d in sorted(set(g["delta"]))),
                      " / ".join(fmt_number(v) for v in sorted(set(g["noise_multiplier"].round(4)))),
                      " / ".join(fmt_number(v) for v in sorted(set(g["sample_rate"].round(6)))),
                      " / ".join(fmt_number(v) for v in sorted(set(g["steps"]))),
                      " / ".join(fmt_number(v) for v in sorted(set(g["n_units"]))), str(g["accountant"].iloc[0]).upper()])
     return (["### Privacy spent", "", "DP runs by target ε (non-DP runs have no privacy guarantee); the ε spent is the "
-             "accountant's for the steps actually taken, largest over the runs.", ""]
-            + _md_table(["condition", "runs", "ε spent (max)", "δ", "noise σ", "sampling rate q", "steps",
+             "accountant's for the steps actually taken, largest over the runs. " + NOISE_NOTE, ""]
+            + _md_table(["condition", "noise", "runs", "ε spent (max)", "δ", "noise σ", "sampling rate q", "steps",
                          "privacy units N", "accountant"], rows))
 
 
@@ -176,6 +178,18 @@ def markdown_to_html(text: str) -> str:
     return mistune.create_markdown(plugins=["table"], escape=True)(text)
 
 
+NOISE_NOTE = ("Noise \"simulation of DP\": the sampling and noise seeds derive from the recorded seed, so the model "
+              "is not a private release; \"private release\": they come from a secret never written. Neither covers "
+              "steps.csv (loss, clip fraction, gradient-norm quantiles, batch sizes of the private batches, without "
+              "noise) or checkpoints/: diagnostics only, not for release.")
+
+
+def noise_label(mode) -> str:
+    """The privacy table's words for a DP run's noise mode; runs recorded before noise modes existed drew
+    their noise from the seed: a simulation."""
+    return NOISE_LABEL.get(mode if isinstance(mode, str) else "reproducible", str(mode))
+
+
 def privacy_table(privacy: pd.DataFrame, results: pd.DataFrame) -> pd.DataFrame:
     """One readable row per training run: condition in words, ε target / spent ("non-DP" spelled
     out), exact δ (6.98e-5, not 0.0001), σ, q, steps, N, accountant."""
@@ -191,7 +205,8 @@ def privacy_table(privacy: pd.DataFrame, results: pd.DataFrame) -> pd.DataFrame:
         label = privacy_label(r["epsilon_target"] if dp else None)
         if c is not None:
             label += f" · CDA {float(c['mixing_ratio']):g} · seed {int(c['seed'])}"
-        rows.append({"condition": label, "ε target": fmt_number(r["epsilon_target"]) if dp else NON_DP,
+        rows.append({"condition": label, "noise": noise_label(r.get("noise_mode")) if dp else "–",
+                     "ε target": fmt_number(r["epsilon_target"]) if dp else NON_DP,
                      "ε spent": fmt_number(r["epsilon_spent"]) if dp else f"∞ ({NON_DP})",
                      "δ": fmt_number(r["delta"]) if dp else "–", "noise σ": fmt_number(r["noise_multiplier"]) if dp else "–",
                      "sampling rate q": fmt_number(r["sample_rate"]) if dp else "–", "steps": fmt_number(r["steps"]),
@@ -212,7 +227,8 @@ def findings_html(markdown_text: str, privacy: pd.DataFrame, figures: list[tuple
                      f"<figcaption><b>Figure {i}.</b> {html.escape(caption)}</figcaption></figure>")
     if len(privacy):
         parts.append("<h3>Privacy spent</h3><p>Per training run, from the accountant (the ε reported is the one "
-                     "computed for the steps actually taken).</p>" + privacy.to_html(border=0))
+                     "computed for the steps actually taken). " + html.escape(NOISE_NOTE) + "</p>"
+                     + privacy.to_html(border=0))
     return "\n".join(parts)
 
 

@@ -9,6 +9,7 @@ import os
 from pathlib import Path
 
 from .. import paths
+from ..seeds import RELEASE
 
 FINDINGS = "findings.html"
 
@@ -134,10 +135,14 @@ def methods_html(profile, profile_dir: Path) -> str:
                     f"N = {facts.get('N', 'see stage 01')} units; δ = {delta}; clipping norm C = "
                     f"{', '.join(f'{c:g}' for c in clips) or f'{t.max_grad_norm:g}'}; {t.accountant.upper()} accountant; "
                     f"Poisson sampling" + (f"; noise σ = {facts['sigma']}" if facts.get("sigma") else "")),
+        ("Noise", html.escape(f"{t.noise}: {RELEASE[t.noise]}. Training-time statistics (steps.csv: loss, clip "
+                              "fraction, gradient-norm quantiles, units per batch) are statistics of the private "
+                              "batches without noise, not covered by ε, and checkpoints/ is private material.")),
         ("Training", f"non-DP: Adam, lr {nd['lr']:g}, batch {nd['logical_batch_size']}, {nd['epochs']:g} epoch(s)"
                      + (f" ({facts['steps_nondp']} steps)" if facts.get("steps_nondp") else "")
                      + f"; DP: DP-Adam, lr {dp['lr']:g}, expected batch {dp['logical_batch_size']}, {dp['epochs']:g} epoch(s)"
-                     + (f" ({facts['steps_dp']} steps)" if facts.get("steps_dp") else "")),
+                     + (f" ({facts['steps_dp']} steps)" if facts.get("steps_dp") else "")
+                     + "; float32 for every run, DP and non-DP (no mixed precision)"),
         ("Evaluation", f"{ev.k} sampled continuation(s) of up to {ev.max_new_tokens} tokens per prompt (top-p {ev.top_p:g}, "
                        f"top-k {ev.top_k}); toxicity backend: {html.escape(TOXICITY_SCORES.get(ev.toxicity_backend, ev.toxicity_backend))}; "
                        f"bootstrap intervals with {ev.n_boot:,} resamples"),

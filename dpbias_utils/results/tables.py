@@ -29,7 +29,7 @@ from . import claims
 CONDITION_COLUMNS = ["run_id", "model", "dp", "epsilon", "max_grad_norm", "mixing_ratio", "cda_mode", "seed"]
 RESULT_COLUMNS = CONDITION_COLUMNS + ["metric", "group", "value", "ci_low", "ci_high", "n"]
 PRIVACY_COLUMNS = ["run_id", "epsilon_target", "epsilon_spent", "delta", "noise_multiplier", "sample_rate",
-                   "steps", "n_units", "accountant"]
+                   "steps", "n_units", "accountant", "noise_mode"]
 GRAD_SPLITS = ("female", "male", "diff", "stereotypical", "anti_stereotypical", "stereo_minus_anti")
 # stage 03 names its contrast rows "<a>-<b>"; the results tables call female - male "diff".
 GRAD_SPLIT_NAMES = {"female-male": "diff", "stereotypical-anti_stereotypical": "stereo_minus_anti"}

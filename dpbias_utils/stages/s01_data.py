@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional
 
-from .. import paths
+from .. import paths, seeds
 from ..params import BUILTIN, Profile
 from ..pipeline import context as pipeline_context
 from ..pipeline.context import StageContext
@@ -82,7 +82,7 @@ def cda_preview(ctx: StageContext, texts: dict, tokenizer, max_units: int = 2000
 
     chunks, labels = _train_chunks(ctx, texts["train"].head(max_units * 4), tokenizer)
     return plots.cda_at_ratios(chunks[:max_units], tokenizer, ctx.profile.data.block_size, ctx.point["cda_mode"],
-                               ctx.point["seed"], ctx.profile.data.swap_names, ratios=ratios,
+                               seeds.int_seed(ctx.point["seed"], "cda"), ctx.profile.data.swap_names, ratios=ratios,
                                labels=labels[:max_units] if labels else None)
 
 
@@ -102,7 +102,8 @@ def build_datasets(ctx: StageContext, texts: dict, tokenizer) -> dict:
             labels = labels[: d.max_train_units] if labels else None
         ratio = ctx.point["mixing_ratio"] if name == "train" else 0.0
         out[name] = units.build_units(chunks, tokenizer, d.block_size, ratio, ctx.point["cda_mode"],
-                                     seed=ctx.point["seed"], swap_names=d.swap_names, labels=labels)
+                                     seed=seeds.int_seed(ctx.point["seed"], "cda"), swap_names=d.swap_names,
+                                     labels=labels)
     out["splits"] = units.gender_splits(out["valid"])
     if ctx.point["mixing_ratio"] > 0:
         chunks, labels = chunked["valid"]

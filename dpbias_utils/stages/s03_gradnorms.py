@@ -2,6 +2,7 @@
 the mechanism splits at every saved point of training (`gradnorms`)."""
 from __future__ import annotations
 
+from .. import seeds
 from ..pipeline import context as pipeline_context
 from ..pipeline.context import StageContext
 
@@ -29,7 +30,8 @@ def gradient_norms(ctx: StageContext):
     g = ctx.profile.gradnorms
     tidy, per_example = gradnorms.gradnorms_over_training(
         checkpoints, splits, meta["pad_token_id"], ctx.point["max_grad_norm"],
-        max_units_per_split=g.max_units_per_split, seed=ctx.point["seed"], batch_size=g.batch_size, n_boot=g.n_boot)
+        max_units_per_split=g.max_units_per_split, seed=seeds.int_seed(ctx.point["seed"], "gradnorms"),
+        batch_size=g.batch_size, n_boot=g.n_boot)
     tidy.insert(0, "run", ctx.run_id)
     tidy.to_csv(ctx.out_dir / "gradnorms.csv", index=False)
     per_example.to_parquet(ctx.out_dir / "per_example.parquet")

@@ -2,6 +2,7 @@
 model's bias metrics (`bias.evaluate`) and the association's trajectory over training."""
 from __future__ import annotations
 
+from .. import seeds
 from ..pipeline import context as pipeline_context
 from ..pipeline.context import StageContext
 
@@ -29,7 +30,7 @@ def evaluate(ctx: StageContext, model, tokenizer, splits):
     from ..bias import evaluate as bias_eval
 
     cfg = ctx.profile.evaluation.model_dump()
-    return bias_eval.evaluate_model(model, tokenizer, splits, cfg, ctx.out_dir, seed=ctx.point.get("seed", 0),
+    return bias_eval.evaluate_model(model, tokenizer, splits, cfg, ctx.out_dir, seed=evaluation_seed(ctx),
                                     planted=planted_skews(ctx))
 
 
@@ -60,7 +61,7 @@ def association_trajectory(ctx: StageContext, tokenizer, splits, metrics):
         # 0 % of training is the base model (the base node's point); 100 % is this node's own metrics
         points = {float(p.name.split("_")[-1]): p for p in progress.iterdir()
                   if p.is_dir() and p.name.startswith("pct_") and p.name not in ("pct_0", "pct_100")}
-    seed = ctx.point.get("seed", 0)
+    seed = evaluation_seed(ctx)
     for pct in sorted(points):
         model, _ = basemodel.load_base(str(points[pct]))
         assoc, _ = association.metrics(model, tokenizer, cfg, seed)
@@ -71,6 +72,12 @@ def association_trajectory(ctx: StageContext, tokenizer, splits, metrics):
     table = pd.DataFrame(rows).sort_values("pct", kind="stable").reset_index(drop=True)
     table.to_csv(ctx.out_dir / "trajectory.csv", index=False)
     return table
+
+
+def evaluation_seed(ctx: StageContext) -> int:
+    """Stage 04's seed (sampled continuations, prompt subsets, bootstraps): the `generation` stream of
+    the point's replicate seed (`seeds`; the base model's node: seed 0)."""
+    return seeds.int_seed(ctx.point.get("seed", 0), "generation")
 
 
 def planted_skews(ctx: StageContext) -> dict[str, float] | None:

@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
+from .. import seeds
+
 IGNORE_INDEX = -100
 
 
@@ -99,13 +101,14 @@ def chunks(idxs: Sequence[int], size: int) -> list[list[int]]:
 
 
 def shuffled_batches(n_units: int, batch_size: int, seed: int, start: int = 0) -> Iterator[list[int]]:
-    """Non-DP logical batches from step `start` on: uniform shuffles, epoch e's permutation depends on
-    (seed, e) only, so resuming at any step reproduces the same order without extra state."""
+    """Non-DP logical batches from step `start` on: uniform shuffles, epoch e's permutation drawn from
+    the stream `seeds.torch_generator(seed, "sampling", e)` only, so resuming at any step reproduces the
+    same order without extra state."""
     per_epoch = -(-n_units // batch_size)
     s = start
     while True:
         epoch, pos = divmod(s, per_epoch)
-        perm = torch.randperm(n_units, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+        perm = torch.randperm(n_units, generator=seeds.torch_generator(seed, "sampling", epoch))
         yield perm[pos * batch_size: (pos + 1) * batch_size].tolist()
         s += 1
 

@@ -2,8 +2,14 @@
 
 A checkpoint (`checkpoints/last.pt`) holds the run's configuration, the step, the rows of steps.csv so
 far, the stepper's state (model, optimizer, accountant, sampling and noise generators) and the global
-RNG state; resuming from it continues bit-exactly (CPU). A finished run (`DONE.json`) is never
-retrained, and is never handed back for different settings.
+RNG state; resuming from it continues bit-exactly (CPU), in both noise modes. A finished run
+(`DONE.json`) is never retrained, and is never handed back for different settings.
+
+checkpoints/ is private material, as secret as the training data: the generator states in it
+determine every later Poisson batch and noise vector (and, mt19937 being invertible, the earlier
+ones), and the rows carry steps.csv's statistics of the private batches, which epsilon does not
+cover. A secret-mode run's privacy holds only if checkpoints/ is deleted
+or kept secret; it is never part of a release.
 """
 from __future__ import annotations
 
@@ -20,12 +26,16 @@ from typing import Callable
 import numpy as np
 import torch
 
+from .. import seeds
 from ..paths import atomic_write_text
 from .batching import TrainingError
 
 DONE_FILE = "DONE.json"
 STEPS_COLUMNS = ["step", "epoch", "loss", "epsilon_spent", "clip_fraction", "grad_norm_q10", "grad_norm_q50",
                  "grad_norm_q90", "lr", "n_units_in_batch"]
+# Columns of steps.csv computed from the private batches without noise: epsilon does not cover them
+# (diagnostics only; not for release). The others are public: the plan's schedule and the accountant.
+PRIVATE_STATISTICS = ("loss", "clip_fraction", "grad_norm_q10", "grad_norm_q50", "grad_norm_q90", "n_units_in_batch")
 
 
 # --------------------------------------------------------------------------- files
@@ -84,9 +94,12 @@ def finished_run(out_dir: Path, request: dict) -> dict | None:
 
 # --------------------------------------------------------------------------- RNG
 def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
+    """Seed python, numpy's global and torch's global generators (model init, dropout) from the run
+    seed's `init` stream (`seeds`), independent of its sampling and noise streams."""
+    s = seeds.int_seed(seed, "init")
+    random.seed(s)
+    np.random.seed(seeds.sequence(seed, "init").generate_state(4))
+    torch.manual_seed(s)
 
 
 def rng_state() -> dict:

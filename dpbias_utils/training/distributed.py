@@ -101,20 +101,6 @@ def _all_reduce(t: torch.Tensor, op: str = "SUM") -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------- sampling
-def _rank_generators(plan: Plan, rank: int) -> tuple[torch.Generator, torch.Generator]:
-    """(sampling, noise) generators of one rank: the only place a distributed run creates them.
-
-    Rank 0 draws every step's global sample (`poisson_mask`) and the one noise vector (Opacus's
-    DistributedDPOptimizer noises on rank 0 only); its generators are seeded as a single process's
-    (`Stepper.__init__`: sampling `seed`, noise `seed + 1`), so both runs draw the same samples and
-    noise. The other ranks never draw: theirs stay unseeded placeholders for the checkpoint.
-    """
-    if rank != 0:
-        return torch.Generator(), torch.Generator(device=plan.device)
-    return (torch.Generator().manual_seed(plan.seed),
-            torch.Generator(device=plan.device).manual_seed(plan.seed + 1))
-
-
 def poisson_mask(n: int, q: float, generator: torch.Generator) -> torch.Tensor:
     """(n,) bool: unit i sampled iff U_i < q, U_i ~ Uniform[0, 1) i.i.d. from `generator`.
 
@@ -191,7 +177,6 @@ class DistributedOpacusDP(_Sharded, _DPOptimizerStepper):
     def __init__(self, model, optimizer, dataset, plan: Plan):
         super().__init__(model, optimizer, dataset, plan)
         self._set_up_ranks()
-        self.sampler_gen, self.noise_gen = _rank_generators(plan, self.rank)
         self.gsm, self.dp_opt, engine = prepare_dp_distributed(
             model, optimizer, dataset, noise_multiplier=float(plan.sigma), max_grad_norm=plan.max_grad_norm,
             sample_rate=plan.sample_rate, accountant=plan.accountant, noise_generator=self.noise_gen)
@@ -295,7 +280,8 @@ def train_distributed(base_path: str, train_df, out_dir, *, epsilon: Optional[fl
                       delta: Optional[float] = None, accountant: str = "prv", epochs: float = 1.0,
                       logical_batch_size: int = 64, physical_batch_size: int = 32, lr: float = 1e-3, seed: int = 0,
                       noise_multiplier: Optional[float] = None, steps: Optional[int] = None,
-                      backend: Optional[str] = None, checkpoint_every: int = 50, on_step=None) -> dict:
+                      backend: Optional[str] = None, checkpoint_every: int = 50, noise: str = "secret",
+                      on_step=None) -> dict:
     """One training run across the process group (call on every rank).
 
     DP when `epsilon` is a number (sigma calibrated for (epsilon, delta, q, steps) like
@@ -304,7 +290,8 @@ def train_distributed(base_path: str, train_df, out_dir, *, epsilon: Optional[fl
     overrides round(epochs N / logical batch). Every rank checks the accountant's history against the
     plan and the target at the end (`loop._final_epsilon`, PrivacyError when it does not hold); rank 0
     writes model/, privacy.json, steps.csv; every rank checkpoints (checkpoints/last.pt,
-    last.rank<r>.pt) and resumes from its checkpoint.
+    last.rank<r>.pt) and resumes from its checkpoint. `noise`: the noise mode of `training.train`
+    (secret: every rank draws its own secret; only rank 0's sampling and noise generators are used).
     """
     import torch.distributed as dist
 
@@ -313,7 +300,7 @@ def train_distributed(base_path: str, train_df, out_dir, *, epsilon: Optional[fl
                    dropout=None)
     plan = _plan(train_df, epsilon, noise_multiplier, delta=delta, accountant=accountant, epochs=epochs,
                  logical_batch_size=logical_batch_size, physical_batch_size=physical_batch_size, lr=lr, seed=seed,
-                 max_grad_norm=max_grad_norm, steps=steps)
+                 max_grad_norm=max_grad_norm, steps=steps, noise=noise)
     rank, world, device = init_from_env(backend)
     plan = dataclasses.replace(plan, device=device)
     seed_everything(seed)
@@ -334,7 +321,7 @@ def train_distributed(base_path: str, train_df, out_dir, *, epsilon: Optional[fl
               desc=f"rank {rank}", on_step=on_step)
     eps_spent = _final_epsilon(stepper, rows, math.inf if epsilon is None else epsilon) if plan.dp else None
     result = {**_privacy_record(plan, dataset, epsilon, eps_spent, "opacus" if plan.dp else None),
-              "world_size": world, "sampling": SAMPLING if plan.dp else None, "noise": NOISE if plan.dp else None}
+              "world_size": world, "noise_mode": plan.noise, "sampling": SAMPLING if plan.dp else None, "noise": NOISE if plan.dp else None}
     if rank == 0:
         save_model_atomic(stepper.module, tokenizer, out / "model")
         write_json(result, out / "privacy.json")

@@ -10,10 +10,17 @@ checkpoints and writes the outputs.
 
 Runs checkpoint atomically and resume bit-exactly (CPU); a finished run (marker file) is never
 retrained. The epsilon reported is the one the accountant recorded, re-checked independently.
+
+Noise mode (`noise`): "secret" (default) draws the sampling and noise streams from the OS CSPRNG at
+run time and writes the secret nowhere, so the model may be released with (epsilon, delta);
+"reproducible" derives them from the recorded seed (`seeds`), for the study's replicates: a
+simulation of DP, not a private release. privacy.json states the mode, what epsilon does not cover
+(steps.csv's statistics of the private batches, checkpoints/) and that checkpoints/ is private.
 """
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import math
 import time
 from pathlib import Path
@@ -23,25 +30,34 @@ import torch
 
 from ..basemodel import load_base, resolve_device, save_model_atomic
 from ..progress import tqdm
+from ..seeds import RELEASE
 from .batching import TrainingError, UnitDataset, n_units
-from .checkpoint import (DONE_FILE, Checkpoints, StepLog, finished_run, frame_fingerprint, seed_everything,
-                         write_json, write_steps_csv)
+from .checkpoint import (DONE_FILE, PRIVATE_STATISTICS, Checkpoints, StepLog, finished_run, frame_fingerprint,
+                         seed_everything, write_json, write_steps_csv)
 from .privacy import PrivacyError, calibrate_noise, default_delta, epsilon_spent
-from .steppers import Plan, Stepper, make_stepper
+from .steppers import Plan, Stepper, check_noise_mode, make_stepper
 
 CLIPPING_MODES = ("opacus", "fast")
 PRIVACY_UNIT = ("one original text chunk (unit_id) of at most block_size tokens; in CDA augment mode its "
                 "counterfactual row belongs to the same unit and is sampled and clipped with it")
 FREEZABLE = {"embeddings": ("wte", "wpe")}
+NOT_COVERED = {
+    "steps.csv": list(PRIVATE_STATISTICS),
+    "checkpoints/": "sampling and noise generator states (they determine every batch and noise vector) and the "
+                    "rows of steps.csv: private material, to be deleted or kept as secret as the training data",
+}
 
 
 def train(base_path: str, train_df, out_dir, *, epsilon: float | None, max_grad_norm: float = 0.1,
           delta: float | None = None, accountant: str = "prv", epochs: float = 1.0, logical_batch_size: int = 64,
           physical_batch_size: int = 32, lr: float = 1e-3, seed: int = 0, checkpoint_every: int = 50,
           device: str = "auto", clipping: str = "opacus", progress_points: Sequence[int] = (0, 25, 50, 100),
-          dropout: float | None = None, freeze: Sequence[str] = (),
+          dropout: float | None = None, freeze: Sequence[str] = (), noise: str = "secret",
           on_step: Callable[[int], None] | None = None) -> dict:
     """Fine-tune `base_path` on `train_df` (DP when `epsilon` is a number, non-DP when None).
+
+    `noise`: "secret" (sampling and noise from a CSPRNG secret never written: a private release) or
+    "reproducible" (from `seed`: a simulation of DP); see the module docstring.
 
     Writes model/, progress/pct_<p>/, checkpoints/, steps.csv, privacy.json and a DONE.json marker
     into out_dir and returns the result dict (the recorded one if the run had already finished).
@@ -51,13 +67,14 @@ def train(base_path: str, train_df, out_dir, *, epsilon: float | None, max_grad_
     request = {"base_path": str(base_path), "data": frame_fingerprint(train_df), "epsilon": epsilon,
                "max_grad_norm": max_grad_norm, "delta": delta, "accountant": accountant, "epochs": epochs,
                "logical_batch_size": logical_batch_size, "physical_batch_size": physical_batch_size, "lr": lr,
-               "seed": seed, "clipping": clipping, "dropout": dropout}
+               "seed": seed, "clipping": clipping, "dropout": dropout, "noise": noise}
     if freeze:
         request["freeze"] = sorted(freeze)
     recorded = finished_run(out_dir, request)
     if recorded is not None:
         return recorded
     method = training_method(epsilon, clipping)
+    check_noise_mode(noise)
     _check_numbers(logical_batch_size=logical_batch_size, physical_batch_size=physical_batch_size,
                    checkpoint_every=checkpoint_every, epochs=epochs, lr=lr, max_grad_norm=max_grad_norm,
                    dropout=dropout)
@@ -68,7 +85,7 @@ def train(base_path: str, train_df, out_dir, *, epsilon: float | None, max_grad_
     dataset = UnitDataset(train_df, pad_token_id=tokenizer.pad_token_id)
     plan = make_plan(len(dataset), epsilon=epsilon, delta=delta, accountant=accountant, epochs=epochs,
                      logical_batch_size=logical_batch_size, physical_batch_size=physical_batch_size, lr=lr,
-                     seed=seed, device=dev, max_grad_norm=max_grad_norm)
+                     seed=seed, device=dev, max_grad_norm=max_grad_norm, noise=noise)
     config = {**request, "delta": plan.delta, "steps": plan.steps, "noise_multiplier": plan.sigma}
     out_dir.mkdir(parents=True, exist_ok=True)
     ckpts = Checkpoints(out_dir, config)
@@ -172,14 +189,20 @@ def _check_numbers(*, epochs, lr, max_grad_norm, dropout, **positive_ints) -> No
 def make_plan(n: int, *, epsilon: float | None, delta: float | None, accountant: str, epochs: float,
               logical_batch_size: int, steps: int | None = None, noise_multiplier: float | None = None,
               **rest) -> Plan:
-    """Steps = round(epochs N / logical batch) unless given; for DP, delta (default 1/N^1.1) and the
-    noise multiplier calibrated to (epsilon, delta, q, steps) unless given (`noise_multiplier`)."""
+    """Steps = round(epochs N / logical batch) unless given; for DP, delta (default 1/N^1.1; a given
+    delta must be < 1/N) and the noise multiplier calibrated to (epsilon, delta, q, steps) unless given
+    (`noise_multiplier`)."""
     steps = steps or max(1, int(round(epochs * n / logical_batch_size)))
     plan = Plan(n_units=n, steps=steps, logical_batch_size=logical_batch_size, accountant=accountant,
                 delta=delta, **rest)
     if epsilon is None and noise_multiplier is None:
         return plan  # delta as given: recorded, unused
     delta = default_delta(n) if delta is None else float(delta)
+    if delta >= 1 / n:
+        raise PrivacyError(f"delta={delta:.6g} >= 1/N = {1 / n:.6g} (N = {n} privacy units): (epsilon, delta)-DP "
+                           f"then allows publishing each unit whole with probability delta, about delta N >= 1 "
+                           f"units expected; allowed: delta < 1/N "
+                           f"(null: the default 1/N^1.1 = {default_delta(n):.6g})")
     if plan.sample_rate >= 1:
         raise PrivacyError(f"{n} privacy units are too few for a logical batch of {logical_batch_size} "
                            f"(sample rate {plan.sample_rate:.3g} >= 1): use more units or a smaller batch")
@@ -255,4 +278,25 @@ def _privacy_record(plan: Plan, dataset: UnitDataset, epsilon, eps_final, clippi
             "logical_batch_size": plan.logical_batch_size, "accountant": plan.accountant if dp else None,
             "max_grad_norm": plan.max_grad_norm if dp else None, "clipping": clipping if dp else None,
             "privacy_unit": PRIVACY_UNIT,
+            **_noise_record(plan),
             "note": None if dp else "non-private training: epsilon is infinite, recorded as null"}
+
+
+def _noise_record(plan: Plan) -> dict:
+    """Where the randomness of a DP run comes from, what it may be released as, what epsilon leaves out."""
+    if not plan.dp:
+        return {"noise_mode": None, "release": "non-private training: no privacy guarantee", "noise_rng": None,
+                "not_covered_by_epsilon": None}
+    return {"noise_mode": plan.noise, "release": RELEASE[plan.noise], "noise_rng": noise_rng(plan.noise),
+            "not_covered_by_epsilon": NOT_COVERED}
+
+
+def noise_rng(noise: str) -> str:
+    """What exactly draws the Poisson samples and the noise of a DP run in mode `noise`."""
+    source = ("128 bits from the operating system's CSPRNG (secrets.randbits), drawn at run time and never written"
+              if noise == "secret" else "the recorded seed")
+    csprng = "installed but not used" if importlib.util.find_spec("torchcsprng") else "not installed"
+    return (f"torch.Generator (mt19937 on CPU, Philox4x32-10 on CUDA) per stream (sampling, noise), each seeded with "
+            f"63 bits that numpy.random.SeedSequence derives from {source}: a PRNG with a "
+            f"{'secret' if noise == 'secret' else 'public'} 63-bit seed, not a cryptographically secure generator "
+            f"(torchcsprng {csprng}, so Opacus's secure_mode is off)")

@@ -13,6 +13,16 @@ accounting). The loop (`loop.train`) only moves batches through it::
 `stepper.accountant` is the Opacus accountant of a DP stepper (None for non-DP); `state_dict` /
 `load_state_dict` carry what a checkpoint needs to resume bit-exactly.
 
+Random streams (`seeds`): `sampler_gen` draws the units of each batch, `noise_gen` the Gaussian noise.
+With `plan.noise == "reproducible"` both derive from the recorded `plan.seed` (a simulation of DP:
+anyone with the config regenerates every batch and every noise vector); with "secret" (the default)
+from 128 bits of the OS CSPRNG drawn when the stepper is built and never written. Either way they
+are torch's own generators (mt19937 on CPU, Philox on CUDA) seeded with 63 bits of that stream.
+Non-DP shuffles always follow the recorded seed (`batching.shuffled_batches`): nothing is private.
+
+Precision: every stepper computes in float32 (no autocast), so DP and non-DP runs differ only in
+sampling, clipping and noise, never in arithmetic.
+
 * `NonDP`: uniformly shuffled batches, the mean of the per-unit losses over the logical batch.
 * `OpacusDP`: Opacus hooks (per-row gradients summed per unit), Opacus's DPOptimizer clips, noises
   and accounts; Poisson sampling of units.
@@ -27,12 +37,12 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import ClassVar, Iterable, Iterator, NamedTuple
 
 import torch
 
+from ..seeds import NOISE_MODES, Streams
 from . import fastclip
 from .batching import TrainingError, UnitDataset, chunks, n_units, per_unit_loss, shuffled_batches, to_device
 from .dp_hooks import _hf_module, dp_backward, per_sample_norms, prepare_dp
@@ -53,6 +63,7 @@ class Plan:
     accountant: str
     sigma: float | None = None        # noise multiplier (DP)
     delta: float | None = None        # DP
+    noise: str = "secret"             # NOISE_MODES: where the sampling and noise streams come from
 
     @property
     def dp(self) -> bool:
@@ -90,8 +101,9 @@ class Stepper(ABC):
 
     def __init__(self, model, optimizer: torch.optim.Optimizer, dataset: UnitDataset, plan: Plan):
         self.model, self.optimizer, self.dataset, self.plan = model, optimizer, dataset, plan
-        self.sampler_gen = torch.Generator().manual_seed(plan.seed)
-        self.noise_gen = torch.Generator(device=plan.device).manual_seed(plan.seed + 1)
+        self.streams = private_streams(plan)
+        self.sampler_gen = self.streams.generator("sampling")
+        self.noise_gen = self.streams.generator("noise", device=plan.device)
         self.accountant = None
 
     @property
@@ -140,6 +152,18 @@ class Stepper(ABC):
         self.noise_gen.set_state(state["noise_gen"])
 
 
+def check_noise_mode(noise) -> None:
+    if noise not in NOISE_MODES:
+        raise TrainingError(f"noise={noise!r} is not a noise mode; allowed: {', '.join(NOISE_MODES)}")
+
+
+def private_streams(plan: Plan) -> Streams:
+    """The streams of the sampling and noise generators: the recorded seed's (`reproducible`), or a
+    fresh CSPRNG secret (`secret`), never stored."""
+    check_noise_mode(plan.noise)
+    return Streams.secret_draw() if plan.noise == "secret" else Streams.replicate(plan.seed)
+
+
 STEPPERS: dict[str, type[Stepper]] = {}
 
 
@@ -166,7 +190,8 @@ def make_stepper(name: str, model, optimizer, dataset: UnitDataset, plan: Plan) 
 @register
 class NonDP(Stepper):
     """Uniformly shuffled logical batches; loss = mean over the logical batch of the per-unit losses.
-    On CUDA the forward runs under bf16 autocast (the loss is taken in float32)."""
+    float32 like the DP steppers (no autocast on any device: precision is not a difference between
+    the conditions)."""
 
     name = "nondp"
     dp = False
@@ -175,12 +200,8 @@ class NonDP(Stepper):
         p = self.plan
         return self._physical(shuffled_batches(p.n_units, p.logical_batch_size, p.seed, start_step))
 
-    def _autocast(self):
-        return torch.autocast("cuda", dtype=torch.bfloat16) if self.plan.device.type == "cuda" else nullcontext()
-
     def backward(self, pb: Physical):
-        with self._autocast():
-            losses = per_unit_loss(self.model, pb.batch)
+        losses = per_unit_loss(self.model, pb.batch)
         (losses.sum() / pb.n_logical).backward()
         return losses.detach(), None
 

@@ -83,6 +83,39 @@ def test_numbers_and_privacy_table_are_readable():
     assert table["ε target"].iloc[0] == "non-DP"
 
 
+def test_privacy_outputs_state_the_noise_mode_and_what_epsilon_does_not_cover(tmp_path):
+    """Issue 15: a study run is labelled a simulation of DP in the privacy table, the findings and the
+    report's methods; steps.csv's statistics are captioned as not covered by ε."""
+    from dpbias_utils import params
+    from dpbias_utils.results import report
+
+    privacy = pd.DataFrame({"run_id": ["a", "b", "c"], "epsilon_target": [np.nan, 3.0, 3.0],
+                            "epsilon_spent": [np.nan, 2.99, 2.99], "delta": [np.nan, 7e-5, 7e-5],
+                            "noise_multiplier": [np.nan, 0.8, 0.8], "sample_rate": [np.nan, 0.04, 0.04],
+                            "steps": [900, 47, 47], "n_units": [6000] * 3, "accountant": [np.nan, "prv", "prv"],
+                            "noise_mode": [None, "reproducible", "secret"]})
+    res = pd.DataFrame({"run_id": ["a", "b", "c"], "dp": [False, True, True], "epsilon": [np.inf, 3.0, 3.0],
+                        "mixing_ratio": [0.0] * 3, "seed": [0, 1, 2]})
+    table = results.privacy_table(privacy, res)
+    assert table["noise"].tolist() == ["–", "simulation of DP", "private release"]
+    md = "\n".join(findings._privacy_md({"privacy": privacy}))
+    assert "private release / simulation of DP" in md and "not a private release" in md and "steps.csv" in md
+    steps = pd.DataFrame({"step": [1, 2], "loss": [3.0, 2.0], "epsilon_spent": [0.1, 0.2], "clip_fraction": [1.0, 0.9]})
+    title = plots.training_curves(steps, title="dp").fig._suptitle.get_text()
+    assert "statistics of the private batches, not covered by ε (diagnostics only; not for release)" in title
+    (tmp_path / "privacy.json").write_text(json.dumps({
+        "epsilon_target": 3.0, "noise_mode": "reproducible", "release": "simulation of DP: x",
+        "not_covered_by_epsilon": {"steps.csv": ["loss", "clip_fraction"], "checkpoints/": "private material"}}))
+    rows = plots.privacy_record(tmp_path).rows
+    assert rows["noise mode"] == "reproducible" and rows["release"] == "simulation of DP: x"
+    assert rows["not covered by ε"] == "steps.csv: loss, clip_fraction; checkpoints/: private material"
+    profile = params.load_profile(paths.REPO_ROOT / "tests" / "profiles" / "tiny.yaml")
+    methods = report.methods_html(profile, tmp_path)
+    assert ("<th>Noise</th><td>reproducible: simulation of DP: the noise and sampling seeds derive from the "
+            "recorded seed, so this model is not a private release.") in methods
+    assert "not covered by ε" in methods and "float32" in methods
+
+
 def test_seed_intervals_stay_inside_bounds():
     rows = []
     for seed, v in enumerate([0.98, 1.0, 0.99]):

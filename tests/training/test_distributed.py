@@ -26,7 +26,7 @@ from dpbias_utils.training.privacy import PrivacyError, epsilon_spent
 N_UNITS, C, SEED = 24, 0.05, 0
 # q = 2/24 over 6 steps: with seed 0 the global samples have 1, 3, 0, 4, 2, 1 units (checked below).
 DP_KW = dict(epsilon=8.0, max_grad_norm=C, accountant="rdp", epochs=0.5, logical_batch_size=2, physical_batch_size=1,
-             lr=1e-2, seed=SEED, checkpoint_every=2)
+             lr=1e-2, seed=SEED, checkpoint_every=2, noise="reproducible")  # compared draw for draw
 STEPS = 6
 
 
@@ -175,7 +175,8 @@ def test_unreachable_or_invalid_refused_before_training(setup, tmp_path, kwargs,
 def test_two_gloo_processes_equal_one_process_nondp(setup, monkeypatch, tmp_path):
     root, base, df = setup
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    kw = dict(epsilon=None, logical_batch_size=7, physical_batch_size=3, lr=1e-2, seed=0, epochs=1.0)
+    kw = dict(epsilon=None, logical_batch_size=7, physical_batch_size=3, lr=1e-2, seed=0, epochs=1.0,
+              noise="reproducible")
     distributed.spawn_local(distributed.train_distributed, 2, base, df, str(tmp_path / "nondp"), backend="gloo", **kw)
     training.train(base, df, tmp_path / "single", **kw, device="cpu", progress_points=())
     # DDP averages in float32 buckets, so gradients differ by ~1e-9; Adam divides by sqrt(v), which turns

@@ -13,8 +13,9 @@ from dpbias_utils.training.privacy import PrivacyError, epsilon_spent
 from training_helpers import frame
 
 
+# reproducible: the runs compared bit-exactly below must draw the same batches and noise
 KW = dict(epsilon=3.0, logical_batch_size=8, physical_batch_size=3, lr=1e-2, checkpoint_every=2, device="cpu",
-          dropout=0.0, epochs=2.0, accountant="rdp")
+          dropout=0.0, epochs=2.0, accountant="rdp", noise="reproducible")
 
 
 def _weights(out):
@@ -107,6 +108,9 @@ def test_fast_clipping_matches_opacus_run(dp_run, base, tmp_path):
     (dict(epsilon=0.0), PrivacyError, "epsilon"),
     (dict(epsilon=3.0, delta=1.5), PrivacyError, "delta"),
     (dict(epsilon=3.0, clipping="ghost"), TrainingError, "clipping"),
+    (dict(epsilon=3.0, delta=1 / 24), PrivacyError, r"delta=0.0416667 >= 1/N = 0.0416667 \(N = 24 privacy units\)"),
+    (dict(epsilon=3.0, noise="public"), TrainingError, "noise='public' is not a noise mode; allowed: secret, "
+                                                       "reproducible"),
 ])
 def test_unreachable_or_invalid_refused(base, tmp_path, kwargs, err, match):
     with pytest.raises(err, match=match):

@@ -65,3 +65,22 @@ def test_fast_dp_physical_batches_add_up_to_the_clipped_sum():
     assert stepper.accountant.history == [(0.0, 0.5, 1)]
     for (n, p0), p_ref, p in zip(model.named_parameters(), ref.parameters(), m.parameters()):
         torch.testing.assert_close(p0 - p, p_ref.grad / plan.expected_batch_size, rtol=1e-9, atol=1e-13, msg=n)
+
+
+def test_every_stepper_computes_in_float32_without_autocast(monkeypatch):
+    """Same precision for DP and non-DP: no stepper enters torch.autocast, on CUDA either (the plan says
+    cuda; the batch stays on the CPU, which a stepper's backward does not move)."""
+    import dataclasses
+    from contextlib import nullcontext
+
+    entered = []
+    monkeypatch.setattr(torch, "autocast", lambda *a, **k: entered.append((a, k)) or nullcontext())
+    ds = UnitDataset(frame(12, seed=2), pad_token_id=0)
+    for name, plan in (("nondp", _plan()), ("fast", _plan(sigma=0.0, delta=1e-3))):
+        model = tiny_gpt2()
+        stepper = make_stepper(name, model, torch.optim.SGD(model.parameters(), lr=1.0), ds, plan)
+        stepper.plan = dataclasses.replace(plan, device=torch.device("cuda"))
+        losses, _ = stepper.backward(Physical(ds.batch(UNITS), True, len(UNITS)))
+        assert losses.dtype == torch.float32, name
+        assert all(p.grad.dtype == torch.float32 for p in model.parameters() if p.grad is not None), name
+    assert entered == []
