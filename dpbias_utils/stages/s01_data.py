@@ -100,7 +100,8 @@ def cda_preview(ctx: StageContext, texts: dict, tokenizer, max_units: int = 2000
 
 def build_datasets(ctx: StageContext, texts: dict, tokenizer) -> dict:
     """Privacy units for train (with CDA at the point's mixing ratio) and for valid / test (no CDA),
-    and the mechanism splits from the validation units."""
+    the mechanism splits from the validation units, and ``meta`` for data.json: the privacy unit
+    stated with its numbers (`units.privacy_unit_record`) and the verbatim overlaps (`text_overlap`)."""
     from ..data import units
 
     d = ctx.profile.data
@@ -117,7 +118,7 @@ def build_datasets(ctx: StageContext, texts: dict, tokenizer) -> dict:
         out[name] = units.build_units(chunks, tokenizer, d.block_size, ratio, ctx.point["cda_mode"],
                                      seed=ctx.point["seed"], swap_names=d.swap_names, labels=labels)
     out["splits"] = units.gender_splits(out["valid"])
-    out["meta"]["overlap"] = text_overlap(ctx, originals)
+    out.setdefault("meta", {})["overlap"] = text_overlap(ctx, originals)
     return out
 
 
