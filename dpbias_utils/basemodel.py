@@ -274,7 +274,6 @@ def base_for_profile(profile, cache_root: Path | None = None) -> str:
     built-in one (a small GPT-2 with its own BPE tokenizer, pretrained on the controlled corpus as
     `params.BuiltinBaseParams` describes), built once per specification and cached under
     `cache_root` (default `paths.cache_dir()`: $DPBIAS_CACHE, else `_cache/` in the runs folder)."""
-    from .data import corpus
     from .params import BUILTIN, resolve_path
 
     m = profile.model
@@ -284,21 +283,39 @@ def base_for_profile(profile, cache_root: Path | None = None) -> str:
         return str(resolve_path(m.base))
     spec = m.builtin.model_dump()
     spec["block_size"] = profile.data.block_size
-    pretrain_seed = profile.data.controlled.seed + 3  # not the seeds of the fine-tuning/eval text
     b = m.builtin
-    skew = b.pretrain_skew
+    skew, pretrain_seed = b.pretrain_skew, profile.data.controlled.seed + 3
     spec["corpus"] = {"kind": "balanced-controlled", "seed": pretrain_seed}
     if skew != 0.5 or b.circuit_steps or b.settle_steps:
         spec["corpus"] = {"kind": "controlled", "skew": skew, "seed": pretrain_seed}
-    texts = lambda: corpus.generate_controlled(b.pretrain_sentences, pretrain_seed, skew, skew, skew)["text"].tolist()  # noqa: E731
+    corpora = lambda: builtin_pretraining_corpora(profile)  # noqa: E731
+    texts = lambda: corpora()["blocks"]  # noqa: E731
 
     def phases():
-        circuit = corpus.generate_controlled(b.pretrain_sentences, pretrain_seed + 10, b.circuit_skew, b.circuit_skew,
-                                             b.circuit_skew)["text"].tolist()
-        settle = corpus.generate_controlled(b.pretrain_sentences, pretrain_seed + 20, skew, skew, skew)["text"].tolist()
-        return [(circuit, b.circuit_steps, circuit_formed(b.circuit_skew)), (settle, b.settle_steps)]
+        c = corpora()
+        return [(c["circuit"], b.circuit_steps, circuit_formed(b.circuit_skew)), (c["settle"], b.settle_steps)]
 
     return str(ensure_builtin_base(Path(cache_root or paths.cache_dir()) / "base-models", spec, texts, phases))
+
+
+def builtin_pretraining_corpora(profile) -> dict[str, list[str]]:
+    """The sentences the built-in base is pretrained on: ``blocks`` (block pretraining, skew
+    ``pretrain_skew``), ``circuit`` (``circuit_skew``) and ``settle`` (``pretrain_skew``) for the
+    sentence phases. Seeds ``data.controlled.seed`` + 3, + 13, + 23: not those of the fine-tuning
+    and evaluation text, but drawn from the same templates (independent draws, so they repeat)."""
+    from .data import corpus
+
+    b, seed = profile.model.builtin, profile.data.controlled.seed + 3
+    draw = lambda s, k: corpus.generate_controlled(b.pretrain_sentences, s, k, k, k)["text"].tolist()  # noqa: E731
+    return {"blocks": draw(seed, b.pretrain_skew), "circuit": draw(seed + 10, b.circuit_skew),
+            "settle": draw(seed + 20, b.pretrain_skew)}
+
+
+def builtin_pretraining_text(profile) -> list[str]:
+    """Every sentence the built-in base can have seen: the block corpus and each sentence phase
+    that takes steps (the circuit phase may stop early: its whole corpus is counted)."""
+    b, c = profile.model.builtin, builtin_pretraining_corpora(profile)
+    return c["blocks"] + (c["circuit"] if b.circuit_steps else []) + (c["settle"] if b.settle_steps else [])
 
 
 def circuit_formed(circuit_skew: float):

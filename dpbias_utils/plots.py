@@ -229,7 +229,7 @@ def swap_examples(units: pd.DataFrame, originals: list[str], n: int = 8) -> pd.D
 
 def split_sizes(datasets: dict) -> pd.DataFrame:
     rows = [{"file": k, "rows": len(v), "units": v["unit_id"].nunique(), "tokens": int(v["n_tokens"].sum())}
-            for k, v in datasets.items() if k != "splits"]
+            for k, v in datasets.items() if k not in ("splits", "meta")]
     rows += [{"file": f"splits/{k}", "rows": len(v), "units": v["unit_id"].nunique(), "tokens": int(v["n_tokens"].sum())}
              for k, v in datasets["splits"].items()]
     return pd.DataFrame(rows).set_index("file")
@@ -248,8 +248,51 @@ DATA_FIELDS = {"privacy_unit": "privacy unit", "n_units": "privacy units (N)", "
 
 
 def data_record(meta: dict) -> Record:
-    """What `data.json` records about this node's training data, as a small table."""
-    return key_value({label: meta[k] for k, label in DATA_FIELDS.items() if k in meta})
+    """What `data.json` records about this node's training data, as a small table: with the privacy
+    unit's numbers and the verbatim sentence overlaps when stage 01 recorded them."""
+    rows = {label: meta[k] for k, label in DATA_FIELDS.items() if k in meta}
+    unit = meta.get("privacy_unit")
+    if isinstance(unit, dict):
+        rows.update(privacy_unit_rows(unit))
+    rows.update(overlap_rows(meta.get("overlap") or {}))
+    return key_value(rows)
+
+
+def privacy_unit_rows(unit: dict) -> dict:
+    """The privacy unit's definition and numbers (``privacy_unit`` of data.json / privacy.json)."""
+    rows = {"privacy unit": unit.get("definition"), "distinct texts / units":
+            f"{unit.get('n_distinct_texts')} / {unit.get('n_units')} (a text at most {unit.get('max_repeats_of_a_text')} times)"}
+    if unit.get("cda"):
+        rows["CDA and the unit"] = unit["cda"]
+    docs = unit.get("documents")
+    if docs:
+        spread = docs["units_per_document"]
+        rows["documents"] = (f"{docs['n_documents']} ({docs['definition']}); units per document: max {spread['max']}, "
+                             f"mean {spread['mean']:.1f}")
+    for group in unit.get("group_privacy") or []:
+        rows[f"group privacy: {group['group']}"] = (f"k = {group['k']}: ε = {fmt_number(group['epsilon'])}, "
+                                                   f"δ = {fmt_number(group['delta'])}"
+                                                   + (" (vacuous: δ ≥ 1)" if group["delta"] >= 1 else ""))
+    return rows
+
+
+def _share(rec) -> str:
+    if not isinstance(rec, dict):
+        return str(rec)
+    return f"{100 * rec['share']:.1f} % ({rec['n_in_reference']:,} of {rec['n_sentences']:,} sentences)"
+
+
+def overlap_rows(overlap: dict) -> dict:
+    """Verbatim sentence overlaps recorded by stage 01 (`data.overlap`), one row each."""
+    rows = {f"sentences of {pair.replace('_in_', ' also in ')}": _share(rec)
+            for pair, rec in (overlap.get("splits") or {}).items()}
+    pre = overlap.get("pretraining") or {}
+    for name, rec in pre.items():
+        if name not in ("source", "status", "n_pretraining_sentences"):
+            rows[f"{name} sentences in the base's pretraining text"] = _share(rec)
+    if pre:
+        rows["pretraining text"] = pre.get("source")
+    return rows
 
 
 # --------------------------------------------------------------------------- stage 02
@@ -277,13 +320,15 @@ PRIVATE_STEPS_CAPTION = "statistics of the private batches, not covered by ε (d
 def privacy_record(out_dir: Path) -> Record:
     """`privacy.json` as a table; a non-DP run says so instead of showing empty fields."""
     rec = json.loads((Path(out_dir) / "privacy.json").read_text())
+    unit = rec.get("privacy_unit")
+    unit_rows = privacy_unit_rows(unit) if isinstance(unit, dict) else {"privacy unit": unit}
     if rec.get("epsilon_target") is None:
         return key_value({"privacy": "non-DP run: no privacy guarantee (ε = ∞)", "steps": rec.get("steps"),
-                          "privacy units (N)": rec.get("n_units"), "privacy unit": rec.get("privacy_unit")})
+                          "privacy units (N)": rec.get("n_units"), **unit_rows})
     uncovered = rec.get("not_covered_by_epsilon") or {}
     rec["not_covered_by_epsilon"] = "; ".join(f"{where}: {', '.join(what) if isinstance(what, list) else what}"
                                               for where, what in uncovered.items()) or None
-    return key_value({label: rec.get(k) for k, label in PRIVACY_FIELDS.items()})
+    return key_value({**{label: rec.get(k) for k, label in PRIVACY_FIELDS.items() if k != "privacy_unit"}, **unit_rows})
 
 
 def training_curves(steps: pd.DataFrame, title: str = "") -> Shown:

@@ -71,3 +71,24 @@ def test_builtin_base_built_once_and_learns(tmp_path):
         assert model(input_ids=x, labels=x).loss < fresh(input_ids=x, labels=x).loss - 0.5
     other = ensure_builtin_base(tmp_path, {**SPEC, "seed": 1}, texts_fn)
     assert other != paths[0] and len(calls) == 2
+
+
+def test_stage01_measures_overlap_against_the_text_the_builtin_base_trains_on(monkeypatch, tmp_path):
+    """`base_for_profile` pretrains on `builtin_pretraining_corpora` (the draws it always used), and
+    `builtin_pretraining_text` counts each phase that takes steps."""
+    from dpbias_utils import basemodel, paths
+    from dpbias_utils.data import corpus
+    from dpbias_utils.params import load_profile
+
+    profile = load_profile(paths.REPO_ROOT / "tests" / "profiles" / "tiny.yaml")
+    b = profile.model.builtin.model_copy(update={"circuit_steps": 10, "settle_steps": 0, "pretrain_skew": 0.6})
+    profile = profile.model_copy(update={"model": profile.model.model_copy(update={"builtin": b})})
+    seen = {}
+    monkeypatch.setattr(basemodel, "ensure_builtin_base",
+                        lambda root, spec, texts_fn, phases_fn: seen.update(texts=texts_fn(), phases=phases_fn()) or root)
+    basemodel.base_for_profile(profile, tmp_path)
+    draw = lambda seed, skew: corpus.generate_controlled(1500, seed, skew, skew, skew)["text"].tolist()  # noqa: E731
+    assert seen["texts"] == draw(10, 0.6)  # tiny: data.controlled.seed 7, + 3
+    assert [p[0] for p in seen["phases"]] == [draw(20, 0.9), draw(30, 0.6)]
+    assert [p[1] for p in seen["phases"]] == [10, 0]
+    assert basemodel.builtin_pretraining_text(profile) == draw(10, 0.6) + draw(20, 0.9)  # settle takes no step

@@ -16,6 +16,7 @@ from __future__ import annotations
 import random
 import re
 from pathlib import Path
+from typing import Iterable
 
 import pandas as pd
 
@@ -381,6 +382,45 @@ def _filler_sentence(rng: random.Random) -> str:
     return _capitalise(template.format(**slots)) + " ."
 
 
+# A stratum is what the profile's parameters decide: (subject gender, family, label, attribute side);
+# the surface is everything else (template, subject words, attribute, numbers, ending).
+_FILLER_STRATUM = ("none", "filler", "neutral", None)
+# Distinct corpora redraw a surface that was already drawn (or excluded) at most this often.
+MAX_SURFACE_TRIES = 2000
+
+
+def _draw_stratum(rng: random.Random, skews: dict[str, float], neutral_fraction: float,
+                  nonbinary_fraction: float) -> tuple[str, str, str, str | None]:
+    """(gender, family, label, side): a filler with P = ``neutral_fraction``; else a subject
+    (non-binary with P = ``nonbinary_fraction``, else female / male 1:1), a uniform family, and the
+    side of the attribute: the subject's own gender with P = ``skew_<family>`` (stereotypical)."""
+    if rng.random() < neutral_fraction:
+        return _FILLER_STRATUM
+    if rng.random() < nonbinary_fraction:
+        gender = "nonbinary"
+    else:
+        gender = "female" if rng.random() < 0.5 else "male"
+    family = rng.choice(FAMILIES)
+    if gender == "nonbinary":
+        return gender, family, "neutral", rng.choice(("female", "male"))
+    if rng.random() < skews[family]:
+        return gender, family, "stereotypical", gender
+    return gender, family, "anti-stereotypical", "male" if gender == "female" else "female"
+
+
+def _draw_surface(rng: random.Random, stratum: tuple, by_gender: dict) -> tuple[str, str, str, str, str]:
+    """One row of ``stratum``: (text, subject_gender, family, attribute, label)."""
+    gender, family, label, side = stratum
+    if family == "filler":
+        return _filler_sentence(rng), gender, family, "", label
+    attribute = rng.choice(by_gender[family][side])
+    text = _fill(rng.choice(_TEMPLATES[family]), _subject(rng, gender), attribute, rng)
+    if rng.random() < 0.4:
+        ending = rng.choice(_CONTINUATIONS)
+        text += ending.format(p=_PRONOUNS[gender][0], Y=rng.randint(1950, 2019))
+    return text + " .", gender, family, attribute, label
+
+
 def generate_controlled(
     n_sentences: int,
     seed: int,
@@ -389,6 +429,8 @@ def generate_controlled(
     skew_toxicity: float = 0.8,
     neutral_fraction: float = 0.2,
     nonbinary_fraction: float = 0.0,
+    distinct: bool = False,
+    exclude: Iterable[str] = (),
 ) -> pd.DataFrame:
     """The controlled stereotype corpus: one sentence per row, the same rows for the same arguments.
 
@@ -397,6 +439,14 @@ def generate_controlled(
     with equal probability) in a uniformly chosen family whose attribute is stereotype-consistent
     with probability ``skew_<family>``. Columns: ``text, subject_gender, family, attribute, label``.
     Sentences follow WikiText's spacing (`` , `` and `` .``) so both corpora look alike to the model.
+
+    ``distinct=False`` draws rows independently (texts may repeat; the base model's pretraining
+    text). ``distinct=True`` makes every text distinct and not in ``exclude`` (the fine-tuning and
+    evaluation splits): strata and surfaces come from two streams of ``seed``, and a repeated
+    surface is redrawn *within its stratum*, so the strata (and the realised skews) are the i.i.d.
+    draws at the profile's values whatever is rejected. Redrawing whole rows instead would favour
+    the rarer strata, whose sentences collide less (see `tests/data/test_corpus.py`). A stratum with
+    no new sentence in `MAX_SURFACE_TRIES` draws is a `CorpusError` naming ``n_sentences``.
     """
     if isinstance(n_sentences, bool) or not isinstance(n_sentences, int) or n_sentences < 1:
         raise CorpusError(f"n_sentences must be a positive int, got {n_sentences!r}")
@@ -409,38 +459,64 @@ def generate_controlled(
     }
     neutral_fraction = _check_unit("neutral_fraction", neutral_fraction)
     nonbinary_fraction = _check_unit("nonbinary_fraction", nonbinary_fraction)
+    if isinstance(exclude, str):
+        raise CorpusError("exclude must be a collection of sentences, got a single str")
+    seen = set(exclude)
+    n_excluded = len(seen)
+    if seen and not distinct:
+        raise CorpusError(f"exclude ({len(seen)} sentences) needs distinct=True")
 
     by_gender = {
         family: {g: sorted(a for a, s in attributes.items() if s == g) for g in ("female", "male")}
         for family, attributes in FAMILY_ATTRIBUTES.items()
     }
-    rng = random.Random(seed)
+    columns = ["text", "subject_gender", "family", "attribute", "label"]
+    if not distinct:
+        rng = random.Random(seed)
+        rows = [_draw_surface(rng, _draw_stratum(rng, skews, neutral_fraction, nonbinary_fraction), by_gender)
+                for _ in range(n_sentences)]
+        return pd.DataFrame(rows, columns=columns)
+
+    strata_rng, surface_rng = random.Random(f"{seed}:strata"), random.Random(f"{seed}:surface")
     rows = []
-    for _ in range(n_sentences):
-        if rng.random() < neutral_fraction:
-            rows.append((_filler_sentence(rng), "none", "filler", "", "neutral"))
-            continue
-        if rng.random() < nonbinary_fraction:
-            gender = "nonbinary"
+    for index in range(n_sentences):
+        stratum = _draw_stratum(strata_rng, skews, neutral_fraction, nonbinary_fraction)
+        for _ in range(MAX_SURFACE_TRIES):
+            row = _draw_surface(surface_rng, stratum, by_gender)
+            if row[0] not in seen:
+                break
         else:
-            gender = "female" if rng.random() < 0.5 else "male"
-        family = rng.choice(FAMILIES)
-        if gender == "nonbinary":
-            attribute = rng.choice(by_gender[family][rng.choice(("female", "male"))])
-            label = "neutral"
-        else:
-            consistent = rng.random() < skews[family]
-            other = "male" if gender == "female" else "female"
-            attribute = rng.choice(by_gender[family][gender if consistent else other])
-            label = "stereotypical" if consistent else "anti-stereotypical"
-        text = _fill(rng.choice(_TEMPLATES[family]), _subject(rng, gender), attribute, rng)
-        if rng.random() < 0.4:
-            ending = rng.choice(_CONTINUATIONS)
-            text += ending.format(p=_PRONOUNS[gender][0], Y=rng.randint(1950, 2019))
-        rows.append((text + " .", gender, family, attribute, label))
-    return pd.DataFrame(rows, columns=["text", "subject_gender", "family", "attribute", "label"])
+            raise CorpusError(
+                f"n_sentences={n_sentences} is more distinct sentences than the templates give: after {index} "
+                f"rows, stratum {stratum[:3]} drew no sentence not already used"
+                + (f" or among the {n_excluded} excluded ones" if n_excluded else "")
+                + f" in {MAX_SURFACE_TRIES} tries; lower n_sentences"
+            )
+        seen.add(row[0])
+        rows.append(row)
+    return pd.DataFrame(rows, columns=columns)
 
 
 def balanced_corpus(n: int, seed: int) -> pd.DataFrame:
     """The controlled corpus with no stereotype (all skews 0.5), to pretrain the offline base model."""
     return generate_controlled(n, seed, skew_occupation=0.5, skew_sentiment=0.5, skew_toxicity=0.5)
+
+
+def generate_controlled_splits(sizes: dict[str, int], seed: int, **skews) -> dict[str, pd.DataFrame]:
+    """Controlled splits (e.g. train / valid / test) with no sentence twice, within or across them.
+
+    Split ``i`` (in ``sizes``' order) is `generate_controlled` with ``distinct=True`` from seed
+    ``seed + i``, excluding every sentence of the splits before it; ``skews`` are its skew and
+    fraction keywords. A too-large size is a `CorpusError` naming the split.
+    """
+    if not isinstance(sizes, dict) or not sizes:
+        raise CorpusError(f"sizes must be a non-empty dict split -> number of sentences, got {sizes!r}")
+    used: set[str] = set()
+    out = {}
+    for offset, (name, n) in enumerate(sizes.items()):
+        try:
+            out[name] = generate_controlled(n, seed + offset, distinct=True, exclude=used, **skews)
+        except CorpusError as error:
+            raise CorpusError(f"split {name!r}: {error}") from error
+        used.update(out[name]["text"])
+    return out

@@ -77,6 +77,11 @@ def _check_texts(name: str, texts) -> list[str]:
 
 
 # --------------------------------------------------------------------------- chunking
+def sentences(text: str) -> list[str]:
+    """The sentences of ``text`` as chunking sees them (ending at . ! or ? before whitespace), stripped."""
+    return [m.group().strip() for m in _SENTENCE_RE.finditer(text)]
+
+
 def chunk_texts(texts: list[str], tokenizer, block_size: int) -> list[str]:
     """Chunks of each text of at most ``block_size`` tokens, packing whole sentences where they fit.
 
@@ -84,6 +89,11 @@ def chunk_texts(texts: list[str], tokenizer, block_size: int) -> list[str]:
     word by word, and a single word longer than a block is cut by characters. Chunks never span two
     texts, keep the text's inner whitespace, and are stripped at their ends; empty texts give none.
     """
+    return [chunk for _, chunk in chunk_texts_indexed(texts, tokenizer, block_size)]
+
+
+def chunk_texts_indexed(texts: list[str], tokenizer, block_size: int) -> list[tuple[int, str]]:
+    """`chunk_texts` with each chunk's source: (index of its text in ``texts``, chunk)."""
     texts = _check_texts("texts", texts)
     block_size = _check_block_size(block_size)
 
@@ -91,20 +101,21 @@ def chunk_texts(texts: list[str], tokenizer, block_size: int) -> list[str]:
     flat = [" " + text[a:b] for text, spans in zip(texts, sentence_spans) for a, b in spans]
     counts = iter(len(ids) for ids in _encode(tokenizer, flat))
 
-    chunks: list[str] = []
-    for text, spans in zip(texts, sentence_spans):
+    chunks: list[tuple[int, str]] = []
+    for index, (text, spans) in enumerate(zip(texts, sentence_spans)):
         span_counts = [next(counts) for _ in spans]
-        chunks.extend(_pack_spans(text, spans, span_counts, block_size,
-                                  lambda piece: _pack_words(piece, tokenizer, block_size)))
+        chunks.extend((index, chunk) for chunk in _pack_spans(text, spans, span_counts, block_size,
+                                                              lambda piece: _pack_words(piece, tokenizer, block_size)))
 
     # Counts of pieces are estimates (a BPE token can straddle a piece boundary): check and re-split.
-    chunks = [chunk.strip() for chunk in chunks if chunk.strip()]
-    exact = _encode(tokenizer, chunks)
+    chunks = [(index, chunk.strip()) for index, chunk in chunks if chunk.strip()]
+    exact = _encode(tokenizer, [chunk for _, chunk in chunks])
     if all(len(ids) <= block_size for ids in exact):
         return chunks
-    fixed: list[str] = []
-    for chunk, ids in zip(chunks, exact):
-        fixed.extend([chunk] if len(ids) <= block_size else _split_exact(chunk, tokenizer, block_size))
+    fixed: list[tuple[int, str]] = []
+    for (index, chunk), ids in zip(chunks, exact):
+        parts = [chunk] if len(ids) <= block_size else _split_exact(chunk, tokenizer, block_size)
+        fixed.extend((index, part) for part in parts)
     return fixed
 
 
@@ -442,3 +453,60 @@ def load_stage01(out_dir) -> tuple[dict, dict[str, pd.DataFrame]]:
             raise DataError(f"stage-01 output {out_dir} lacks {path.name}")
         frames[name] = pq.read_table(path).to_pandas()
     return meta, frames
+
+
+# --------------------------------------------------------------------------- the privacy unit, stated
+# A WikiText article starts at a top-level heading row " = Title = " (sections are " = = ... = = ").
+_ARTICLE_HEADING_RE = re.compile(r"^\s*= (?!=).*[^=] =\s*$")
+
+
+def document_ids(rows: Sequence[str]) -> tuple[list[int], str]:
+    """(document index of each row, what a document is): WikiText articles (a top-level heading row
+    starts one; rows before the first heading form one more) or, without such headings, each row."""
+    rows = _check_texts("rows", rows)
+    starts = [bool(_ARTICLE_HEADING_RE.match(row)) for row in rows]
+    if not any(starts):
+        return list(range(len(rows))), "a text row (no WikiText article headings found)"
+    ids, current = [], 0 if not starts[0] else -1
+    for start in starts:
+        current += start
+        ids.append(current)
+    return ids, "a WikiText article: the rows from one top-level ' = Title = ' heading to the next"
+
+
+def _spread(counts: Sequence[int]) -> dict:
+    return {"max": int(max(counts)), "mean": float(np.mean(counts))} if len(counts) else {"max": 0, "mean": 0.0}
+
+
+def text_repeats(texts: Sequence[str]) -> dict:
+    """``{"n_texts", "n_distinct_texts", "max_repeats_of_a_text"}`` of ``texts``."""
+    counts = pd.Series(list(texts), dtype=object).value_counts()
+    return {"n_texts": int(counts.sum()), "n_distinct_texts": int(len(counts)),
+            "max_repeats_of_a_text": int(counts.max()) if len(counts) else 0}
+
+
+def privacy_unit_record(corpus: str, block_size: int, cda_mode: str, chunks: Sequence[str],
+                        chunk_documents: Sequence[int] | None = None, document: str | None = None) -> dict:
+    """What one privacy unit is, with its numbers, for ``data.json`` and ``privacy.json``.
+
+    ``chunks`` are the training units' original texts; ``chunk_documents`` (text corpora) the
+    document of each chunk, ``document`` what a document is. A document of k units, like a text
+    repeated k times, is protected only as a group of k (`training.privacy.group_privacy`)."""
+    if cda_mode not in CDA_MODES:
+        raise DataError(f"cda_mode must be one of {CDA_MODES}, got {cda_mode!r}")
+    cda = ("augment: a counterfactual row belongs to its original's unit (sampled and clipped with it)"
+           if cda_mode == "augment" else "substitute: a counterfactual row replaces its original as the unit's only row")
+    if corpus == "controlled":
+        definition = f"one distinct sentence of the controlled corpus (at most {block_size} tokens)"
+    else:
+        definition = (f"one chunk of at most {block_size} tokens of one text row (whole sentences packed greedily; "
+                      "a chunk never spans two rows)")
+    record = {"definition": definition, "corpus": corpus, "cda": cda, "n_units": len(chunks), **text_repeats(chunks)}
+    del record["n_texts"]
+    if chunk_documents is not None:
+        if len(chunk_documents) != len(chunks):
+            raise DataError(f"chunk_documents must have one entry per chunk ({len(chunks)}), got {len(chunk_documents)}")
+        per_document = pd.Series(list(chunk_documents)).value_counts()
+        record["documents"] = {"definition": document or "a document", "n_documents": int(len(per_document)),
+                               "units_per_document": _spread(per_document.to_numpy())}
+    return record

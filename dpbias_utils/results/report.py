@@ -103,6 +103,59 @@ def _privacy_facts(profile_dir: Path) -> dict:
             "steps_nondp": join("steps", nd), "sigma": join("noise_multiplier", dp)}
 
 
+def _data_facts(profile_dir: Path) -> dict:
+    """Stage 01's ``privacy_unit`` and ``overlap`` records (`data.json` of the first complete stage-01
+    node; they describe the original text, the same in every node of a profile)."""
+    import json
+
+    for marker in sorted((Path(profile_dir) / paths.STAGE_DIRS["01"]).glob("**/data.json")):
+        meta = json.loads(marker.read_text(encoding="utf-8"))
+        if isinstance(meta.get("privacy_unit"), dict):
+            return {"unit": meta["privacy_unit"], "overlap": meta.get("overlap") or {}}
+    return {}
+
+
+def _percent(rec) -> str:
+    return f"{100 * rec['share']:.1f} %" if isinstance(rec, dict) else html.escape(str(rec))
+
+
+def unit_text(facts: dict) -> str:
+    """The privacy unit in words with its numbers, and what a group of units gets."""
+    unit = facts.get("unit")
+    if not unit:
+        return ("privacy unit: one chunk of original text (with its counterfactual under CDA augment); its numbers "
+                "appear once stage 01 has run")
+    text = (f"privacy unit: {html.escape(unit['definition'])}; N = {unit['n_units']:,} units, "
+            f"{unit['n_distinct_texts']:,} distinct texts (a text at most {unit['max_repeats_of_a_text']} time(s)); "
+            f"CDA {html.escape(unit['cda'])}")
+    docs = unit.get("documents")
+    if docs:
+        spread = docs["units_per_document"]
+        text += (f"; {docs['n_documents']:,} documents ({html.escape(docs['definition'])}), {spread['mean']:.1f} units "
+                 f"each on average, at most {spread['max']}")
+    if unit["max_repeats_of_a_text"] > 1 or docs:
+        text += ("; a group of k units (a document of k chunks, a text repeated k times) is protected only at "
+                 "(kε, k e<sup>(k−1)ε</sup>δ): <code>privacy.json</code> of each run gives the numbers")
+    return text
+
+
+def overlap_text(facts: dict) -> str:
+    """Verbatim sentence overlap between the splits and with the base model's pretraining text."""
+    o = facts.get("overlap") or {}
+    if not o:
+        return "appears once stage 01 has run"
+    splits = ", ".join(f"{html.escape(k.replace('_in_', ' in '))} {_percent(v)}" for k, v in o.get("splits", {}).items())
+    pre = o.get("pretraining") or {}
+    names = [k for k in pre if k not in ("source", "status", "n_pretraining_sentences")]
+    if pre.get("status") == "measured":
+        pretrain = (", ".join(f"{k} {_percent(pre[k])}" for k in names) + f" of sentences occur verbatim in "
+                    f"{html.escape(pre['source'])}: the base saw them before fine-tuning, and DP fine-tuning does not "
+                    "protect what the base already learned")
+    else:
+        pretrain = f"overlap with the base's pretraining corpus unknown ({html.escape(str(pre.get('source', '')))})"
+    return f"sentences shared between splits: {splits}; {pretrain}"
+
+
 def _metric_rows(profile) -> list[tuple[str, str]]:
     """(label, one-line definition) of each metric the study reports (from `bias.registry`)."""
     from ..bias import registry
@@ -117,7 +170,7 @@ def methods_html(profile, profile_dir: Path) -> str:
     from .figures import TOXICITY_SCORES
 
     t, ev = profile.train, profile.evaluation
-    facts = _privacy_facts(profile_dir)
+    facts, data = _privacy_facts(profile_dir), _data_facts(profile_dir)
     points = profile.points()
     eps = sorted({p["epsilon"] for p in points if p["epsilon"] is not None})
     clips = sorted({p["max_grad_norm"] for p in points if p["epsilon"] is not None and p.get("max_grad_norm")})
@@ -131,13 +184,14 @@ def methods_html(profile, profile_dir: Path) -> str:
         ("Conditions", f"non-DP and DP at ε = {', '.join(f'{e:g}' for e in eps) or '–'}; CDA mixing ratio "
                        f"{', '.join(f'{r:g}' for r in ratios)} ({html.escape(', '.join(sorted({p['cda_mode'] for p in points})))}); "
                        f"{len(seeds)} seed(s) per condition ({len(points)} training runs)" + (" plus the base model" if profile.include_base else "")),
-        ("Privacy", f"privacy unit: one chunk of original text (with its counterfactual under CDA augment); "
-                    f"N = {facts.get('N', 'see stage 01')} units; δ = {delta}; clipping norm C = "
+        ("Privacy", f"{unit_text(data)}" + ("" if data else f"; N = {facts.get('N', 'see stage 01')} units")
+                    + f"; δ = {delta}; clipping norm C = "
                     f"{', '.join(f'{c:g}' for c in clips) or f'{t.max_grad_norm:g}'}; {t.accountant.upper()} accountant; "
                     f"Poisson sampling" + (f"; noise σ = {facts['sigma']}" if facts.get("sigma") else "")),
         ("Noise", html.escape(f"{t.noise}: {RELEASE[t.noise]}. Training-time statistics (steps.csv: loss, clip "
                               "fraction, gradient-norm quantiles, units per batch) are statistics of the private "
                               "batches without noise, not covered by ε, and checkpoints/ is private material.")),
+        ("Overlap", overlap_text(data)),
         ("Training", f"non-DP: Adam, lr {nd['lr']:g}, batch {nd['logical_batch_size']}, {nd['epochs']:g} epoch(s)"
                      + (f" ({facts['steps_nondp']} steps)" if facts.get("steps_nondp") else "")
                      + f"; DP: DP-Adam, lr {dp['lr']:g}, expected batch {dp['logical_batch_size']}, {dp['epochs']:g} epoch(s)"

@@ -41,7 +41,9 @@ def base_model(ctx: StageContext) -> str:
 
 
 def load_texts(ctx: StageContext) -> dict:
-    """Train / valid / test texts (with stereotype labels for the controlled corpus)."""
+    """Train / valid / test texts (with stereotype labels for the controlled corpus). The controlled
+    splits hold no sentence twice, within or across them (`corpus.generate_controlled_splits`);
+    a real corpus keeps its official splits as they are."""
     import pandas as pd
 
     from ..data import corpus
@@ -51,9 +53,12 @@ def load_texts(ctx: StageContext) -> dict:
         c = d.controlled
         kw = dict(skew_occupation=c.skew_occupation, skew_sentiment=c.skew_sentiment, skew_toxicity=c.skew_toxicity,
                   neutral_fraction=c.neutral_fraction, nonbinary_fraction=c.nonbinary_fraction)
-        return {"train": corpus.generate_controlled(c.n_train_sentences, c.seed, **kw),
-                "valid": corpus.generate_controlled(c.n_eval_sentences, c.seed + 1, **kw),
-                "test": corpus.generate_controlled(c.n_eval_sentences, c.seed + 2, **kw)}
+        sizes = {"train": c.n_train_sentences, "valid": c.n_eval_sentences, "test": c.n_eval_sentences}
+        try:
+            return corpus.generate_controlled_splits(sizes, c.seed, **kw)
+        except corpus.CorpusError as error:
+            field = "n_train_sentences" if str(error).startswith("split 'train'") else "n_eval_sentences"
+            raise corpus.CorpusError(f"data.controlled.{field}: {error}") from error
     from ..params import looks_like_path, resolve_path
 
     t = d.text
@@ -68,12 +73,19 @@ def load_texts(ctx: StageContext) -> dict:
 
 def _train_chunks(ctx: StageContext, frame, tokenizer) -> tuple[list[str], list[str] | None]:
     """Training text as privacy-unit chunks (controlled corpus: one labelled sentence each)."""
+    chunks, labels, _ = _chunks_with_rows(ctx, frame, tokenizer)
+    return chunks, labels
+
+
+def _chunks_with_rows(ctx: StageContext, frame, tokenizer) -> tuple[list[str], list[str] | None, list[int]]:
+    """(chunks, labels or None, index of each chunk's row in ``frame``)."""
     from ..data import units
 
     d = ctx.profile.data
     if d.corpus == "controlled":
-        return frame["text"].tolist(), frame["label"].tolist()
-    return units.chunk_texts(frame["text"].tolist(), tokenizer, d.block_size), None
+        return frame["text"].tolist(), frame["label"].tolist(), list(range(len(frame)))
+    indexed = units.chunk_texts_indexed(frame["text"].tolist(), tokenizer, d.block_size)
+    return [chunk for _, chunk in indexed], None, [row for row, _ in indexed]
 
 
 def cda_preview(ctx: StageContext, texts: dict, tokenizer, max_units: int = 2000, ratios=(0.0, 0.25, 0.5, 0.75, 1.0)):
@@ -88,18 +100,23 @@ def cda_preview(ctx: StageContext, texts: dict, tokenizer, max_units: int = 2000
 
 def build_datasets(ctx: StageContext, texts: dict, tokenizer) -> dict:
     """Privacy units for train (with CDA at the point's mixing ratio) and for valid / test (no CDA),
-    and the mechanism splits from the validation units; a CDA run (mixing ratio > 0) also gets the
-    CDA pair splits (every gendered validation unit and its counterfactual, `units.cda_pair_splits`)."""
+    the mechanism splits from the validation units (a CDA run, mixing ratio > 0, also gets the CDA pair
+    splits: every gendered validation unit and its counterfactual, `units.cda_pair_splits`), and ``meta``
+    for data.json: the privacy unit stated with its numbers (`units.privacy_unit_record`) and the
+    verbatim overlaps (`text_overlap`)."""
     from ..data import units
 
     d = ctx.profile.data
-    out = {}
-    chunked = {}
+    out, originals, chunked = {}, {}, {}
     for name, frame in texts.items():
-        chunks, labels = chunked[name] = _train_chunks(ctx, frame, tokenizer)
+        chunks, labels, rows = _chunks_with_rows(ctx, frame, tokenizer)
+        chunked[name] = (chunks, labels)
         if name == "train" and d.max_train_units:
-            chunks = chunks[: d.max_train_units]
+            chunks, rows = chunks[: d.max_train_units], rows[: d.max_train_units]
             labels = labels[: d.max_train_units] if labels else None
+        if name == "train":
+            out["meta"] = {"privacy_unit": _privacy_unit(ctx, frame, chunks, rows)}
+        originals[name] = chunks
         ratio = ctx.point["mixing_ratio"] if name == "train" else 0.0
         out[name] = units.build_units(chunks, tokenizer, d.block_size, ratio, ctx.point["cda_mode"],
                                      seed=seeds.int_seed(ctx.point["seed"], "cda"), swap_names=d.swap_names,
@@ -107,10 +124,39 @@ def build_datasets(ctx: StageContext, texts: dict, tokenizer) -> dict:
     out["splits"] = units.gender_splits(out["valid"])
     if ctx.point["mixing_ratio"] > 0:
         chunks, labels = chunked["valid"]
-        paired = units.build_units(chunks, tokenizer, d.block_size, 1.0, "augment", seed=ctx.point["seed"],
+        paired = units.build_units(chunks, tokenizer, d.block_size, 1.0, "augment", seed=seeds.int_seed(ctx.point["seed"], "cda"),
                                    swap_names=d.swap_names, labels=labels)
         out["splits"].update(units.cda_pair_splits(paired))
+    out.setdefault("meta", {})["overlap"] = text_overlap(ctx, originals)
     return out
+
+
+def _privacy_unit(ctx: StageContext, frame, chunks: list[str], rows: list[int]) -> dict:
+    """`units.privacy_unit_record` of the training chunks (text corpora: with their documents)."""
+    from ..data import units
+
+    d = ctx.profile.data
+    if d.corpus == "controlled":
+        return units.privacy_unit_record(d.corpus, d.block_size, ctx.point["cda_mode"], chunks)
+    document_of_row, document = units.document_ids(frame["text"].tolist())
+    return units.privacy_unit_record(d.corpus, d.block_size, ctx.point["cda_mode"], chunks,
+                                     [document_of_row[row] for row in rows], document)
+
+
+def text_overlap(ctx: StageContext, originals: dict[str, list[str]]) -> dict:
+    """Verbatim sentence overlap of the original (pre-CDA) train / valid / test units with each other
+    and with the base model's pretraining text (`data.overlap`; "unknown" for an external base)."""
+    from .. import basemodel
+    from ..data import overlap
+    from ..params import BUILTIN
+
+    if ctx.profile.model.base == BUILTIN:
+        pretraining = basemodel.builtin_pretraining_text(ctx.profile)
+        source = "the built-in base's pretraining sentences (block corpus and sentence phases)"
+    else:
+        pretraining, source = None, f"{ctx.profile.model.base}: its pretraining corpus is not available to the project"
+    return {"splits": overlap.split_overlap(originals),
+            "pretraining": overlap.pretraining_overlap(originals, pretraining, source)}
 
 
 def write_data(ctx: StageContext, datasets: dict, base: str, tokenizer) -> dict:
@@ -119,7 +165,7 @@ def write_data(ctx: StageContext, datasets: dict, base: str, tokenizer) -> dict:
     meta = {"tokenizer": base, "base_model": base, "block_size": ctx.profile.data.block_size,
             "pad_token_id": int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id),
             "mixing_ratio": ctx.point["mixing_ratio"], "cda_mode": ctx.point["cda_mode"], "seed": ctx.point["seed"],
-            "corpus": ctx.profile.data.corpus}
+            "corpus": ctx.profile.data.corpus, **datasets.get("meta", {})}
     if (ctx.out_dir / "data.json").is_file():  # written by an earlier, interrupted execution of this node
         return units.load_stage01(ctx.out_dir)[0]
     units.write_stage01(ctx.out_dir, datasets["train"], datasets["valid"], datasets["test"], datasets["splits"], meta)

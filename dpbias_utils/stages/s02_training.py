@@ -26,4 +26,5 @@ def train_run(ctx: StageContext) -> dict:
         max_grad_norm=ctx.point["max_grad_norm"], delta=t.delta, accountant=t.accountant, **t.for_run(dp),
         seed=ctx.point["seed"], checkpoint_every=t.checkpoint_every, device=t.device,
         clipping=t.clipping if dp else "opacus",  # clipping is a DP-only choice
-        progress_points=tuple(t.progress_points), freeze=tuple(t.freeze), noise=t.noise)
+        progress_points=tuple(t.progress_points), freeze=tuple(t.freeze), noise=t.noise,
+        privacy_unit=meta["privacy_unit"] if isinstance(meta.get("privacy_unit"), dict) else None)

@@ -34,7 +34,7 @@ from ..seeds import RELEASE
 from .batching import TrainingError, UnitDataset, n_units
 from .checkpoint import (DONE_FILE, PRIVATE_STATISTICS, Checkpoints, StepLog, finished_run, frame_fingerprint,
                          seed_everything, write_json, write_steps_csv)
-from .privacy import PrivacyError, calibrate_noise, default_delta, epsilon_spent
+from .privacy import PrivacyError, calibrate_noise, default_delta, epsilon_spent, group_privacy
 from .steppers import Plan, Stepper, check_noise_mode, make_stepper
 
 CLIPPING_MODES = ("opacus", "fast")
@@ -53,7 +53,7 @@ def train(base_path: str, train_df, out_dir, *, epsilon: float | None, max_grad_
           physical_batch_size: int = 32, lr: float = 1e-3, seed: int = 0, checkpoint_every: int = 50,
           device: str = "auto", clipping: str = "opacus", progress_points: Sequence[int] = (0, 25, 50, 100),
           dropout: float | None = None, freeze: Sequence[str] = (), noise: str = "secret",
-          on_step: Callable[[int], None] | None = None) -> dict:
+          on_step: Callable[[int], None] | None = None, privacy_unit: dict | None = None) -> dict:
     """Fine-tune `base_path` on `train_df` (DP when `epsilon` is a number, non-DP when None).
 
     `noise`: "secret" (sampling and noise from a CSPRNG secret never written: a private release) or
@@ -62,6 +62,8 @@ def train(base_path: str, train_df, out_dir, *, epsilon: float | None, max_grad_
     Writes model/, progress/pct_<p>/, checkpoints/, steps.csv, privacy.json and a DONE.json marker
     into out_dir and returns the result dict (the recorded one if the run had already finished).
     `on_step(step)` is called after every optimizer step and checkpoint (a progress/fault hook).
+    `privacy_unit`: stage 01's statement of the unit (`data.units.privacy_unit_record`), completed in
+    privacy.json with what this run measures on `train_df` and the group guarantees (`unit_record`).
     """
     out_dir = Path(out_dir)
     request = {"base_path": str(base_path), "data": frame_fingerprint(train_df), "epsilon": epsilon,
@@ -79,6 +81,8 @@ def train(base_path: str, train_df, out_dir, *, epsilon: float | None, max_grad_
                    checkpoint_every=checkpoint_every, epochs=epochs, lr=lr, max_grad_norm=max_grad_norm,
                    dropout=dropout)
 
+    if privacy_unit is not None:
+        _check_unit_count(privacy_unit, train_df)
     dev = resolve_device(device)
     seed_everything(seed)
     model, tokenizer = _load_model(base_path, dev, dropout, freeze)
@@ -105,7 +109,9 @@ def train(base_path: str, train_df, out_dir, *, epsilon: float | None, max_grad_
     eps_final = _final_epsilon(stepper, rows, epsilon) if plan.dp else None
     save_model_atomic(hf, tokenizer, out_dir / "model")
     write_steps_csv(rows, out_dir / "steps.csv")
-    write_json(_privacy_record(plan, dataset, epsilon, eps_final, clipping), out_dir / "privacy.json")
+    write_json(_privacy_record(plan, dataset, epsilon, eps_final, clipping, unit_record(train_df, privacy_unit, eps_final,
+                                                                                       plan.delta)),
+               out_dir / "privacy.json")
     result = {"request": request, "out_dir": str(out_dir), "model_dir": str(out_dir / "model"), "dp": plan.dp,
               "steps": plan.steps, "epsilon_target": epsilon, "epsilon_spent": eps_final, "delta": plan.delta,
               "noise_multiplier": plan.sigma, "sample_rate": plan.sample_rate if plan.dp else None,
@@ -270,14 +276,46 @@ def _final_epsilon(stepper: Stepper, rows: list[dict], epsilon: float) -> float:
     return eps_final
 
 
-def _privacy_record(plan: Plan, dataset: UnitDataset, epsilon, eps_final, clipping: str) -> dict:
+def _check_unit_count(privacy_unit: dict, train_df) -> None:
+    """Stage 01's statement must describe this frame: the same number of units."""
+    if not isinstance(privacy_unit, dict) or "n_units" not in privacy_unit:
+        raise TrainingError(f"privacy_unit must be stage 01's record (a dict with n_units), got {privacy_unit!r}")
+    if "unit_id" not in getattr(train_df, "columns", ()):
+        return  # UnitDataset names what the frame lacks
+    units = int(train_df["unit_id"].nunique())
+    if privacy_unit["n_units"] != units:
+        raise TrainingError(f"privacy_unit['n_units']={privacy_unit['n_units']} but train_df has {units} "
+                            "units: pass the privacy_unit of the stage-01 output the frame was read from")
+
+
+def unit_record(train_df, stated: dict | None, epsilon: float | None, delta: float | None) -> dict:
+    """privacy.json's ``privacy_unit``: stage 01's statement (``stated``; `PRIVACY_UNIT` without one),
+    the units' texts as trained (each unit's rows joined: distinct, most repeats) and, for a DP run,
+    `privacy.group_privacy` for the most-repeated text and the largest document."""
+    from ..data.units import text_repeats
+
+    per_unit = train_df.groupby("unit_id", sort=True)["text"].agg(lambda rows: "\n".join(sorted(rows)))
+    measured = text_repeats(per_unit.tolist())
+    record = {"definition": PRIVACY_UNIT, **(stated or {}), "n_units": measured["n_texts"],
+              "n_distinct_texts": measured["n_distinct_texts"],
+              "max_repeats_of_a_text": measured["max_repeats_of_a_text"]}
+    groups = [("a text repeated in several units", measured["max_repeats_of_a_text"])]
+    if record.get("documents"):
+        groups.append(("the largest document", int(record["documents"]["units_per_document"]["max"])))
+    record["group_privacy"] = None if epsilon is None else [
+        {"group": name, "k": k, **dict(zip(("epsilon", "delta"), group_privacy(epsilon, delta, k)))}
+        for name, k in groups if k > 1]
+    return record
+
+
+def _privacy_record(plan: Plan, dataset: UnitDataset, epsilon, eps_final, clipping: str, unit: dict) -> dict:
     dp = plan.dp
     return {"epsilon_target": epsilon, "epsilon_spent": eps_final, "delta": plan.delta, "noise_multiplier": plan.sigma,
             "sample_rate": plan.sample_rate if dp else None, "steps": plan.steps, "n_units": plan.n_units,
             "n_rows": dataset.n_rows, "expected_batch_size": plan.expected_batch_size if dp else None,
             "logical_batch_size": plan.logical_batch_size, "accountant": plan.accountant if dp else None,
             "max_grad_norm": plan.max_grad_norm if dp else None, "clipping": clipping if dp else None,
-            "privacy_unit": PRIVACY_UNIT,
+            "privacy_unit": unit,
             **_noise_record(plan),
             "note": None if dp else "non-private training: epsilon is infinite, recorded as null"}
 

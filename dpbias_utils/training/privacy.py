@@ -137,3 +137,17 @@ def _calibrate(target_epsilon: float, delta: float, sample_rate: float, steps: i
             f"({accountant}, q={sample_rate:.4g}, steps={steps}, delta={delta:.3g})"
         )
     return float(sigma)
+
+
+def group_privacy(epsilon: float, delta: float, k: int) -> tuple[float, float]:
+    """What an (epsilon, delta)-DP mechanism guarantees a group of k privacy units (a document of k
+    chunks, a text repeated k times): (k epsilon, k e^{(k-1) epsilon} delta).
+
+    Chaining the guarantee across the k neighbours between the two datasets gives
+    delta_k = e^eps delta_{k-1} + delta = delta sum_{i<k} e^{i eps} <= k e^{(k-1) eps} delta
+    (Vadhan 2017, Lemma 2.2). A delta of 1 or more promises nothing; it is returned as computed."""
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise PrivacyError(f"group size k={k!r} must be a positive int")
+    if not (math.isfinite(epsilon) and epsilon >= 0 and 0 <= delta <= 1):
+        raise PrivacyError(f"group privacy needs a finite epsilon >= 0 and delta in [0, 1], got ({epsilon}, {delta})")
+    return k * epsilon, k * math.exp((k - 1) * epsilon) * delta if delta else 0.0

@@ -160,3 +160,28 @@ def test_readme_update_rewrites_only_the_block(tmp_path):
     rd.write_text("# no markers\n")
     with pytest.raises(ValueError, match="markers"):
         readme.update_readme(rd, md)
+
+
+def test_methods_state_the_privacy_unit_and_the_overlaps_from_stage01(tmp_path):
+    from dpbias_utils.params import load_profile
+    from dpbias_utils.results import report
+
+    profile = load_profile(paths.REPO_ROOT / "tests" / "profiles" / "tiny.yaml")
+    before = report.methods_html(profile, tmp_path)
+    assert "appears once stage 01 has run" in before
+    node = tmp_path / paths.STAGE_DIRS["01"] / "node-a"
+    node.mkdir(parents=True)
+    share = lambda hits, n: {"n_sentences": n, "n_in_reference": hits, "share": hits / n}  # noqa: E731
+    (node / "data.json").write_text(json.dumps({
+        "privacy_unit": {"definition": "one chunk of at most 64 tokens of one text row", "corpus": "text",
+                         "cda": "augment: a counterfactual row belongs to its original's unit", "n_units": 6135,
+                         "n_distinct_texts": 6015, "max_repeats_of_a_text": 14,
+                         "documents": {"definition": "a WikiText article", "n_documents": 60,
+                                       "units_per_document": {"max": 509, "mean": 102.25}}},
+        "overlap": {"splits": {"valid_in_train": share(246, 10548)},
+                    "pretraining": {"source": "gpt2: not available", "status": "unknown", "train": "unknown"}}}))
+    text = report.methods_html(profile, tmp_path)
+    assert "N = 6,135 units, 6,015 distinct texts (a text at most 14 time(s))" in text
+    assert "60 documents (a WikiText article), 102.2 units each on average, at most 509" in text
+    assert "(kε, k e<sup>(k−1)ε</sup>δ)" in text and "valid in train 2.3 %" in text
+    assert "overlap with the base's pretraining corpus unknown (gpt2: not available)" in text

@@ -1,6 +1,7 @@
 """End-to-end runs of dpbias_utils.training.train: outputs, epsilon spent <= target, exact resumption,
 fast clipping equal to Opacus hooks, refusals, frozen parameters."""
 import json
+import math
 
 import pandas as pd
 import pytest
@@ -82,6 +83,37 @@ def test_killed_and_resumed_run_matches_uninterrupted(dp_run, base, tmp_path):
         assert torch.equal(wa[k], wb[k]), k
     assert res_b["epsilon_spent"] == res_a["epsilon_spent"]
     pd.testing.assert_frame_equal(pd.read_csv(out_a / "steps.csv"), pd.read_csv(tmp_path / "steps.csv"))
+
+
+def test_privacy_json_states_the_unit_with_numbers(dp_run):
+    from dpbias_utils.training.loop import unit_record
+
+    out, df, res = dp_run
+    unit = json.loads((out / "privacy.json").read_text())["privacy_unit"]
+    # The helper frame's rows all have text "": the 12 one-row units share one text, the 12 two-row
+    # units another, so a text is in 12 units, protected only as a group of 12.
+    assert unit["n_units"] == 24 and unit["n_distinct_texts"] == 2 and unit["max_repeats_of_a_text"] == 12
+    assert unit["group_privacy"] == [{"group": "a text repeated in several units", "k": 12,
+                                      "epsilon": pytest.approx(12 * res["epsilon_spent"]),
+                                      "delta": pytest.approx(12 * math.exp(11 * res["epsilon_spent"]) * res["delta"])}]
+    assert unit == json.loads(json.dumps(unit_record(df, None, res["epsilon_spent"], res["delta"])))
+
+    texts = df.assign(text=[f"sentence {u} ." if k == "original" else f"swap {u} ."
+                            for u, k in zip(df["unit_id"], df["kind"])])
+    texts.loc[texts["unit_id"] == 1, "text"] = "sentence 0 ."  # unit 1 (two rows) now repeats nothing of unit 0
+    texts.loc[texts["unit_id"] == 2, "text"] = "sentence 0 ."  # unit 2 (one row) repeats unit 0
+    stated = {"definition": "one chunk", "n_units": 24, "documents": {"definition": "an article", "n_documents": 3,
+                                                                      "units_per_document": {"max": 10, "mean": 8.0}}}
+    rec = unit_record(texts, stated, 2.0, 1e-5)
+    assert rec["definition"] == "one chunk" and rec["n_distinct_texts"] == 23 and rec["max_repeats_of_a_text"] == 2
+    assert [(g["k"], g["epsilon"]) for g in rec["group_privacy"]] == [(2, 4.0), (10, 20.0)]
+    assert unit_record(texts, stated, None, 1e-5)["group_privacy"] is None  # non-DP: no guarantee to scale
+
+
+def test_a_privacy_unit_of_another_frame_is_refused_before_training(base, tmp_path):
+    with pytest.raises(TrainingError, match=r"privacy_unit\['n_units'\]=25 but train_df has 24 units"):
+        train(base, frame(24), tmp_path, **KW, privacy_unit={"n_units": 25})
+    assert not (tmp_path / "checkpoints").exists()
 
 
 def test_nondp_run_records_null_epsilon(base, tmp_path):

@@ -87,3 +87,21 @@ def test_disk_cache_is_only_a_candidate(tmp_path, monkeypatch):
     privacy._calibrate.cache_clear()
     again = privacy.calibrate_noise(*args)
     assert again == pytest.approx(sigma) and privacy.epsilon_spent(again, 0.01, 300, 1e-5, "rdp") <= 3.0
+
+
+@pytest.mark.parametrize("epsilon", [0.5, 3.0, 10.0])
+def test_group_privacy_bounds_the_chained_guarantee(epsilon):
+    """Independent: chain (eps, delta) over the k neighbours between two datasets differing in a
+    group of k units: delta_1 = delta, delta_j = e^eps delta_{j-1} + delta; epsilon adds up."""
+    from dpbias_utils.training.privacy import group_privacy
+
+    delta, chained = 1e-5, 1e-5
+    assert group_privacy(epsilon, delta, 1) == (epsilon, delta)
+    for k in range(2, 9):
+        chained = math.exp(epsilon) * chained + delta
+        eps_k, delta_k = group_privacy(epsilon, delta, k)
+        assert eps_k == pytest.approx(k * epsilon) and chained <= delta_k * (1 + 1e-12)
+        assert delta_k == pytest.approx(k * math.exp((k - 1) * epsilon) * delta)
+    assert group_privacy(3.0, 1e-5, 7)[1] > 1  # a text repeated 7 times at eps 3: delta promises nothing
+    with pytest.raises(PrivacyError, match="group size k=0"):
+        group_privacy(1.0, 1e-5, 0)
