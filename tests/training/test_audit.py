@@ -1,5 +1,6 @@
 """The one-run privacy audit (training/audit.py): the bound against exact rational arithmetic, and the
 audit catching a mechanism that adds less noise than it accounts for."""
+import json
 import math
 from fractions import Fraction
 
@@ -92,6 +93,12 @@ def test_cli_refuses_bad_arguments_before_any_work(tmp_path, capsys):
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and field in err[0]
     assert not any(tmp_path.iterdir())
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("grid:\n  - epsilon: [-1.0]\n")
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["audit", str(bad), "--runs-dir", str(tmp_path)])
+    assert exit_.value.code == cli.EXIT_BAD_PARAMS and "grid[0].epsilon[0]" in capsys.readouterr().err
+    assert [p.name for p in tmp_path.iterdir()] == ["bad.yaml"]
 
 
 # --------------------------------------------------------------------------- the audit catches broken noise
@@ -132,12 +139,18 @@ RUN = dict(max_grad_norm=1.0, delta=1e-5, epochs=12.0, logical_batch_size=16, ph
 
 @pytest.mark.parametrize("scale,broken", [(1.0, False), (0.0, True), (0.1, True)])
 def test_audit_catches_a_mechanism_with_less_noise_than_accounted(base, tmp_path, monkeypatch, scale, broken):
-    torch.set_num_threads(1)
+    """Claimed eps = 1 at delta = 1e-5 (sigma 5.3 accounted in every run): 24 guesses on 100 canaries
+    certify up to 2.0. Measured: correct noise 14/24, eps_lower 0; sigma 0 and sigma/10: 24/24, 2.01."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # one summation order: the same run on every machine
     if scale != 1.0:
         monkeypatch.setitem(STEPPERS, "fast", noise_scaled(scale))
-    row = A.audit(base, background(), tmp_path, epsilon=1.0, m=100, k_pos=12, k_neg=12, seed=0, **RUN)
+    try:
+        row = A.audit(base, background(), tmp_path, epsilon=1.0, m=100, k_pos=12, k_neg=12, seed=0, **RUN)
+    finally:
+        torch.set_num_threads(threads)
     assert row["epsilon_spent"] <= 1.0  # the accountant's claim is the same in all three runs
-    lines = (tmp_path / "canaries.jsonl").read_text().splitlines()
-    assert len(lines) == 100
-    print(scale, row["correct"], row["eps_lower"], row["noise_multiplier"])
-    assert (row["eps_lower"] > 1.0) == broken
+    records = [json.loads(line) for line in (tmp_path / "canaries.jsonl").read_text().splitlines()]
+    assert len(records) == 100 and sum(r["guess"] != 0 for r in records) == 24
+    assert sum(r["included"] for r in records) == row["n_included"] == row["n_units"] - 60
+    assert (row["eps_lower"] > 1.0) == broken, row
