@@ -1,4 +1,4 @@
-"""`dpbias`: validate a profile, run its stage graph, print its plan."""
+"""`dpbias`: validate a profile, run its stage graph, print its plan, audit its DP training."""
 from __future__ import annotations
 
 import argparse
@@ -47,9 +47,22 @@ def _main(argv: list[str] | None) -> int:
     p_run.add_argument("--rerun-stale", action="store_true",
                        help="redo complete nodes computed by other code (another source hash), and their downstream")
     p_run.add_argument("--notebooks", type=Path, default=None, help="stage notebooks folder (development/tests)")
+    p_aud = sub.add_parser("audit", help="one-run empirical privacy audit of the profile's DP training "
+                                         "(Steinke, Nasr and Jagielski 2023): audit.csv with eps_lower per epsilon")
+    p_aud.add_argument("params", nargs="?", default=str(paths.DEFAULT_PARAMS))
+    p_aud.add_argument("--epsilon", type=float, nargs="+", default=None,
+                       help="target epsilons to audit (default: the DP epsilons of the profile's grid)")
+    p_aud.add_argument("--canaries", type=int, default=1000, help="m, the number of canaries (default 1000)")
+    p_aud.add_argument("--k-pos", type=int, default=None, help="k+ guesses 'in' (default m // 10)")
+    p_aud.add_argument("--k-neg", type=int, default=None, help="k- guesses 'out' (default m // 10)")
+    p_aud.add_argument("--seed", type=int, default=0, help="seed of the training units, canaries and run")
+    p_aud.add_argument("--out", type=Path, default=None, help="output folder (default <runs>/<profile>/audit)")
+    p_aud.add_argument("--runs-dir", type=Path, default=None, help="output root (as for `run`)")
     args = parser.parse_args(argv)
 
     profile = _load(args.params)
+    if args.command == "audit":
+        return _audit(profile, args)
     if args.command == "validate":
         print(f"{args.params}: valid profile '{profile.name}' with {len(profile.points())} training conditions")
         return 0
@@ -78,6 +91,29 @@ def _main(argv: list[str] | None) -> int:
         return EXIT_BAD_PARAMS
     _summary(result, paths.profile_dir(profile.name, args.runs_dir))
     return 0 if result.ok else 1
+
+
+def _audit(profile, args) -> int:
+    """`dpbias audit`: bad arguments give one line and status 2 before any model is built or trained;
+    status 1 when a bound exceeds its epsilon (the implementation is broken)."""
+    from .training.audit import audit_profile, check_audit_arguments
+    from .training.batching import TrainingError
+    from .training.privacy import PrivacyError
+
+    out = args.out or paths.profile_dir(profile.name, args.runs_dir) / "audit"
+    try:
+        epsilons = check_audit_arguments(profile, args.epsilon, args.canaries, args.k_pos, args.k_neg)
+    except (TrainingError, PrivacyError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_BAD_PARAMS
+    rows = audit_profile(profile, out, epsilons=epsilons, m=args.canaries, k_pos=args.k_pos, k_neg=args.k_neg,
+                         seed=args.seed, runs_dir=args.runs_dir)
+    for r in rows:
+        verdict = "ok" if r["eps_lower"] <= r["epsilon"] else "BROKEN: eps_lower > epsilon"
+        print(f"epsilon {r['epsilon']:g}: {r['correct']}/{r['k_pos'] + r['k_neg']} correct guesses on m={r['m']} "
+              f"canaries, eps_lower {r['eps_lower']:.3f} at delta {r['delta']:.3g} ({verdict})")
+    print(f"audit: {out / 'audit.csv'}")
+    return 0 if all(r["eps_lower"] <= r["epsilon"] for r in rows) else 1
 
 
 def run(profile, **options):

@@ -5,7 +5,8 @@ of training: NonDP, OpacusDP, FastDP, behind one interface and a name registry),
 state, atomic checkpoints, resume, steps.csv), `loop` (`train`), `privacy` (noise calibration and the
 independent epsilon check), `dp_hooks` (Opacus hooks, per-unit per-sample gradients), `fastclip`
 (exact per-unit clipping without per-example gradients), `grad_samplers` (GPT-2's Conv1D for Opacus),
-`distributed` (multi-process DP training).
+`distributed` (multi-process DP training), `audit` (the one-run empirical privacy audit behind
+`dpbias audit`: an epsilon lower bound that detects a broken mechanism).
 
 The public names below are re-exported here and resolved on first use, so importing one light module
 (e.g. `dpbias_utils.training.batching` from stage 03 or the base-model builder) does not import
