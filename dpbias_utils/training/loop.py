@@ -290,11 +290,15 @@ def _check_unit_count(privacy_unit: dict, train_df) -> None:
 
 def unit_record(train_df, stated: dict | None, epsilon: float | None, delta: float | None) -> dict:
     """privacy.json's ``privacy_unit``: stage 01's statement (``stated``; `PRIVACY_UNIT` without one),
-    the units' texts as trained (each unit's rows joined: distinct, most repeats) and, for a DP run,
+    the units' texts as trained (each unit's rows joined; token ids where the frame has no text: distinct, most repeats) and, for a DP run,
     `privacy.group_privacy` for the most-repeated text and the largest document."""
     from ..data.units import text_repeats
 
-    per_unit = train_df.groupby("unit_id", sort=True)["text"].agg(lambda rows: "\n".join(sorted(rows)))
+    if "text" in train_df.columns:
+        per_unit = train_df.groupby("unit_id", sort=True)["text"].agg(lambda rows: "\n".join(sorted(rows)))
+    else:  # token frames without their text: a unit's identity is its rows' token ids
+        per_unit = train_df.groupby("unit_id", sort=True)["input_ids"].agg(
+            lambda rows: "\n".join(sorted(" ".join(map(str, ids)) for ids in rows)))
     measured = text_repeats(per_unit.tolist())
     record = {"definition": PRIVACY_UNIT, **(stated or {}), "n_units": measured["n_texts"],
               "n_distinct_texts": measured["n_distinct_texts"],
