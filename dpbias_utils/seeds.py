@@ -25,6 +25,7 @@ Purposes:
   and that stage's prompt subsets and bootstraps.
 * ``cda``: stage 01, which training units counterfactual data augmentation swaps.
 * ``gradnorms``: stage 03, the subsample of units whose gradient norms are measured, its bootstraps.
+* ``audit``: the privacy audit (`training.audit`): which tokens are canaries, which canaries are included.
 """
 from __future__ import annotations
 
@@ -33,7 +34,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-PURPOSES = ("init", "sampling", "noise", "generation", "cda", "gradnorms")
+PURPOSES = ("init", "sampling", "noise", "generation", "cda", "gradnorms", "audit")
 SECRET_BITS = 128
 
 # Noise modes of DP training (`train.noise`): where the sampling and noise streams' entropy comes from,

@@ -17,7 +17,7 @@ def _uniforms(seed, purpose):
 
 
 def test_streams_of_seeds_0_to_4_are_pairwise_uncorrelated():
-    """5 seeds x every purpose = 30 streams, 435 pairs: |r| < 0.03 (null sd 1/sqrt(N) = 0.007, so a
+    """5 seeds x every purpose (7: 35 streams, 595 pairs): |r| < 0.03 (null sd 1/sqrt(N) = 0.007, so a
     pair of independent streams exceeds it with probability ~2e-5)."""
     keys = list(itertools.product(range(5), seeds.PURPOSES))
     draws = np.stack([_uniforms(s, p) for s, p in keys])

@@ -46,11 +46,11 @@ from typing import Sequence
 
 import numpy as np
 
+from .. import seeds
 from .batching import TrainingError
 from .privacy import PrivacyError
 
 ALPHA = 0.05                 # significance of the bound
-AUDIT_STREAM = 0xA0D17       # spawn key of the audit's random stream (canaries and inclusion bits)
 PREFIX_LEN = 1            # one shared prefix token: the whole loss of a canary unit is -log p(t_i | P)
 AUDIT_COLUMNS = ["epsilon", "delta", "m", "k_pos", "k_neg", "correct", "eps_lower", "alpha", "noise_multiplier",
                  "sample_rate", "steps", "n_units", "n_included", "epsilon_spent", "seed"]
@@ -140,9 +140,8 @@ class Canaries:
 
 
 def audit_rng(seed: int) -> np.random.Generator:
-    """The audit's own stream (never the sampler's, the noise's or the model's): SeedSequence(seed) at
-    spawn key AUDIT_STREAM."""
-    return np.random.default_rng(np.random.SeedSequence(int(seed), spawn_key=(AUDIT_STREAM,)))
+    """The audit's own stream (never the sampler's, the noise's or the model's): `seeds` purpose "audit"."""
+    return np.random.default_rng(seeds.sequence(seed, "audit"))
 
 
 def make_canaries(m: int, train_df, vocab_size: int, special_ids: Sequence[int], seed: int) -> Canaries:
@@ -297,7 +296,7 @@ def audit_profile(profile, out_dir, *, epsilons: Sequence[float] | None = None, 
     t = profile.train
     kwargs = dict(max_grad_norm=t.max_grad_norm, delta=t.delta, accountant=t.accountant, **t.for_run(True),
                   checkpoint_every=t.checkpoint_every, device=t.device, clipping=t.clipping, progress_points=(),
-                  freeze=tuple(t.freeze))
+                  freeze=tuple(t.freeze), noise=t.noise)
     base, units = profile_train_units(profile, seed, runs_dir)
     out_dir = Path(out_dir)
     rows = []
