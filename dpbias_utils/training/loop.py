@@ -102,7 +102,8 @@ def train(base_path: str, train_df, out_dir, *, epsilon: float | None, max_grad_
     eps_final = _final_epsilon(stepper, rows, epsilon) if stepper.private else None
     save_model_atomic(hf, tokenizer, out_dir / "model")
     write_steps_csv(rows, out_dir / "steps.csv")
-    write_json(_privacy_record(plan, dataset, epsilon, eps_final, stepper_name, m), out_dir / "privacy.json")
+    write_json(_privacy_record(plan, dataset, epsilon, eps_final, stepper_name, m,
+                               getattr(stepper, "privacy_notes", dict)()), out_dir / "privacy.json")
     result = {"request": request, "out_dir": str(out_dir), "model_dir": str(out_dir / "model"), "dp": plan.dp,
               "method": m.name, "private": m.private,
               "steps": plan.steps, "epsilon_target": epsilon, "epsilon_spent": eps_final, "delta": plan.delta,
@@ -291,11 +292,14 @@ _NOT_PRIVATE = {
 }
 
 
-def _privacy_record(plan: Plan, dataset: UnitDataset, epsilon, eps_final, stepper_name: str, m: Method) -> dict:
-    dp = plan.dp
-    return {"method": m.name, "private": m.private, "epsilon_target": epsilon, "epsilon_spent": eps_final, "delta": plan.delta, "noise_multiplier": plan.sigma,
+def _privacy_record(plan: Plan, dataset: UnitDataset, epsilon, eps_final, stepper_name: str, m: Method,
+                    extra: dict | None = None) -> dict:
+    """privacy.json; `extra`: what a stepper adds (`GlobalScaling.privacy_notes`: Z, the noise split)."""
+    dp, extra = plan.dp, extra or {}
+    return {"method": m.name, "private": m.private, "epsilon_target": epsilon, "epsilon_spent": eps_final,
+            "delta": plan.delta, "noise_multiplier": plan.sigma,
             "sample_rate": plan.sample_rate if dp else None, "steps": plan.steps, "n_units": plan.n_units,
             "n_rows": dataset.n_rows, "expected_batch_size": plan.expected_batch_size if dp else None,
             "logical_batch_size": plan.logical_batch_size, "accountant": plan.accountant if dp else None,
             "max_grad_norm": plan.max_grad_norm if dp else None, "clipping": stepper_name if dp else None,
-            "privacy_unit": PRIVACY_UNIT, "note": None if m.private else _NOT_PRIVATE[m.name]}
+            "privacy_unit": PRIVACY_UNIT, "note": None if m.private else _NOT_PRIVATE[m.name], **extra}

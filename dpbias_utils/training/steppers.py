@@ -377,6 +377,10 @@ class GlobalScaling(FastDP):
     def unit_factor(self):
         return fastclip.global_factor(self.plan.max_grad_norm, self.z)
 
+    def privacy_notes(self) -> dict:
+        """For privacy.json: the threshold Z at the end of the run and the noise on the gradient sum."""
+        return {"global_z_final": self.z, "gradient_noise_multiplier": self.dp_opt.noise_multiplier}
+
     def state_dict(self) -> dict:
         return {**super().state_dict(), "global_z": self.z}
 
@@ -419,6 +423,11 @@ class GlobalAdapt(GlobalScaling):
 
     def noise_multiplier(self) -> float:
         return adapt_noise(self.plan.sigma, self.count_noise)
+
+    def privacy_notes(self) -> dict:
+        return {**super().privacy_notes(), "count_noise": self.count_noise,
+                "accounting": "gradient (noise gradient_noise_multiplier * C) and centred count (sensitivity 1/2, "
+                              "noise count_noise) accounted together as one Gaussian of multiplier noise_multiplier"}
 
     def _account(self, _optimizer) -> None:
         self.accountant.step(noise_multiplier=self.plan.sigma, sample_rate=self.plan.sample_rate)

@@ -160,6 +160,9 @@ def test_privacy_json_says_which_methods_are_private(base, tmp_path, method, eps
         assert priv["note"] is None and priv["epsilon_spent"] <= 3.0
         assert priv["epsilon_spent"] == pytest.approx(
             epsilon_spent(priv["noise_multiplier"], 8 / 24, 1, priv["delta"], "rdp"), rel=1e-9)
+        if method == "global-adapt":  # the raised gradient noise and the count noise give back sigma
+            joint = (priv["gradient_noise_multiplier"] ** -2 + (2 * priv["count_noise"]) ** -2) ** -0.5
+            assert joint == pytest.approx(priv["noise_multiplier"], rel=1e-12)
     else:  # never a finite epsilon, and a sentence why
         assert priv["epsilon_spent"] is None and "not private" in priv["note"]
     assert res["request"]["method"] == method
@@ -198,5 +201,34 @@ def test_unknown_method_or_epsilon_mismatch_refused_before_training(base, tmp_pa
     assert not any(tmp_path.iterdir())
 
 
-def test_nondp_stepper_is_not_private():
+def test_each_method_and_its_stepper_agree_on_privacy():
+    from dpbias_utils.training import METHODS, stepper_class
+
     assert NonDP.private is False
+    for m in METHODS.values():
+        for name in [m.stepper] if m.stepper else ["fast", "opacus"]:
+            assert stepper_class(name).private is m.private, (m.name, name)
+
+
+def test_global_adapt_resumes_with_its_z(base, tmp_path):
+    """Z and the running count are checkpointed: a run killed after step 2 resumes to the same weights."""
+    from safetensors.torch import load_file
+
+    kw = {**KW, "epochs": 1.0, "checkpoint_every": 1, "global_z": GlobalZ(0.5, z_lr=1.0)}
+
+    class Kill(Exception):
+        pass
+
+    def die(step):
+        if step == 2:
+            raise Kill
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    res_a = train(base, frame(24), a, epsilon=3.0, method="global-adapt", **kw)
+    with pytest.raises(Kill):
+        train(base, frame(24), b, epsilon=3.0, method="global-adapt", **kw, on_step=die)
+    res_b = train(base, frame(24), b, epsilon=3.0, method="global-adapt", **kw)
+    assert res_a["steps"] == 3 and res_b["resumed_from"] == 2
+    wa, wb = (load_file(str(d / "model" / "model.safetensors")) for d in (a, b))
+    for k in wa:
+        assert torch.equal(wa[k], wb[k]), k
