@@ -100,7 +100,7 @@ def test_privacy_table_says_which_ablation_runs_are_private():
     from dpbias_utils.results.findings import _privacy_md
 
     md = "\n".join(_privacy_md({"privacy": privacy}))
-    assert "global-adapt · DP ε=3 | 1 | 2.99" in md and "noise-only" not in md and "clip-only" not in md
+    assert "| global-adapt · DP ε=3 |" in md and "| 2.99 |" in md and "noise-only" not in md and "clip-only" not in md
 
 
 def test_seed_intervals_stay_inside_bounds():
