@@ -151,7 +151,8 @@ def _privacy_md(tables) -> list[str]:
     rows = []
     for (method, eps), g in p.fillna({"method": "dp-adam"}).groupby(["method", "epsilon_target"]):
         spent = g["epsilon_spent"].astype(float)
-        rows.append([("" if method == "dp-adam" else f"{method} · ") + f"DP ε={eps:g}", len(g), fmt_number(spent.max()), " / ".join(fmt_number(d) for d in sorted(set(g["delta"]))),
+        label = ("" if method == "dp-adam" else f"{method} · ") + f"DP ε={eps:g}"
+        rows.append([label, len(g), fmt_number(spent.max()), " / ".join(fmt_number(d) for d in sorted(set(g["delta"]))),
                      " / ".join(fmt_number(v) for v in sorted(set(g["noise_multiplier"].round(4)))),
                      " / ".join(fmt_number(v) for v in sorted(set(g["sample_rate"].round(6)))),
                      " / ".join(fmt_number(v) for v in sorted(set(g["steps"]))),
