@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Optional
 
 from . import paths
-from .params import BUILTIN, HUB_MODELS, Profile, looks_like_path, resolve_path
+from .params import BUILTIN, HUB_MODELS, Profile, looks_like_path, method_of, resolve_path
 
 THROUGHPUT_CSV = paths.REPO_ROOT / "benchmarks" / "throughput.csv"
 
@@ -331,7 +331,7 @@ def estimate(profile: Profile, gpus: Optional[list[str]] = None, throughput_csv:
         p = n.point
         extra = p["mixing_ratio"] * size.gendered_share if p["cda_mode"] == "augment" else 0.0
         rows_per_unit = 1.0 + extra
-        run = t.for_run(p["epsilon"] is not None)  # DP runs follow the profile's `train.dp` rule
+        run = t.for_run(p["epsilon"] is not None, method_of(p))  # DP-batched runs follow `train.dp`
         steps = max(1, int(round(run["epochs"] * size.n_units / run["logical_batch_size"])))
         tokens = run["epochs"] * size.tokens * rows_per_unit
         compute = run["epochs"] * size.n_units * rows_per_unit * size.padded_len

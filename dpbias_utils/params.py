@@ -21,6 +21,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from . import paths
+from .training.methods import METHODS, default_method, method_problem
 
 HUB_MODELS = ("distilgpt2", "gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
 BUILTIN = "builtin"
@@ -29,6 +30,7 @@ PositiveInt = Annotated[int, Field(gt=0)]
 PositiveFloat = Annotated[float, Field(gt=0)]
 UnitFloat = Annotated[float, Field(ge=0, le=1)]
 OpenUnitFloat = Annotated[float, Field(gt=0, lt=1)]
+MethodName = Literal[tuple(METHODS)]  # type: ignore[valid-type]  (the registry's names)
 
 
 class ParamsError(ValueError):
@@ -149,12 +151,29 @@ class TrainParams(Section):
     progress_points: list[Annotated[int, Field(ge=0, le=100)]] = [0, 25, 50, 100]
     freeze: list[Literal["embeddings"]] = []   # parameter groups not trained (DP and non-DP alike)
     dp: DPRule = DPRule()
+    # Ablation methods (grid `method`, `dpbias_utils.training.methods`); each is read only by the methods
+    # that use it, and only those runs' ids depend on it (`METHOD_TRAIN_KEYS`). Rules fixed before any run,
+    # never tuned on a bias outcome:
+    # sgd_lr: dp-sgd's SGD learning rate (the `lr`s above are Adam's); required when the grid has dp-sgd.
+    sgd_lr: Optional[PositiveFloat] = None
+    # global_z: DPSGD-Global's threshold Z (units at or below Z are scaled by C/Z, above it clipped to C),
+    # and Global-Adapt's starting Z. Chosen from no data: it must not be read off stage 03's norms.
+    global_z: PositiveFloat = 1.0
+    # Global-Adapt (Andrew et al. 2021): Z follows the `global_quantile` of the unit gradient norms,
+    # Z <- Z exp(-global_z_lr (b - global_quantile)), b the noisy fraction of units at or below Z whose
+    # count noise has std `global_count_noise` (null: expected batch / 20, Andrew et al.'s choice).
+    global_quantile: OpenUnitFloat = 0.9
+    global_z_lr: PositiveFloat = 0.2
+    global_count_noise: Optional[PositiveFloat] = None
 
-    def for_run(self, dp: bool) -> dict:
-        """epochs, lr, logical and physical batch of one run: DP runs take `dp`'s values where set."""
+    def for_run(self, dp: bool, method: str | None = None) -> dict:
+        """epochs, lr, logical and physical batch of one run: DP runs (every method but nondp: they all
+        draw Poisson batches) take `dp`'s values where set; dp-sgd's lr is `sgd_lr`."""
         out = {k: getattr(self, k) for k in ("epochs", "lr", "logical_batch_size", "physical_batch_size")}
-        if dp:
+        if dp or (method is not None and method != "nondp"):
             out.update({k: v for k, v in self.dp.model_dump().items() if v is not None})
+        if method is not None and METHODS[method].optimizer == "sgd":
+            out["lr"] = self.sgd_lr
         return out
 
     @field_validator("progress_points")
@@ -210,15 +229,19 @@ class EvaluationParams(Section):
 
 # --------------------------------------------------------------------------- grid and execution
 class GridBlock(Section):
-    """One cartesian block; `epsilon: null` is the non-DP condition."""
+    """One cartesian block; `epsilon: null` is the non-DP condition. `method` (optional): the ways of
+    training (`dpbias_utils.training.methods`), crossed with the rest; when absent, nondp for
+    `epsilon: null` and dp-adam for a number. A method that needs an epsilon (dp-*, noise-only,
+    global*) takes the numbers of `epsilon`, one that does not (nondp, clip-only) takes `null`."""
 
     epsilon: list[Optional[PositiveFloat]]
     mixing_ratio: list[UnitFloat] = [0.0]
     cda_mode: list[Literal["substitute", "augment"]] = ["substitute"]
     seed: list[int] = [0]
     max_grad_norm: Optional[list[PositiveFloat]] = None
+    method: Optional[list[MethodName]] = None
 
-    @field_validator("epsilon", "mixing_ratio", "cda_mode", "seed", "max_grad_norm")
+    @field_validator("epsilon", "mixing_ratio", "cda_mode", "seed", "max_grad_norm", "method")
     @classmethod
     def _nonempty(cls, v):
         if v is not None and len(v) == 0:
@@ -268,8 +291,8 @@ class Profile(Section):
         seen, out = set(), []
         for block in self.grid:
             clips = block.max_grad_norm or [self.train.max_grad_norm]
-            for eps, ratio, mode, seed, clip in itertools.product(
-                block.epsilon, block.mixing_ratio, block.cda_mode, block.seed, clips
+            for eps, ratio, mode, seed, clip, method in itertools.product(
+                block.epsilon, block.mixing_ratio, block.cda_mode, block.seed, clips, block.method or [None]
             ):
                 point = {
                     "epsilon": eps,
@@ -278,6 +301,8 @@ class Profile(Section):
                     "seed": seed,
                     "max_grad_norm": float(clip),
                 }
+                if method is not None and method != default_method(eps):
+                    point["method"] = method  # the default method is left implicit: today's ids stay
                 key = tuple(point.values())
                 if key not in seen:
                     seen.add(key)
@@ -290,6 +315,23 @@ class Profile(Section):
 # id uses the slug "nondp" (`pipeline.graph`); results.csv stores epsilon = inf with dp = False (a
 # number column); wherever a person reads it, it is `privacy_label`'s "non-DP" or "DP ε=3".
 NON_DP = "non-DP"
+
+
+# The train keys only some methods read: a run's id depends on them only when its method reads them.
+METHOD_TRAIN_KEYS = {"dp-sgd": ("sgd_lr",), "global": ("global_z",),
+                     "global-adapt": ("global_z", "global_quantile", "global_z_lr", "global_count_noise")}
+
+
+def train_keys_of(train: dict, point: dict) -> dict:
+    """A dump of the train section without the method-only keys the point's method does not read."""
+    used = METHOD_TRAIN_KEYS.get(method_of(point), ())
+    unused = {k for keys in METHOD_TRAIN_KEYS.values() for k in keys} - set(used)
+    return {k: v for k, v in train.items() if k not in unused}
+
+
+def method_of(point: dict) -> str:
+    """The way of training of a grid point (`Profile.points`): its `method`, else nondp / dp-adam."""
+    return point.get("method") or default_method(point.get("epsilon"))
 
 
 def privacy_label(epsilon) -> str:
@@ -410,6 +452,22 @@ def _check_paths(profile: Profile) -> list[tuple[str, Any, str]]:
     if profile.train.physical_batch_size > profile.train.logical_batch_size:
         problems.append(("train.physical_batch_size", profile.train.physical_batch_size,
                          f"must be <= train.logical_batch_size ({profile.train.logical_batch_size})"))
+    return problems + _check_methods(profile)
+
+
+def _check_methods(profile: Profile) -> list[tuple[str, Any, str]]:
+    """(field, value, problem) for grid methods that cannot run with the block's epsilons or settings."""
+    problems = []
+    for i, block in enumerate(profile.grid):
+        for method in block.method or []:
+            for eps in block.epsilon:
+                problem = method_problem(method, eps)
+                if problem is not None:
+                    problems.append((f"grid[{i}].method", method, f"with epsilon {eps!r}: {problem}"))
+                    break
+            if METHODS[method].optimizer == "sgd" and profile.train.sgd_lr is None:
+                problems.append(("train.sgd_lr", None, f"grid[{i}] has method {method!r}, which needs SGD's learning "
+                                 "rate (train.lr is Adam's): set train.sgd_lr, fixed before any run"))
     return problems
 
 

@@ -77,7 +77,10 @@ def point_label(point: dict, run_id: Optional[str] = None, stage: str = "02") ->
     if stage == "05":
         return "whole study"
     eps = point.get("epsilon")
-    priv = privacy_label(eps) + (f" (C={point['max_grad_norm']:g})" if eps is not None and point.get("max_grad_norm") else "")
+    clipped = eps is not None or point.get("method") == "clip-only"
+    priv = privacy_label(eps) + (f" (C={point['max_grad_norm']:g})" if clipped and point.get("max_grad_norm") else "")
+    if point.get("method"):  # a non-default way of training (`training.methods`)
+        priv = f"{point['method']} · {priv}"
     return f"{priv} · {cda} · {seed}"
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Iterable, Optional
 
 from .. import paths
-from ..params import Profile
+from ..params import Profile, train_keys_of
 
 STAGES = ("01", "02", "03", "04", "05")
 DATA_KEYS = ("mixing_ratio", "cda_mode", "seed")
@@ -58,8 +58,13 @@ def data_label(point: dict) -> str:
 
 
 def train_label(point: dict) -> str:
+    """`eps8_C0.1_cda0-sub_s0`, `nondp_...`; a non-default method leads: `clip-only_C0.1_...`, `dp-sgd_eps8_C0.1_...`."""
     eps = point["epsilon"]
-    privacy = "nondp" if eps is None else f"eps{_fmt(eps)}_C{_fmt(point['max_grad_norm'])}"
+    clip = f"C{_fmt(point['max_grad_norm'])}"
+    if point.get("method"):
+        privacy = point["method"] + ("" if eps is None else f"_eps{_fmt(eps)}") + f"_{clip}"
+    else:
+        privacy = "nondp" if eps is None else f"eps{_fmt(eps)}_{clip}"
     return f"{privacy}_{data_label(point)}"
 
 
@@ -80,7 +85,7 @@ def plan(profile: Profile) -> list[Node]:
     points = profile.points()
     for point in points:
         n01 = data_node(point)
-        tkey = ["02", dump["train"], dump["model"], point, n01.node_id]
+        tkey = ["02", train_keys_of(dump["train"], point), dump["model"], point, n01.node_id]
         n02 = add(Node("02", f"{train_label(point)}-{_hash(tkey)}", point, {"01": [n01.node_id]}))
         n02.run_id = n02.node_id
         up = {"01": [n01.node_id], "02": [n02.node_id]}

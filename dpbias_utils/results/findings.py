@@ -12,6 +12,7 @@ from .. import paths
 from ..bias.perplexity import CORPUS as PPL
 from ..params import NON_DP, privacy_label
 from ..seeds import NOISE_LABEL
+from ..training.methods import default_method
 from . import claims
 from .figures import TOXICITY_SCORES, figure_list
 from .tables import association_summary, condition_order, epsilon_of, seed_summary, table1
@@ -141,13 +142,18 @@ def _privacy_md(tables) -> list[str]:
     from ..plots import fmt_number
 
     p = tables.get("privacy", pd.DataFrame())
-    p = p[p["epsilon_target"].notna()] if len(p) else p
+    if len(p):  # private runs only: a noise-only run has an ε target but earns none (privacy.json `private`)
+        private = p["private"].fillna(True).astype(bool) if "private" in p else True
+        p = p[p["epsilon_target"].notna() & private]
     if p.empty:
         return []
+    if "method" not in p:
+        p = p.assign(method="dp-adam")
     rows = []
-    for eps, g in p.groupby("epsilon_target"):
+    for (method, eps), g in p.fillna({"method": "dp-adam"}).groupby(["method", "epsilon_target"]):
         spent = g["epsilon_spent"].astype(float)
-        rows.append([f"DP ε={eps:g}", " / ".join(sorted({noise_label(m) for m in g.get("noise_mode", [None])})), len(g),
+        label = ("" if method == "dp-adam" else f"{method} · ") + f"DP ε={eps:g}"
+        rows.append([label, " / ".join(sorted({noise_label(m) for m in g.get("noise_mode", [None])})), len(g),
                      fmt_number(spent.max()), " / ".join(fmt_number(d) for d in sorted(set(g["delta"]))),
                      " / ".join(fmt_number(v) for v in sorted(set(g["noise_multiplier"].round(4)))),
                      " / ".join(fmt_number(v) for v in sorted(set(g["sample_rate"].round(6)))),
@@ -191,8 +197,9 @@ def noise_label(mode) -> str:
 
 
 def privacy_table(privacy: pd.DataFrame, results: pd.DataFrame) -> pd.DataFrame:
-    """One readable row per training run: condition in words, ε target / spent ("non-DP" spelled
-    out), exact δ (6.98e-5, not 0.0001), σ, q, steps, N, accountant."""
+    """One readable row per training run: condition in words, the way of training and whether it is
+    private (privacy.json's `private`), ε target / spent ("non-DP" spelled out; ∞ for a run that is not
+    private), exact δ (6.98e-5, not 0.0001), σ, q, steps, N, accountant."""
     from ..plots import fmt_number
 
     if privacy.empty:
@@ -202,12 +209,18 @@ def privacy_table(privacy: pd.DataFrame, results: pd.DataFrame) -> pd.DataFrame:
     for _, r in privacy.iterrows():
         c = cond.loc[r["run_id"]] if r["run_id"] in cond.index else None
         dp = pd.notna(r["epsilon_target"])
+        method = r["method"] if "method" in r and pd.notna(r["method"]) else default_method(r["epsilon_target"] if dp else None)
+        private = bool(r["private"]) if "private" in r and pd.notna(r["private"]) else dp
         label = privacy_label(r["epsilon_target"] if dp else None)
+        if method != default_method(r["epsilon_target"] if dp else None):
+            label = f"{method} · {label}"
         if c is not None:
             label += f" · CDA {float(c['mixing_ratio']):g} · seed {int(c['seed'])}"
-        rows.append({"condition": label, "noise": noise_label(r.get("noise_mode")) if dp else "–",
+        rows.append({"condition": label, "method": method, "private": "yes" if private else "no",
+                     "noise": noise_label(r.get("noise_mode")) if dp else "–",
                      "ε target": fmt_number(r["epsilon_target"]) if dp else NON_DP,
-                     "ε spent": fmt_number(r["epsilon_spent"]) if dp else f"∞ ({NON_DP})",
+                     "ε spent": (fmt_number(r["epsilon_spent"]) if private
+                                 else f"∞ ({NON_DP})" if method == "nondp" else "∞ (not private)"),
                      "δ": fmt_number(r["delta"]) if dp else "–", "noise σ": fmt_number(r["noise_multiplier"]) if dp else "–",
                      "sampling rate q": fmt_number(r["sample_rate"]) if dp else "–", "steps": fmt_number(r["steps"]),
                      "privacy units N": fmt_number(r["n_units"]),

@@ -28,8 +28,8 @@ from . import claims
 
 CONDITION_COLUMNS = ["run_id", "model", "dp", "epsilon", "max_grad_norm", "mixing_ratio", "cda_mode", "seed"]
 RESULT_COLUMNS = CONDITION_COLUMNS + ["metric", "group", "value", "ci_low", "ci_high", "n"]
-PRIVACY_COLUMNS = ["run_id", "epsilon_target", "epsilon_spent", "delta", "noise_multiplier", "sample_rate",
-                   "steps", "n_units", "accountant", "noise_mode"]
+PRIVACY_COLUMNS = ["run_id", "method", "private", "epsilon_target", "epsilon_spent", "delta", "noise_multiplier",
+                   "sample_rate", "steps", "n_units", "accountant", "noise_mode"]
 GRAD_SPLITS = ("female", "male", "diff", "stereotypical", "anti_stereotypical", "stereo_minus_anti")
 # stage 03 names its contrast rows "<a>-<b>"; the results tables call female - male "diff".
 GRAD_SPLIT_NAMES = {"female-male": "diff", "stereotypical-anti_stereotypical": "stereo_minus_anti"}
@@ -114,7 +114,7 @@ def collect_tables(upstream: dict[str, list[str]], model_name: str) -> dict[str,
             "ci_low": final["ci_low"], "ci_high": final["ci_high"], "n": final["n"]}).assign(**cond))
     for folder in map(Path, upstream.get("02", [])):
         params = _node_json(folder)
-        rec = json.loads((folder / "privacy.json").read_text())
+        rec = privacy_of(json.loads((folder / "privacy.json").read_text()))
         privacy.append({"run_id": params["run_id"], **{k: rec.get(k) for k in PRIVACY_COLUMNS if k != "run_id"}})
     results = pd.concat(rows, ignore_index=True)[RESULT_COLUMNS] if rows else pd.DataFrame(columns=RESULT_COLUMNS)
     privacy_df = pd.DataFrame(privacy, columns=PRIVACY_COLUMNS)
@@ -124,6 +124,15 @@ def collect_tables(upstream: dict[str, list[str]], model_name: str) -> dict[str,
     items_df = pd.concat(items, ignore_index=True)[ITEM_COLUMNS] if items else pd.DataFrame(columns=ITEM_COLUMNS)
     traj_df = pd.concat(traj, ignore_index=True) if traj else pd.DataFrame()
     return {"results": results, "privacy": privacy_df, "gradnorms": grad_df, "items": items_df, "trajectory": traj_df}
+
+
+def privacy_of(rec: dict) -> dict:
+    """A run's privacy.json with `method` and `private` filled in for runs recorded before issue 16 (their
+    method is nondp / dp-adam by epsilon, and a dp-adam run is private)."""
+    from ..training.methods import METHODS, default_method
+
+    method = rec.get("method") or default_method(rec.get("epsilon_target"))
+    return {**rec, "method": method, "private": rec.get("private", METHODS[method].private)}
 
 
 def node_items(folder: Path) -> pd.DataFrame:

@@ -5,8 +5,9 @@ of training: NonDP, OpacusDP, FastDP, behind one interface and a name registry),
 state, atomic checkpoints, resume, steps.csv), `loop` (`train`), `privacy` (noise calibration and the
 independent epsilon check), `dp_hooks` (Opacus hooks, per-unit per-sample gradients), `fastclip`
 (exact per-unit clipping without per-example gradients), `grad_samplers` (GPT-2's Conv1D for Opacus),
-`distributed` (multi-process DP training), `audit` (the one-run empirical privacy audit behind
-`dpbias audit`: an epsilon lower bound that detects a broken mechanism).
+`distributed` (multi-process DP training), `methods` (the ways of training a profile names: dp-adam,
+dp-sgd and the issue-16 ablations), `audit` (the one-run empirical privacy audit behind `dpbias audit`:
+an epsilon lower bound that detects a broken mechanism).
 
 The public names below are re-exported here and resolved on first use, so importing one light module
 (e.g. `dpbias_utils.training.batching` from stage 03 or the base-model builder) does not import
@@ -23,8 +24,11 @@ _EXPORTS = {
     "dp_hooks": ("prepare_dp", "dp_backward", "sum_rows_per_unit", "per_sample_norms", "_hf_module", "_is_tied"),
     "privacy": ("PrivacyError", "calibrate_noise", "default_delta", "epsilon_spent", "ACCOUNTANTS"),
     "steppers": ("Plan", "Physical", "Stepper", "NonDP", "OpacusDP", "FastDP", "STEPPERS", "register",
-                 "stepper_class", "make_stepper"),
-    "loop": ("train", "training_method", "make_plan", "CLIPPING_MODES", "PRIVACY_UNIT", "FREEZABLE", "_fastclip"),
+                 "stepper_class", "make_stepper", "GlobalZ", "ClipOnly", "NoiseOnly", "GlobalScaling", "GlobalAdapt",
+                 "adapt_noise"),
+    "methods": ("METHODS", "Method", "default_method", "method_problem"),
+    "loop": ("train", "training_method", "resolve_method", "make_optimizer", "make_plan", "CLIPPING_MODES",
+             "PRIVACY_UNIT", "FREEZABLE", "_fastclip"),
 }
 _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
 _WHERE["load_base"] = "..basemodel"  # the loop's model loader, kept reachable as training.load_base

@@ -58,8 +58,8 @@ from ..basemodel import load_base, save_model_atomic
 from .batching import TrainingError, UnitDataset, chunks, n_units, per_unit_loss, shuffled_batches, to_device
 from .checkpoint import Checkpoints, frame_fingerprint, seed_everything, write_json, write_steps_csv
 from .dp_hooks import _is_tied, check_sample_rate, check_tie_kept, dp_backward, make_private_units, per_sample_norms
-from .loop import (_check_numbers, _final_epsilon, _privacy_record, make_plan, run_steps, training_method,
-                   unit_record)
+from .loop import (_check_numbers, _final_epsilon, _privacy_record, make_plan, resolve_method, run_steps,
+                   training_method, unit_record)
 from .privacy import PrivacyError, epsilon_spent
 from .steppers import NonDP, Physical, Plan, _DPOptimizerStepper
 
@@ -322,7 +322,8 @@ def train_distributed(base_path: str, train_df, out_dir, *, epsilon: Optional[fl
               desc=f"rank {rank}", on_step=on_step)
     eps_spent = _final_epsilon(stepper, rows, math.inf if epsilon is None else epsilon) if plan.dp else None
     unit = unit_record(train_df, None, eps_spent, plan.delta)
-    result = {**_privacy_record(plan, dataset, epsilon, eps_spent, "opacus" if plan.dp else None, unit),
+    result = {**_privacy_record(plan, dataset, epsilon, eps_spent, "opacus" if plan.dp else None,
+                                resolve_method(epsilon, None), unit),
               "world_size": world, "noise_mode": plan.noise, "sampling": SAMPLING if plan.dp else None, "noise": NOISE if plan.dp else None}
     if rank == 0:
         save_model_atomic(stepper.module, tokenizer, out / "model")

@@ -54,7 +54,7 @@ from __future__ import annotations
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -71,6 +71,10 @@ __all__ = [
     "SUPPORTED_MODULE_TYPES",
     "UnsupportedModuleError",
     "clipped_grad_sum",
+    "scaled_grad_sum",
+    "clip_factor",
+    "global_factor",
+    "unit_factor_one",
     "per_unit_grad_norms",
     "row_lm_losses",
     "make_dp_optimizer",
@@ -478,7 +482,7 @@ def _bookkeep(cap: _Capture, units: _Units, c_row: Tensor, timer: _Timer) -> Non
 # --------------------------------------------------------------------------- API
 
 
-def _run(model: nn.Module, batch: dict, max_grad_norm: Optional[float], timer: _Timer) -> Tensor:
+def _run(model: nn.Module, batch: dict, factor: Optional[Callable[[Tensor], Tensor]], timer: _Timer) -> Tensor:
     cap = _Capture(model)
     units = _Units.from_batch(batch)
     if units.unit_index.numel() != batch["input_ids"].shape[0]:
@@ -493,9 +497,8 @@ def _run(model: nn.Module, batch: dict, max_grad_norm: Optional[float], timer: _
         del loss
     sq = _unit_sq_norms(cap, units, timer)
     norms = sq.clamp(min=0).sqrt()
-    if max_grad_norm is not None:
-        c_unit = (max_grad_norm / (norms + 1e-6)).clamp(max=1.0)
-        c_row = c_unit[units.unit_index]
+    if factor is not None:
+        c_row = factor(norms)[units.unit_index]
         _bookkeep(cap, units, c_row, timer)
     dtype = cap.params[0].dtype if cap.params else torch.float32
     return norms.to(dtype)
@@ -510,19 +513,45 @@ def per_unit_grad_norms(model: nn.Module, batch: dict) -> Tensor:
     return _run(model, batch, None, _Timer(False))
 
 
-def clipped_grad_sum(model: nn.Module, batch: dict, max_grad_norm: float, *, timings: Optional[dict] = None) -> Tensor:
-    """One forward + one backward; returns the per-unit norms ``(U,)`` and sets, for every
-    trainable parameter, ``p.grad = sum_u min(1, C/(||g_u||+1e-6)) g_u`` (no noise, no averaging;
-    any previous ``p.grad`` is overwritten). ``timings``: optional dict filled with seconds per
-    phase (forward, backward, norms by layer type, book-keeping sum).
-    """
+def clip_factor(max_grad_norm: float) -> Callable[[Tensor], Tensor]:
+    """``c_u = min(1, C/(||g_u||+1e-6))``: per-unit clipping at C (DP-SGD)."""
     if not max_grad_norm > 0:
         raise ValueError("max_grad_norm must be > 0")
+    C = float(max_grad_norm)
+    return lambda norms: (C / (norms + 1e-6)).clamp(max=1.0)
+
+
+def global_factor(max_grad_norm: float, z: float) -> Callable[[Tensor], Tensor]:
+    """``c_u = C / max(Z, ||g_u||+1e-6)``: every unit scaled by C/Z, those above Z clipped to norm C
+    (DPSGD-Global-Adapt's scaling, Esipova et al. 2023); ``||c_u g_u|| <= C`` for every unit."""
+    if not (max_grad_norm > 0 and z > 0):
+        raise ValueError(f"max_grad_norm={max_grad_norm} and Z={z} must be > 0")
+    C, Z = float(max_grad_norm), float(z)
+    return lambda norms: C / (norms + 1e-6).clamp(min=Z)
+
+
+def unit_factor_one(norms: Tensor) -> Tensor:
+    """``c_u = 1``: the plain (unclipped) sum of the unit gradients."""
+    return torch.ones_like(norms)
+
+
+def scaled_grad_sum(model: nn.Module, batch: dict, factor: Callable[[Tensor], Tensor], *,
+                    timings: Optional[dict] = None) -> Tensor:
+    """One forward + one backward; returns the per-unit norms ``(U,)`` and sets, for every
+    trainable parameter, ``p.grad = sum_u c_u g_u`` with ``c = factor(norms)`` ``(U,)`` (no noise, no
+    averaging; any previous ``p.grad`` is overwritten). ``timings``: optional dict filled with
+    seconds per phase (forward, backward, norms by layer type, book-keeping sum).
+    """
     timer = _Timer(timings is not None)
-    norms = _run(model, batch, float(max_grad_norm), timer)
+    norms = _run(model, batch, factor, timer)
     if timings is not None:
         timings.update(timer.t)
     return norms
+
+
+def clipped_grad_sum(model: nn.Module, batch: dict, max_grad_norm: float, *, timings: Optional[dict] = None) -> Tensor:
+    """``scaled_grad_sum`` with ``clip_factor(C)``: ``p.grad = sum_u min(1, C/(||g_u||+1e-6)) g_u``."""
+    return scaled_grad_sum(model, batch, clip_factor(max_grad_norm), timings=timings)
 
 
 def make_dp_optimizer(optimizer, *, noise_multiplier: float, max_grad_norm: float, expected_batch_size: float,

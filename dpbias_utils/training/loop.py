@@ -35,7 +35,8 @@ from .batching import TrainingError, UnitDataset, n_units
 from .checkpoint import (DONE_FILE, PRIVATE_STATISTICS, Checkpoints, StepLog, finished_run, frame_fingerprint,
                          seed_everything, write_json, write_steps_csv)
 from .privacy import PrivacyError, calibrate_noise, default_delta, epsilon_spent, group_privacy
-from .steppers import Plan, Stepper, check_noise_mode, make_stepper
+from .methods import METHODS, Method, default_method, method_problem
+from .steppers import GlobalZ, Plan, Stepper, check_noise_mode, make_stepper
 
 CLIPPING_MODES = ("opacus", "fast")
 PRIVACY_UNIT = ("one original text chunk (unit_id) of at most block_size tokens; in CDA augment mode its "
@@ -53,11 +54,15 @@ def train(base_path: str, train_df, out_dir, *, epsilon: float | None, max_grad_
           physical_batch_size: int = 32, lr: float = 1e-3, seed: int = 0, checkpoint_every: int = 50,
           device: str = "auto", clipping: str = "opacus", progress_points: Sequence[int] = (0, 25, 50, 100),
           dropout: float | None = None, freeze: Sequence[str] = (), noise: str = "secret",
-          on_step: Callable[[int], None] | None = None, privacy_unit: dict | None = None) -> dict:
+          on_step: Callable[[int], None] | None = None, privacy_unit: dict | None = None, method: str | None = None,
+          global_z: GlobalZ | None = None) -> dict:
     """Fine-tune `base_path` on `train_df` (DP when `epsilon` is a number, non-DP when None).
 
     `noise`: "secret" (sampling and noise from a CSPRNG secret never written: a private release) or
     "reproducible" (from `seed`: a simulation of DP); see the module docstring.
+    `method` (`methods.METHODS`; None: nondp without epsilon, dp-adam with one) picks the way of
+    training; `lr` is its optimizer's (Adam's, or SGD's for dp-sgd); `global_z` is the threshold of the
+    global methods. privacy.json says whether the run is private.
 
     Writes model/, progress/pct_<p>/, checkpoints/, steps.csv, privacy.json and a DONE.json marker
     into out_dir and returns the result dict (the recorded one if the run had already finished).
@@ -72,10 +77,17 @@ def train(base_path: str, train_df, out_dir, *, epsilon: float | None, max_grad_
                "seed": seed, "clipping": clipping, "dropout": dropout, "noise": noise}
     if freeze:
         request["freeze"] = sorted(freeze)
+    m = resolve_method(epsilon, method)
+    if m.name != default_method(epsilon):  # today's runs keep today's request (and so resume / stay done)
+        request["method"] = m.name
+    if m.stepper in ("global", "global-adapt"):
+        if global_z is None:
+            raise TrainingError(f"method={m.name!r} needs global_z (train.global_z: the threshold Z)")
+        request["global_z"] = dataclasses.asdict(global_z)
     recorded = finished_run(out_dir, request)
     if recorded is not None:
         return recorded
-    method = training_method(epsilon, clipping)
+    stepper_name = training_method(epsilon, clipping, m.name)
     check_noise_mode(noise)
     _check_numbers(logical_batch_size=logical_batch_size, physical_batch_size=physical_batch_size,
                    checkpoint_every=checkpoint_every, epochs=epochs, lr=lr, max_grad_norm=max_grad_norm,
@@ -89,13 +101,15 @@ def train(base_path: str, train_df, out_dir, *, epsilon: float | None, max_grad_
     dataset = UnitDataset(train_df, pad_token_id=tokenizer.pad_token_id)
     plan = make_plan(len(dataset), epsilon=epsilon, delta=delta, accountant=accountant, epochs=epochs,
                      logical_batch_size=logical_batch_size, physical_batch_size=physical_batch_size, lr=lr,
-                     seed=seed, device=dev, max_grad_norm=max_grad_norm, noise=noise)
+                     seed=seed, device=dev, max_grad_norm=max_grad_norm, noise=noise,
+                     noise_multiplier=0.0 if m.name == "clip-only" else None,
+                     global_z=global_z if m.stepper in ("global", "global-adapt") else None)
     config = {**request, "delta": plan.delta, "steps": plan.steps, "noise_multiplier": plan.sigma}
     out_dir.mkdir(parents=True, exist_ok=True)
     ckpts = Checkpoints(out_dir, config)
     progress = _progress_steps(progress_points, plan.steps)
-    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
-    stepper = make_stepper(method, model, optimizer, dataset, plan)
+    optimizer = make_optimizer(m, [p for p in model.parameters() if p.requires_grad], lr)
+    stepper = make_stepper(stepper_name, model, optimizer, dataset, plan)
     step, rows, resumed_from = ckpts.resume(stepper)
     hf = stepper.module
     if 0 in progress and not (out_dir / "progress" / "pct_0").is_dir() and step == 0:
@@ -104,15 +118,16 @@ def train(base_path: str, train_df, out_dir, *, epsilon: float | None, max_grad_
     t0 = time.time()
     run_steps(stepper, ckpts, step, rows, checkpoint_every=checkpoint_every, progress=progress, on_step=on_step,
               snapshot=lambda p: save_model_atomic(hf, tokenizer, out_dir / "progress" / f"pct_{p}"),
-              desc="train non-DP" if epsilon is None else f"train eps={epsilon:g}")
+              desc=f"train {m.name}" + ("" if epsilon is None else f" eps={epsilon:g}"))
 
-    eps_final = _final_epsilon(stepper, rows, epsilon) if plan.dp else None
+    eps_final = _final_epsilon(stepper, rows, epsilon) if stepper.private else None
     save_model_atomic(hf, tokenizer, out_dir / "model")
     write_steps_csv(rows, out_dir / "steps.csv")
-    write_json(_privacy_record(plan, dataset, epsilon, eps_final, clipping, unit_record(train_df, privacy_unit, eps_final,
-                                                                                       plan.delta)),
-               out_dir / "privacy.json")
+    write_json(_privacy_record(plan, dataset, epsilon, eps_final, stepper_name, m,
+                               unit_record(train_df, privacy_unit, eps_final, plan.delta),
+                               getattr(stepper, "privacy_notes", dict)()), out_dir / "privacy.json")
     result = {"request": request, "out_dir": str(out_dir), "model_dir": str(out_dir / "model"), "dp": plan.dp,
+              "method": m.name, "private": m.private,
               "steps": plan.steps, "epsilon_target": epsilon, "epsilon_spent": eps_final, "delta": plan.delta,
               "noise_multiplier": plan.sigma, "sample_rate": plan.sample_rate if plan.dp else None,
               "n_units": plan.n_units, "final_loss": rows[-1]["loss"] if rows else None,
@@ -166,8 +181,29 @@ def run_steps(stepper: Stepper, ckpts: Checkpoints, step: int, rows: list[dict],
 
 
 # --------------------------------------------------------------------------- set-up
-def training_method(epsilon: float | None, clipping: str) -> str:
-    """The stepper's name for these arguments: "nondp" without epsilon, else the clipping mode."""
+def resolve_method(epsilon: float | None, method: str | None) -> Method:
+    """The way of training (`methods.METHODS`): `method`, or nondp / dp-adam by epsilon when None."""
+    name = default_method(epsilon) if method is None else method
+    problem = method_problem(name, epsilon)
+    if problem is not None:
+        raise TrainingError(problem)
+    return METHODS[name]
+
+
+def make_optimizer(m: Method, params, lr: float) -> torch.optim.Optimizer:
+    """torch.optim.Adam, or torch.optim.SGD (no momentum) for methods whose optimizer is "sgd"."""
+    return torch.optim.SGD(params, lr=lr) if m.optimizer == "sgd" else torch.optim.Adam(params, lr=lr)
+
+
+def training_method(epsilon: float | None, clipping: str, method: str | None = None) -> str:
+    """The stepper's name for these arguments: the method's own stepper (nondp, the ablations), else
+    (dp-adam, dp-sgd) the clipping mode. The ablation steppers are fast-clipping steppers whatever
+    `clipping` says."""
+    m = resolve_method(epsilon, method)
+    if m.stepper is not None and m.stepper != "nondp":
+        if _fastclip() is None:
+            raise TrainingError(f"method={m.name!r} needs dpbias_utils.training.fastclip, which is not available")
+        return m.stepper
     if clipping not in CLIPPING_MODES:
         raise TrainingError(f"clipping={clipping!r}; allowed: {', '.join(CLIPPING_MODES)}")
     if clipping == "fast" and _fastclip() is None:
@@ -276,6 +312,14 @@ def _final_epsilon(stepper: Stepper, rows: list[dict], epsilon: float) -> float:
     return eps_final
 
 
+_NOT_PRIVATE = {
+    "nondp": "non-private training: epsilon is infinite, recorded as null",
+    "clip-only": "not private: clipped but no noise, so epsilon is infinite (recorded as null)",
+    "noise-only": ("not private: the noise is calibrated for epsilon_target as if clipped at max_grad_norm, but "
+                   "nothing is clipped, so a unit's gradient is unbounded and no epsilon holds (recorded as null)"),
+}
+
+
 def _check_unit_count(privacy_unit: dict, train_df) -> None:
     """Stage 01's statement must describe this frame: the same number of units."""
     if not isinstance(privacy_unit, dict) or "n_units" not in privacy_unit:
@@ -290,7 +334,7 @@ def _check_unit_count(privacy_unit: dict, train_df) -> None:
 
 def unit_record(train_df, stated: dict | None, epsilon: float | None, delta: float | None) -> dict:
     """privacy.json's ``privacy_unit``: stage 01's statement (``stated``; `PRIVACY_UNIT` without one),
-    the units' texts as trained (each unit's rows joined; token ids where the frame has no text: distinct, most repeats) and, for a DP run,
+    the units' texts as trained (each unit's rows joined: distinct, most repeats) and, for a DP run,
     `privacy.group_privacy` for the most-repeated text and the largest document."""
     from ..data.units import text_repeats
 
@@ -312,23 +356,28 @@ def unit_record(train_df, stated: dict | None, epsilon: float | None, delta: flo
     return record
 
 
-def _privacy_record(plan: Plan, dataset: UnitDataset, epsilon, eps_final, clipping: str, unit: dict) -> dict:
-    dp = plan.dp
-    return {"epsilon_target": epsilon, "epsilon_spent": eps_final, "delta": plan.delta, "noise_multiplier": plan.sigma,
+def _privacy_record(plan: Plan, dataset: UnitDataset, epsilon, eps_final, stepper_name: str, m: Method, unit: dict,
+                    extra: dict | None = None) -> dict:
+    """privacy.json; `extra`: what a stepper adds (`GlobalScaling.privacy_notes`: Z, the noise split)."""
+    dp, extra = plan.dp, extra or {}
+    return {"method": m.name, "private": m.private, "epsilon_target": epsilon, "epsilon_spent": eps_final,
+            "delta": plan.delta, "noise_multiplier": plan.sigma,
             "sample_rate": plan.sample_rate if dp else None, "steps": plan.steps, "n_units": plan.n_units,
             "n_rows": dataset.n_rows, "expected_batch_size": plan.expected_batch_size if dp else None,
             "logical_batch_size": plan.logical_batch_size, "accountant": plan.accountant if dp else None,
-            "max_grad_norm": plan.max_grad_norm if dp else None, "clipping": clipping if dp else None,
-            "privacy_unit": unit,
-            **_noise_record(plan),
-            "note": None if dp else "non-private training: epsilon is infinite, recorded as null"}
+            "max_grad_norm": plan.max_grad_norm if dp else None, "clipping": stepper_name if dp else None,
+            "privacy_unit": unit, **_noise_record(plan, m),
+            "note": None if m.private else _NOT_PRIVATE[m.name], **extra}
 
 
-def _noise_record(plan: Plan) -> dict:
+def _noise_record(plan: Plan, m: Method) -> dict:
     """Where the randomness of a DP run comes from, what it may be released as, what epsilon leaves out."""
     if not plan.dp:
         return {"noise_mode": None, "release": "non-private training: no privacy guarantee", "noise_rng": None,
                 "not_covered_by_epsilon": None}
+    if not m.private:  # clip-only, noise-only: DP batching, no guarantee whatever the streams
+        return {"noise_mode": plan.noise, "release": f"not private ({m.name}): no privacy guarantee",
+                "noise_rng": noise_rng(plan.noise), "not_covered_by_epsilon": None}
     return {"noise_mode": plan.noise, "release": RELEASE[plan.noise], "noise_rng": noise_rng(plan.noise),
             "not_covered_by_epsilon": NOT_COVERED}
 

@@ -28,6 +28,8 @@ sampling, clipping and noise, never in arithmetic.
   and accounts; Poisson sampling of units.
 * `FastDP`: exact per-unit clipping without per-example gradients (`fastclip.clipped_grad_sum`), the
   clipped sum noised, averaged and accounted by Opacus's `DPOptimizerFastGradientClipping`.
+* Ablations of FastDP (issue 16; `methods` says which is private): `ClipOnly` (no noise), `NoiseOnly`
+  (no clipping), `GlobalScaling` (C/max(Z, ||g||)), `GlobalAdapt` (Z moved by a private noisy count).
 
 A new way of training is a subclass registered under a name (`@register`); DP variants that only
 change the clipping (`FastDP.clip`) or the noise (`plan.sigma`, `FastDP.noise_multiplier`) override
@@ -46,6 +48,7 @@ from ..seeds import NOISE_MODES, Streams
 from . import fastclip
 from .batching import TrainingError, UnitDataset, chunks, n_units, per_unit_loss, shuffled_batches, to_device
 from .dp_hooks import _hf_module, dp_backward, per_sample_norms, prepare_dp
+from .privacy import PrivacyError
 
 
 @dataclass(frozen=True)
@@ -63,6 +66,7 @@ class Plan:
     accountant: str
     sigma: float | None = None        # noise multiplier (DP)
     delta: float | None = None        # DP
+    global_z: "GlobalZ | None" = None  # the `global` / `global-adapt` steppers' threshold Z and its update
     noise: str = "secret"             # NOISE_MODES: where the sampling and noise streams come from
 
     @property
@@ -83,6 +87,19 @@ class Plan:
         return self.sample_rate * self.n_units
 
 
+@dataclass(frozen=True)
+class GlobalZ:
+    """DPSGD-Global's threshold Z (fixed before any run, from no data) and, for Global-Adapt, its
+    private update (Andrew et al. 2021): with b = (sum_B (1[||g_u|| <= Z] - 1/2) + N(0, count_noise^2))
+    / E|B| + 1/2 the noisy fraction of units at or below Z, Z <- Z exp(-z_lr (b - quantile)).
+    count_noise None: E|B| / 20 (Andrew et al.'s recommendation)."""
+
+    z: float
+    quantile: float = 0.9
+    z_lr: float = 0.2
+    count_noise: float | None = None
+
+
 class Physical(NamedTuple):
     """One physical batch on the device; `last` ends its logical batch of `n_logical` units (None:
     not known to the loop, the stepper's optimizer keeps count)."""
@@ -97,6 +114,7 @@ class Stepper(ABC):
 
     name: ClassVar[str]
     dp: ClassVar[bool] = True   # draws Poisson batches and noise: needs a plan with sigma and delta
+    private: ClassVar[bool] = True  # earns the plan's (epsilon, delta); False: epsilon is infinite
     reduce_stats = None         # distributed steppers: sums a tensor over the processes (steps.csv)
 
     def __init__(self, model, optimizer: torch.optim.Optimizer, dataset: UnitDataset, plan: Plan):
@@ -127,7 +145,7 @@ class Stepper(ABC):
         """Epsilon spent so far by the accountant's record (None for non-DP)."""
         if self.accountant is None:
             return None
-        if self.plan.sigma == 0:  # clipping without noise: no privacy
+        if self.plan.sigma == 0 or not self.private:  # no noise, or noise without a sensitivity bound
             return math.inf
         return float(self.accountant.get_epsilon(delta=self.plan.delta)) if len(self.accountant.history) else 0.0
 
@@ -195,6 +213,7 @@ class NonDP(Stepper):
 
     name = "nondp"
     dp = False
+    private = False
 
     def batches(self, start_step: int) -> Iterator[Physical]:
         p = self.plan
@@ -314,11 +333,15 @@ class FastDP(_DPOptimizerStepper):
         return self._physical(UniformWithReplacementSampler(num_samples=p.n_units, sample_rate=p.sample_rate,
                                                             generator=self.sampler_gen, steps=10**12))
 
+    def unit_factor(self):
+        """c(norms) -> (U,): the weight of each unit's gradient in the sum (here min(1, C/||g_u||))."""
+        return fastclip.clip_factor(self.plan.max_grad_norm)
+
     def clip(self, batch: dict) -> torch.Tensor:
-        """Set every trainable p.grad to the batch's clipped sum; return the per-unit norms (U,)."""
+        """Set every trainable p.grad to sum_u c_u g_u (`unit_factor`); return the per-unit norms (U,)."""
         for p in self.params:
             p.grad = None
-        return fastclip.clipped_grad_sum(self.model, batch, self.plan.max_grad_norm)
+        return fastclip.scaled_grad_sum(self.model, batch, self.unit_factor())
 
     def backward(self, pb: Physical):
         if n_units(pb.batch):
@@ -331,3 +354,122 @@ class FastDP(_DPOptimizerStepper):
             losses, norms = torch.zeros(0), None
         self._accumulate(pb)
         return losses, norms
+
+
+# --------------------------------------------------------------------------- ablations (issue 16)
+@register
+class ClipOnly(FastDP):
+    """FastDP without noise: (sum_B min(1, C/||g_u||) g_u) / E|B|. Not private (epsilon infinite)."""
+
+    name = "clip-only"
+    private = False
+
+    def noise_multiplier(self) -> float:
+        return 0.0
+
+
+@register
+class NoiseOnly(FastDP):
+    """FastDP without clipping: (sum_B g_u + N(0, (sigma C)^2)) / E|B|, sigma the multiplier calibrated
+    for the run's epsilon as if clipped at C. Not private: an unclipped gradient has no sensitivity
+    bound, so the same noise buys no (epsilon, delta)."""
+
+    name = "noise-only"
+    private = False
+
+    def unit_factor(self):
+        return fastclip.unit_factor_one
+
+
+@register
+class GlobalScaling(FastDP):
+    """DPSGD-Global (Esipova et al. 2023's scaling): c_u = C / max(Z, ||g_u||), so units at or below Z
+    keep their relative sizes (all scaled by C/Z) and those above are clipped to C. Every ||c_u g_u||
+    <= C, so the noise N(0, (sigma C)^2) buys the same privacy as dp-adam (Z fixed from no data)."""
+
+    name = "global"
+
+    def __init__(self, model, optimizer, dataset, plan):
+        if plan.global_z is None:
+            raise TrainingError(f"training method {self.name!r} needs plan.global_z (the threshold Z)")
+        self.z = float(plan.global_z.z)
+        super().__init__(model, optimizer, dataset, plan)
+
+    def unit_factor(self):
+        return fastclip.global_factor(self.plan.max_grad_norm, self.z)
+
+    def privacy_notes(self) -> dict:
+        """For privacy.json: the threshold Z at the end of the run and the noise on the gradient sum."""
+        return {"global_z_final": self.z, "gradient_noise_multiplier": self.dp_opt.noise_multiplier}
+
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "global_z": self.z}
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        self.z = float(state["global_z"])
+
+
+def adapt_noise(sigma: float, count_noise: float) -> float:
+    """Gradient noise multiplier of Global-Adapt: sigma_g = (sigma^-2 - (2 sigma_b)^-2)^(-1/2).
+
+    Per unit, the step releases its scaled gradient (norm <= C, noise sigma_g C) and its centred
+    indicator 1[||g_u|| <= Z] - 1/2 (sensitivity 1/2, noise sigma_b). Divided by their noise, the
+    two coordinates have sensitivity^2 sigma_g^-2 + (2 sigma_b)^-2 = sigma^-2: one Gaussian mechanism
+    with multiplier sigma on the same Poisson batch, so the calibrated sigma is what is accounted
+    (Andrew et al. 2021, Theorem 1). Needs 2 sigma_b > sigma."""
+    if not (count_noise > 0 and 2 * count_noise > sigma > 0):
+        raise PrivacyError(f"global count noise sigma_b={count_noise!r} must exceed sigma/2 = {sigma / 2:.4g} "
+                           "(the calibrated noise multiplier / 2) for Global-Adapt's gradient noise to exist; "
+                           "raise train.global_count_noise")
+    return (sigma ** -2 - (2 * count_noise) ** -2) ** -0.5
+
+
+@register
+class GlobalAdapt(GlobalScaling):
+    """DPSGD-Global-Adapt: GlobalScaling whose Z follows the `quantile` of the unit norms through a
+    private noisy count (`GlobalZ`); the gradient noise is raised to `adapt_noise(sigma, sigma_b)` so
+    that gradient and count together are the Gaussian mechanism of multiplier sigma that the
+    accountant records. Z and the running count are part of the checkpoint."""
+
+    name = "global-adapt"
+
+    def __init__(self, model, optimizer, dataset, plan):
+        g = plan.global_z
+        self.count_noise = float(g.count_noise if g is not None and g.count_noise is not None
+                                 else plan.expected_batch_size / 20)
+        self.count = 0.0  # sum over this logical batch of 1[||g_u|| <= Z] - 1/2
+        super().__init__(model, optimizer, dataset, plan)
+        self.dp_opt.attach_step_hook(self._account)  # replaces FastDP's: sigma, not sigma_g, is what is spent
+
+    def noise_multiplier(self) -> float:
+        return adapt_noise(self.plan.sigma, self.count_noise)
+
+    def privacy_notes(self) -> dict:
+        return {**super().privacy_notes(), "count_noise": self.count_noise,
+                "accounting": "gradient (noise gradient_noise_multiplier * C) and centred count (sensitivity 1/2, "
+                              "noise count_noise) accounted together as one Gaussian of multiplier noise_multiplier"}
+
+    def _account(self, _optimizer) -> None:
+        self.accountant.step(noise_multiplier=self.plan.sigma, sample_rate=self.plan.sample_rate)
+
+    def clip(self, batch: dict) -> torch.Tensor:
+        norms = super().clip(batch)
+        self.count += float(((norms.double() + 1e-6 <= self.z).double() - 0.5).sum())
+        return norms
+
+    def step(self) -> None:
+        g = self.plan.global_z
+        noisy = self.count + float(torch.normal(0.0, self.count_noise, (1,), generator=self.noise_gen,
+                                                device=self.plan.device).item())
+        b = noisy / self.plan.expected_batch_size + 0.5
+        super().step()  # the gradient step uses the Z its units were scaled with
+        self.z = self.z * math.exp(-g.z_lr * (b - g.quantile))
+        self.count = 0.0
+
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "global_count": self.count}
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        self.count = float(state["global_count"])

@@ -81,6 +81,26 @@ def test_numbers_and_privacy_table_are_readable():
     assert "nan" not in text.lower() and "6.98e-5" in text and "0.0001" not in text
     assert list(table.index) == ["non-DP · CDA 0 · seed 0", "DP ε=3 · CDA 0 · seed 1"]
     assert table["ε target"].iloc[0] == "non-DP"
+    assert table["private"].tolist() == ["no", "yes"] and table["method"].tolist() == ["nondp", "dp-adam"]
+
+
+def test_privacy_table_says_which_ablation_runs_are_private():
+    """privacy.json's `private` (issue 16): a noise-only run has a target but no ε spent, a clip-only run neither."""
+    privacy = pd.DataFrame({"run_id": ["c", "n", "g"], "method": ["clip-only", "noise-only", "global-adapt"],
+                            "private": [False, False, True], "epsilon_target": [np.nan, 3.0, 3.0],
+                            "epsilon_spent": [np.nan, np.nan, 2.99], "delta": [6.98e-5] * 3,
+                            "noise_multiplier": [0.0, 0.818, 0.818], "sample_rate": [0.0427] * 3, "steps": [47] * 3,
+                            "n_units": [6000] * 3, "accountant": ["prv"] * 3})
+    table = results.privacy_table(privacy, pd.DataFrame())
+    rows = table.set_index("method")
+    assert rows.loc["clip-only", "private"] == rows.loc["noise-only", "private"] == "no"
+    assert rows.loc["noise-only", "ε spent"] == rows.loc["clip-only", "ε spent"] == "∞ (not private)"
+    assert rows.loc["global-adapt", "private"] == "yes" and rows.loc["global-adapt", "ε spent"] == "2.99"
+    assert "noise-only · DP ε=3" in list(table.index)
+    from dpbias_utils.results.findings import _privacy_md
+
+    md = "\n".join(_privacy_md({"privacy": privacy}))
+    assert "| global-adapt · DP ε=3 |" in md and "| 2.99 |" in md and "noise-only" not in md and "clip-only" not in md
 
 
 def test_privacy_outputs_state_the_noise_mode_and_what_epsilon_does_not_cover(tmp_path):
