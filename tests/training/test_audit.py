@@ -80,8 +80,8 @@ def test_canaries_use_only_tokens_absent_from_training():
     assert 30 < c.included.sum() < 70
     again = A.make_canaries(100, df, 300, special_ids=[0], seed=3)
     assert again.tokens == c.tokens and (again.included == c.included).all()
-    with pytest.raises(TrainingError, match=f"canaries m=200: only {300 - len(used | {0})} token ids"):
-        A.make_canaries(200, df, 300, special_ids=[0], seed=3)
+    with pytest.raises(TrainingError, match=f"canaries m=260: only {300 - len(used | {0})} token ids"):
+        A.make_canaries(260, df, 300, special_ids=[0], seed=3)
 
 
 def test_cli_refuses_bad_arguments_before_any_work(tmp_path, capsys):
@@ -103,11 +103,11 @@ def test_cli_refuses_bad_arguments_before_any_work(tmp_path, capsys):
 
 # --------------------------------------------------------------------------- the audit catches broken noise
 def background(n_units=60, seed=0):
-    """Units whose tokens are 1..149: token ids 150..299 stay free for the canaries."""
+    """Units whose tokens are 1..49: token ids 50..299 stay free for the canaries."""
     rng = np.random.default_rng(seed)
     rows = []
     for u in range(n_units):
-        ids = rng.integers(1, 150, int(rng.integers(4, 10))).astype(np.int32)
+        ids = rng.integers(1, 50, int(rng.integers(4, 10))).astype(np.int32)
         rows.append(dict(unit_id=u, kind="original", text="", input_ids=ids, n_tokens=len(ids), gender="none",
                          label="neutral"))
     return pd.DataFrame(rows)
@@ -139,18 +139,20 @@ RUN = dict(max_grad_norm=1.0, delta=1e-5, epochs=12.0, logical_batch_size=16, ph
 
 @pytest.mark.parametrize("scale,broken", [(1.0, False), (0.0, True), (0.1, True)])
 def test_audit_catches_a_mechanism_with_less_noise_than_accounted(base, tmp_path, monkeypatch, scale, broken):
-    """Claimed eps = 1 at delta = 1e-5 (sigma 5.3 accounted in every run): 24 guesses on 100 canaries
-    certify up to 2.0. Measured: correct noise 14/24, eps_lower 0; sigma 0 and sigma/10: 24/24, 2.01."""
+    """Claimed eps = 1 at delta = 1e-5 (the same sigma accounted in every run): 60 guesses on 240 canaries.
+    Measured (audit seeds 0, 1, 2): correct noise 37, 34, 31 of 60, eps_lower <= 0.01; sigma/10: 56-58 of 60,
+    eps_lower 1.76-2.18. (With 24 guesses on 100 canaries sigma/10 was caught on only some seeds: too few
+    guesses to certify more than eps 1 from 22/24 correct.)"""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # one summation order: the same run on every machine
     if scale != 1.0:
         monkeypatch.setitem(STEPPERS, "fast", noise_scaled(scale))
     try:
-        row = A.audit(base, background(), tmp_path, epsilon=1.0, m=100, k_pos=12, k_neg=12, seed=0, **RUN)
+        row = A.audit(base, background(), tmp_path, epsilon=1.0, m=240, k_pos=30, k_neg=30, seed=0, **RUN)
     finally:
         torch.set_num_threads(threads)
     assert row["epsilon_spent"] <= 1.0  # the accountant's claim is the same in all three runs
     records = [json.loads(line) for line in (tmp_path / "canaries.jsonl").read_text().splitlines()]
-    assert len(records) == 100 and sum(r["guess"] != 0 for r in records) == 24
+    assert len(records) == 240 and sum(r["guess"] != 0 for r in records) == 60
     assert sum(r["included"] for r in records) == row["n_included"] == row["n_units"] - 60
     assert (row["eps_lower"] > 1.0) == broken, row
