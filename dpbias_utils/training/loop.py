@@ -387,7 +387,10 @@ def noise_rng(noise: str) -> str:
     source = ("128 bits from the operating system's CSPRNG (secrets.randbits), drawn at run time and never written"
               if noise == "secret" else "the recorded seed")
     csprng = "installed but not used" if importlib.util.find_spec("torchcsprng") else "not installed"
+    secure = ("Opacus's secure_mode noise is on (4 Gaussian draws per coordinate, the defence against "
+              "floating-point attacks)" if noise == "secret" else "Opacus's secure_mode noise is off (one draw per "
+              "coordinate)")
     return (f"torch.Generator (mt19937 on CPU, Philox4x32-10 on CUDA) per stream (sampling, noise), each seeded with "
             f"63 bits that numpy.random.SeedSequence derives from {source}: a PRNG with a "
             f"{'secret' if noise == 'secret' else 'public'} 63-bit seed, not a cryptographically secure generator "
-            f"(torchcsprng {csprng}, so Opacus's secure_mode is off)")
+            f"(torchcsprng {csprng}); {secure}")

@@ -234,8 +234,21 @@ class _DPOptimizerStepper(Stepper):
     noisy, accounted step at the end of each logical batch. Unless a BatchMemoryManager does it
     (`signals_skips` False), the stepper tells the optimizer which physical batches to accumulate."""
 
-    dp_opt = None
+    _dp_opt = None
     signals_skips = True
+
+    @property
+    def dp_opt(self):
+        return self._dp_opt
+
+    @dp_opt.setter
+    def dp_opt(self, optimizer) -> None:
+        """Every DP optimizer a stepper installs: in `secret` mode with Opacus's `secure_mode` noise
+        (each coordinate the mean of 4 Gaussians scaled by 1/2 after one discarded draw: the same
+        N(0, (sigma C)^2), robust to the floating-point attacks of Mironov 2012 / Jin et al. 2022 on
+        a released sum); `reproducible` mode keeps one draw per coordinate (a simulation anyway)."""
+        optimizer.secure_mode = self.plan.noise == "secret"
+        self._dp_opt = optimizer
 
     def _accumulate(self, pb: Physical) -> None:
         """Fold a physical batch that does not end its logical batch into the optimizer's clipped sum."""

@@ -84,3 +84,22 @@ def test_every_stepper_computes_in_float32_without_autocast(monkeypatch):
         assert losses.dtype == torch.float32, name
         assert all(p.grad.dtype == torch.float32 for p in model.parameters() if p.grad is not None), name
     assert entered == []
+
+
+@pytest.mark.parametrize("name", ["fast", "opacus"])
+def test_secret_mode_noise_is_opacus_secure_mode_with_the_same_std(name):
+    """Secret runs draw the noise with Opacus's secure_mode (floating-point attack defence), reproducible
+    runs with one draw per coordinate; both add N(0, (sigma C)^2): one SGD step (lr 1) with C so small
+    that the clipped sum is negligible moves the parameters by -noise / E|B|."""
+    sigma, C = 1.0, 1e-3
+    for mode in ("secret", "reproducible"):
+        model = tiny_gpt2(dtype=torch.float64)
+        before = torch.cat([p.detach().reshape(-1).clone() for p in model.parameters()])
+        ds = UnitDataset(frame(12, seed=2), pad_token_id=0)
+        plan = _plan(sigma=sigma, delta=1e-3, max_grad_norm=C, noise=mode)
+        stepper = make_stepper(name, model, torch.optim.SGD(model.parameters(), lr=1.0), ds, plan)
+        assert stepper.dp_opt.secure_mode is (mode == "secret")
+        stepper.backward(Physical(ds.batch(UNITS), True, len(UNITS)))  # one physical batch: no split
+        stepper.step()  # (OpacusDP leaves splitting to Opacus's BatchMemoryManager)
+        moved = (torch.cat([p.detach().reshape(-1) for p in stepper.module.parameters()]) - before)
+        assert float(moved.std() * plan.expected_batch_size) == pytest.approx(sigma * C, rel=0.05)
