@@ -263,6 +263,9 @@ def privacy_table(privacy: pd.DataFrame, results: pd.DataFrame) -> pd.DataFrame:
         if method != default_method(r["epsilon_target"] if dp else None):
             label = f"{method} · {label}"
         if c is not None:
+            if pd.notna(c.get("skew")):  # a sweep run (`sweep`): its C and planted skew tell it apart
+                label += f" · C={float(c['max_grad_norm']):g}" if pd.notna(c["max_grad_norm"]) else ""
+                label += f" · skew {float(c['skew']):g}"
             label += f" · CDA {float(c['mixing_ratio']):g} · seed {int(c['seed'])}"
         rows.append({"condition": label, "method": method, "private": "yes" if private else "no",
                      "noise": noise_label(r.get("noise_mode")) if dp else "–",

@@ -49,7 +49,7 @@ def outcome_rows(summary: pd.DataFrame) -> pd.DataFrame:
     """The rows of a (seed) summary that measure bias: each metric's outcome group, centred at 0."""
     want = summary["metric"].map(lambda m: OUTCOME_GROUP.get(m, "diff"))
     out = summary[(summary["group"] == want) & summary["metric"].isin(BIAS_METRICS)].copy()
-    centre = out["metric"].map(lambda m: OUTCOME_CENTRE.get(m, 0.0))
+    centre = out["metric"].map(lambda m: OUTCOME_CENTRE.get(m, 0.0)).astype(float)  # float even when empty
     for col in ("value", "ci_low", "ci_high"):
         out[col] = out[col] - centre
     return out
@@ -244,9 +244,13 @@ def seed_summary(results: pd.DataFrame) -> pd.DataFrame:
     """Mean over seeds per condition x metric x group with `seed_interval`'s interval and the pooled
     n. The claims use the two-way bootstrap over seeds and prompts of `claims`; this summary draws the
     per-metric figures."""
-    df = with_condition(main_design(results))
-    df["mixing_ratio"] = df["mixing_ratio"].fillna(0.0)
     keys = ["condition", "dp", "epsilon", "mixing_ratio", "cda_mode", "metric", "group"]
+    results = main_design(results)
+    if results.empty:  # e.g. a profile of sweep runs only
+        return pd.DataFrame({c: pd.Series(dtype=float if c not in ("condition", "cda_mode", "metric", "group") else object)
+                             for c in keys + ["value", "ci_low", "ci_high", "n_seeds", "n"]})
+    df = with_condition(results)
+    df["mixing_ratio"] = df["mixing_ratio"].fillna(0.0)
 
     def agg(g):
         m, lo, hi = seed_interval(g["value"].astype(float), g["ci_low"].astype(float).to_numpy(),
