@@ -240,20 +240,23 @@ def cda_vs_global(items: pd.DataFrame, results: pd.DataFrame, privacy: pd.DataFr
 
 
 def misalignment_summary(grads: pd.DataFrame, measure: str = "misalignment_cos") -> pd.DataFrame:
-    """Stage 03's `measure` per split over training for the sweep runs at the reference skew (CDA ratio 0):
-    one line per method and C (`arm_label`), mean over seeds with `tables.seed_interval`."""
+    """Stage 03's `measure` per split over training for the sweep runs at the reference skew: one line per
+    method, C and CDA ratio (`arm_label`; a CDA run adds its originals' and counterfactuals' splits), mean
+    over seeds with `tables.seed_interval`."""
     g = sweep_rows(grads)
     if g.empty or measure not in set(g["measure"]):
         return pd.DataFrame()
     ref = reference(g)
     if ref is None:
         return pd.DataFrame()
-    g = g[(g["measure"] == measure) & np.isclose(g["skew"].astype(float), ref[0])
-          & np.isclose(g["mixing_ratio"].astype(float).fillna(0.0), 0.0) & (g["method"] != NONDP)]
+    g = g[(g["measure"] == measure) & np.isclose(g["skew"].astype(float), ref[0]) & (g["method"] != NONDP)]
+    g = g.assign(mixing_ratio=g["mixing_ratio"].astype(float).fillna(0.0))
     rows = []
-    for (method, clip, eps, split, pct), sub in g.groupby(["method", "max_grad_norm", "epsilon", "split", "pct"]):
+    keys = ["method", "max_grad_norm", "epsilon", "mixing_ratio", "split", "pct"]
+    for (method, clip, eps, ratio, split, pct), sub in g.groupby(keys):
         m, lo, hi = seed_interval(sub["value"], sub["ci_low"].to_numpy(float), sub["ci_high"].to_numpy(float))
-        rows.append({"arm": arm_label(method, clip, eps), "method": method, "max_grad_norm": clip, "split": split,
+        label = arm_label(method, clip, eps) + (f" · CDA {ratio:g}" if ratio > 0 else "")
+        rows.append({"arm": label, "method": method, "max_grad_norm": clip, "mixing_ratio": ratio, "split": split,
                      "pct": pct, "value": m, "ci_low": lo, "ci_high": hi, "n_seeds": len(sub)})
     return pd.DataFrame(rows)
 
@@ -391,7 +394,7 @@ def fig_misalignment(grads: pd.DataFrame, figures_dir: Path, measure: str = "mis
     if s.empty:
         return None
     splits = [sp for sp in ("female", "male", "nonbinary", "cda_original", "cda_counterfactual") if sp in set(s["split"])]
-    arms = list(dict.fromkeys(s.sort_values(["method", "max_grad_norm"])["arm"]))
+    arms = list(dict.fromkeys(s.sort_values(["method", "max_grad_norm", "mixing_ratio"])["arm"]))
     fig, axes = plt.subplots(1, len(splits), figsize=(4.8 * len(splits), 3.8), squeeze=False, sharey=True)
     span = float(s["pct"].max() - s["pct"].min()) or 1.0
     for ax, split in zip(axes.flat, splits):
