@@ -115,7 +115,7 @@ def calibration_table(items: pd.DataFrame, results: pd.DataFrame) -> pd.DataFram
 
 
 # --------------------------------------------------------------------------- claims
-def claim_row(id_, claim, metric, contrast, res, direction, informative=True, reason=None) -> dict:
+def _claim(id_, claim, metric, contrast, res, direction, informative=True, reason=None) -> dict:
     """One unjudged claim (`CLAIM_COLUMNS`) from a bootstrap result; uninformative under `MIN_SEEDS` seeds."""
     if res is None:
         return {}
@@ -128,7 +128,7 @@ def claim_row(id_, claim, metric, contrast, res, direction, informative=True, re
             "n_seeds": " vs ".join(str(n) for n in res.n_seeds), "n_items": res.n_items}
 
 
-def arm_difference(a: pd.DataFrame, b: pd.DataFrame, metric: str, group: str = "all", seed: int = 0):
+def _diff(a: pd.DataFrame, b: pd.DataFrame, metric: str, group: str = "all", seed: int = 0):
     """Two-way bootstrap of mean(a) - mean(b) on their shared items (None when they share none)."""
     arms = _aligned(a, b, metric, group)
     if arms is None:
@@ -173,11 +173,11 @@ def paper_claims(items: pd.DataFrame, results: pd.DataFrame, trajectory: pd.Data
         for family in FAMILIES:
             ok, text = calibrated.get(family, (False, "no non-DP run"))
             metric = ASSOC.format(family)
-            out.append(claim_row(f"amplify/{family}/{eps:g}", f"DP amplifies the learned {family} association ({privacy_label(eps)})",
-                              metric, f"{privacy_label(eps)} - non-DP", arm_difference(dp, nondp, metric), +1, ok, text))
+            out.append(_claim(f"amplify/{family}/{eps:g}", f"DP amplifies the learned {family} association ({privacy_label(eps)})",
+                              metric, f"{privacy_label(eps)} - non-DP", _diff(dp, nondp, metric), +1, ok, text))
         ok, text = calibrated.get("toxicity", (False, "no non-DP run"))
-        out.append(claim_row(f"amplify-output/toxicity/{eps:g}", f"DP amplifies the toxicity gap of continuations ({privacy_label(eps)})",
-                          "toxicity", f"{privacy_label(eps)} - non-DP, of (female - male)", arm_difference(dp, nondp, "toxicity", "diff"),
+        out.append(_claim(f"amplify-output/toxicity/{eps:g}", f"DP amplifies the toxicity gap of continuations ({privacy_label(eps)})",
+                          "toxicity", f"{privacy_label(eps)} - non-DP, of (female - male)", _diff(dp, nondp, "toxicity", "diff"),
                           +1, ok, text))
         if trajectory is not None and not trajectory.empty:
             for family in FAMILIES:
@@ -197,8 +197,8 @@ def paper_claims(items: pd.DataFrame, results: pd.DataFrame, trajectory: pd.Data
                     ok = False
                     text = (f"the {privacy_label(eps)} model at CDA ratio 0 carries no association to remove "
                             f"({own.point:.3f} [{own.low:.3f}, {own.high:.3f}])" if own else "no run at ratio 0")
-            out.append(claim_row(f"cda/{family}/{privacy_label(eps)}", f"CDA reduces the learned {family} association ({privacy_label(eps)})",
-                              metric, f"ratio {ratios[-1]:g} - ratio 0 ({privacy_label(eps)})", arm_difference(r1, r0, metric), -1, ok, text))
+            out.append(_claim(f"cda/{family}/{privacy_label(eps)}", f"CDA reduces the learned {family} association ({privacy_label(eps)})",
+                              metric, f"ratio {ratios[-1]:g} - ratio 0 ({privacy_label(eps)})", _diff(r1, r0, metric), -1, ok, text))
     return out + gradnorm_claims(results)
 
 
@@ -234,7 +234,7 @@ def matched_claim(trajectory: pd.DataFrame, family: str, eps: float, calibrated:
                            f"[{math.exp(max(a for a, _ in lo_hi)):.3f}, {math.exp(min(b for _, b in lo_hi)):.3f}]")
     res = inference.two_way_bootstrap([dp_final[[metric]].to_numpy(float), np.array(matched, float)[:, None]],
                                       n_boot=N_BOOT, seed=0)
-    return claim_row(f"matched/{family}/{eps:g}", f"At equal perplexity, DP carries more {family} association ({privacy_label(eps)})",
+    return _claim(f"matched/{family}/{eps:g}", f"At equal perplexity, DP carries more {family} association ({privacy_label(eps)})",
                   metric, f"{privacy_label(eps)} - non-DP checkpoint at perplexity {target:.3f}", res, +1, ok, text)
 
 
@@ -266,11 +266,11 @@ def gradnorm_claims(results: pd.DataFrame) -> list[dict]:
     for eps in sorted({float(e) for e in g.loc[g["dp"].astype(bool), "epsilon"]}):
         dp = g[g["dp"].astype(bool) & np.isclose(g["epsilon"].astype(float), eps)]["value"].to_numpy(float)[:, None]
         res = inference.two_way_bootstrap([dp], n_boot=N_BOOT, seed=0)
-        out.append(claim_row(f"gradnorm/{eps:g}", f"Female per-example gradient norms exceed male ({privacy_label(eps)})",
+        out.append(_claim(f"gradnorm/{eps:g}", f"Female per-example gradient norms exceed male ({privacy_label(eps)})",
                           "grad_l2_total", "female - male (final checkpoint)", res, +1))
         if len(nd):
             res = inference.two_way_bootstrap([dp, nd], n_boot=N_BOOT, seed=0)
-            out.append(claim_row(f"gradnorm-widen/{eps:g}", f"DP widens the female - male gradient-norm gap ({privacy_label(eps)})",
+            out.append(_claim(f"gradnorm-widen/{eps:g}", f"DP widens the female - male gradient-norm gap ({privacy_label(eps)})",
                               "grad_l2_total", f"(female - male) {privacy_label(eps)} - non-DP", res, +1))
     return out
 

@@ -292,7 +292,7 @@ def sweep_claims(items: pd.DataFrame) -> list[dict]:
         clips = sorted({float(c) for c in arm(dp, DP_ADAM, skew)["max_grad_norm"]})
         if len(clips) > 1:
             res = contrast([arm(pooled, DP_ADAM, skew, clips[0], eps), arm(pooled, DP_ADAM, skew, clips[-1], eps)], [1.0, -1.0])
-            out.append(claims.claim_row(
+            out.append(claims._claim(
                 f"dose-C/skew{skew:g}/{eps:g}", f"Amplification grows as C shrinks ({label}, skew {skew:g})", POOLED,
                 f"amplification at C={clips[0]:g} - at C={clips[-1]:g}", res, +1, *_calibrated(cal, skew)))
         skews = sorted({float(s) for s in dp.loc[np.isclose(dp["mixing_ratio"].astype(float), 0.0), "skew"]})
@@ -300,23 +300,23 @@ def sweep_claims(items: pd.DataFrame) -> list[dict]:
             lo, hi = skews[0], skews[-1]
             res = contrast([arm(pooled, DP_ADAM, hi, clip, eps), arm(pooled, NONDP, hi),
                             arm(pooled, DP_ADAM, lo, clip, eps), arm(pooled, NONDP, lo)], [1.0, -1.0, -1.0, 1.0])
-            out.append(claims.claim_row(
+            out.append(claims._claim(
                 f"dose-skew/C{clip:g}/{eps:g}", f"Amplification grows with the planted skew ({label}, C={clip:g})", POOLED,
                 f"amplification at skew {hi:g} - at skew {lo:g}", res, +1, *_calibrated(cal, lo, hi)))
         res = contrast([arm(pooled, "clip-only", skew, clip), arm(pooled, "noise-only", skew, clip, eps)], [1.0, -1.0])
-        out.append(claims.claim_row(
+        out.append(claims._claim(
             f"clip-vs-noise/{eps:g}", f"Clipping, not noise, carries the amplification ({label}, C={clip:g})", POOLED,
             "amplification of clip-only - of noise-only", res, +1, *_calibrated(cal, skew)))
         for method in ("global", "global-adapt"):
             res = contrast([arm(pooled, method, skew, clip, eps), arm(pooled, DP_ADAM, skew, clip, eps)], [1.0, -1.0])
-            out.append(claims.claim_row(
+            out.append(claims._claim(
                 f"global/{method}/{eps:g}", f"{method} removes amplification relative to dp-adam ({label}, C={clip:g})",
                 POOLED, f"association of {method} - of dp-adam", res, -1, *_calibrated(cal, skew)))
         ratios = sorted({float(r) for r in dp.loc[np.isclose(dp["skew"].astype(float), skew), "mixing_ratio"] if r > 0})
         if ratios:
             res = contrast([arm(pooled, DP_ADAM, skew, clip, eps, ratios[-1]), arm(pooled, "global", skew, clip, eps)],
                            [1.0, -1.0])
-            out.append(claims.claim_row(
+            out.append(claims._claim(
                 f"cda-vs-global/{eps:g}", f"CDA (ratio {ratios[-1]:g}) removes more amplification than DPSGD-Global ({label})",
                 POOLED, f"association of CDA {ratios[-1]:g} under dp-adam - of global", res, -1, *_calibrated(cal, skew)))
     return [c for c in out if c]
