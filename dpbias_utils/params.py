@@ -240,8 +240,11 @@ class GridBlock(Section):
     seed: list[int] = [0]
     max_grad_norm: Optional[list[PositiveFloat]] = None
     method: Optional[list[MethodName]] = None
+    # skew (optional): the planted skew of every family of the controlled corpus (occupation, sentiment,
+    # toxicity) for these points' stage 01 and everything downstream; absent: the `data` section's skews.
+    skew: Optional[list[UnitFloat]] = None
 
-    @field_validator("epsilon", "mixing_ratio", "cda_mode", "seed", "max_grad_norm", "method")
+    @field_validator("epsilon", "mixing_ratio", "cda_mode", "seed", "max_grad_norm", "method", "skew")
     @classmethod
     def _nonempty(cls, v):
         if v is not None and len(v) == 0:
@@ -291,8 +294,9 @@ class Profile(Section):
         seen, out = set(), []
         for block in self.grid:
             clips = block.max_grad_norm or [self.train.max_grad_norm]
-            for eps, ratio, mode, seed, clip, method in itertools.product(
-                block.epsilon, block.mixing_ratio, block.cda_mode, block.seed, clips, block.method or [None]
+            for eps, ratio, mode, seed, clip, method, skew in itertools.product(
+                block.epsilon, block.mixing_ratio, block.cda_mode, block.seed, clips, block.method or [None],
+                block.skew or [None],
             ):
                 point = {
                     "epsilon": eps,
@@ -303,6 +307,8 @@ class Profile(Section):
                 }
                 if method is not None and method != default_method(eps):
                     point["method"] = method  # the default method is left implicit: today's ids stay
+                if skew is not None:
+                    point["skew"] = float(skew)  # absent: the data section's skews (today's ids stay)
                 key = tuple(point.values())
                 if key not in seen:
                     seen.add(key)
@@ -327,6 +333,15 @@ def train_keys_of(train: dict, point: dict) -> dict:
     used = METHOD_TRAIN_KEYS.get(method_of(point), ())
     unused = {k for keys in METHOD_TRAIN_KEYS.values() for k in keys} - set(used)
     return {k: v for k, v in train.items() if k not in unused}
+
+
+def planted_skews(data: DataParams, point: dict) -> dict[str, float]:
+    """The skew the controlled corpus plants per family at a grid point: the point's `skew` for every
+    family when the grid sets one, else the data section's `skew_<family>`."""
+    families = [k[len("skew_"):] for k in ControlledCorpusParams.model_fields if k.startswith("skew_")]
+    if point.get("skew") is not None:
+        return {f: float(point["skew"]) for f in families}
+    return {f: getattr(data.controlled, f"skew_{f}") for f in families}
 
 
 def method_of(point: dict) -> str:
@@ -452,7 +467,16 @@ def _check_paths(profile: Profile) -> list[tuple[str, Any, str]]:
     if profile.train.physical_batch_size > profile.train.logical_batch_size:
         problems.append(("train.physical_batch_size", profile.train.physical_batch_size,
                          f"must be <= train.logical_batch_size ({profile.train.logical_batch_size})"))
-    return problems + _check_methods(profile)
+    return problems + _check_methods(profile) + _check_skews(profile)
+
+
+def _check_skews(profile: Profile) -> list[tuple[str, Any, str]]:
+    """(field, value, problem) for a grid `skew` on a corpus that plants none (only the controlled one does)."""
+    if profile.data.corpus == "controlled":
+        return []
+    return [(f"grid[{i}].skew", block.skew, f"sets the planted skew of the controlled corpus, but data.corpus is "
+             f"{profile.data.corpus!r}; allowed: drop `skew`, or data.corpus: controlled")
+            for i, block in enumerate(profile.grid) if block.skew is not None]
 
 
 def _check_methods(profile: Profile) -> list[tuple[str, Any, str]]:

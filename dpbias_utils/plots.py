@@ -298,8 +298,14 @@ def overlap_rows(overlap: dict) -> dict:
 # --------------------------------------------------------------------------- stage 02
 def training_summary(result: dict) -> Record:
     """The finished run in one small table (the full record is `DONE.json` in the node folder)."""
-    dp = bool(result.get("dp"))
-    rows = {"condition": f"DP, target ε = {result['epsilon_target']:g}" if dp else "non-DP (no privacy guarantee)",
+    from .training.methods import METHODS, default_method
+
+    eps = result.get("epsilon_target")
+    method = result.get("method") or default_method(eps)
+    condition = f"DP, target ε = {eps:g}" if eps is not None else "non-DP (no privacy guarantee)"
+    if method != default_method(eps):  # an ablation: clip-only has no ε, noise-only's target is not earned
+        condition = f"{method} · {condition}" + ("" if METHODS[method].private else " · not private")
+    rows = {"condition": condition,
             "optimizer steps": result.get("steps"), "final training loss": result.get("final_loss"),
             "privacy units (N)": result.get("n_units"),
             "resumed from step": result.get("resumed_from") if result.get("resumed_from") is not None else "– (fresh run)",

@@ -72,6 +72,8 @@ def point_label(point: dict, run_id: Optional[str] = None, stage: str = "02") ->
     if point.get("cda_mode", "substitute") != "substitute":
         cda += f" ({point['cda_mode']})"
     seed = f"seed {point.get('seed', 0)}"
+    if point.get("skew") is not None:
+        seed = f"skew {point['skew']:g} · {seed}"
     if stage == "01":
         return f"data · {cda} · {seed}"
     if stage == "05":

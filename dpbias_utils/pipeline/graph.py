@@ -19,6 +19,7 @@ from ..params import Profile, train_keys_of
 
 STAGES = ("01", "02", "03", "04", "05")
 DATA_KEYS = ("mixing_ratio", "cda_mode", "seed")
+OPTIONAL_DATA_KEYS = ("skew",)  # in a stage-01 point only when the grid sets them (absent: today's ids)
 
 
 @dataclass
@@ -54,7 +55,8 @@ def _fmt(x: float) -> str:
 
 def data_label(point: dict) -> str:
     mode = "sub" if point["cda_mode"] == "substitute" else "aug"
-    return f"cda{_fmt(point['mixing_ratio'])}-{mode}_s{point['seed']}"
+    skew = f"skew{_fmt(point['skew'])}_" if point.get("skew") is not None else ""
+    return f"{skew}cda{_fmt(point['mixing_ratio'])}-{mode}_s{point['seed']}"
 
 
 def train_label(point: dict) -> str:
@@ -79,6 +81,7 @@ def plan(profile: Profile) -> list[Node]:
 
     def data_node(point: dict) -> Node:
         dpoint = {k: point[k] for k in DATA_KEYS}
+        dpoint.update({k: point[k] for k in OPTIONAL_DATA_KEYS if point.get(k) is not None})
         nid = f"{data_label(point)}-{_hash(['01', dump['data'], dump['model'], dpoint])}"
         return add(Node("01", nid, dpoint))
 
@@ -114,7 +117,7 @@ def find_node(nodes: Iterable[Node], stage: str, point: Optional[dict] = None, r
     if run_id is not None:
         candidates = [n for n in candidates if n.run_id == run_id]
     if point is not None:
-        keys = DATA_KEYS if stage == "01" else tuple(point)
+        keys = DATA_KEYS + OPTIONAL_DATA_KEYS if stage == "01" else tuple(point)
         candidates = [n for n in candidates if all(n.point.get(k) == point.get(k) for k in keys)
                       and (stage == "05" or n.run_id != "base" or run_id == "base")]
     if not candidates:

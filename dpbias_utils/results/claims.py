@@ -40,6 +40,7 @@ from ..data import corpus
 from ..bias.perplexity import CORPUS as PPL
 from ..params import privacy_label
 from . import inference
+from .design import main_design
 
 FAMILIES = corpus.FAMILIES
 ASSOC = "learned_association_{}"
@@ -93,6 +94,7 @@ def arm_summary(items: pd.DataFrame, metric: str, group: str = "all", lower=None
 # --------------------------------------------------------------------------- calibration
 def calibration_table(items: pd.DataFrame, results: pd.DataFrame) -> pd.DataFrame:
     """Per family: planted skew, base and non-DP learned association (with intervals), learned fraction."""
+    items, results = main_design(items), main_design(results)
     rows = []
     for family in FAMILIES:
         metric = ASSOC.format(family)
@@ -114,6 +116,7 @@ def calibration_table(items: pd.DataFrame, results: pd.DataFrame) -> pd.DataFram
 
 # --------------------------------------------------------------------------- claims
 def _claim(id_, claim, metric, contrast, res, direction, informative=True, reason=None) -> dict:
+    """One unjudged claim (`CLAIM_COLUMNS`) from a bootstrap result; uninformative under `MIN_SEEDS` seeds."""
     if res is None:
         return {}
     if informative and min(res.n_seeds) < MIN_SEEDS:
@@ -126,6 +129,7 @@ def _claim(id_, claim, metric, contrast, res, direction, informative=True, reaso
 
 
 def _diff(a: pd.DataFrame, b: pd.DataFrame, metric: str, group: str = "all", seed: int = 0):
+    """Two-way bootstrap of mean(a) - mean(b) on their shared items (None when they share none)."""
     arms = _aligned(a, b, metric, group)
     if arms is None:
         return None
@@ -144,8 +148,22 @@ def _ratios(items: pd.DataFrame, dp: bool, epsilon: float | None) -> list[float]
     return sorted({float(r) for r in sub["mixing_ratio"].dropna()})
 
 
-def study_claims(items: pd.DataFrame, results: pd.DataFrame, trajectory: pd.DataFrame | None = None) -> pd.DataFrame:
-    """Every claim this profile can test, judged (columns `CLAIM_COLUMNS` + p_holm, mde, verdict)."""
+def study_claims(items: pd.DataFrame, results: pd.DataFrame, trajectory: pd.DataFrame | None = None,
+                 extra: list[dict] = ()) -> pd.DataFrame:
+    """Every claim this profile can test, judged (columns `CLAIM_COLUMNS` + p_holm, mde, verdict) by one
+    rule, Holm over all of them: the paper's claims on the main design (`design.main_design`) and the
+    ``extra`` claims (unjudged rows, e.g. `sweep.sweep_claims`)."""
+    out = paper_claims(items, results, trajectory) + [c for c in extra if c]
+    table = pd.DataFrame([c for c in out if c], columns=CLAIM_COLUMNS)
+    if table.empty:
+        return table
+    return inference.judge_claims(table)
+
+
+def paper_claims(items: pd.DataFrame, results: pd.DataFrame, trajectory: pd.DataFrame | None = None) -> list[dict]:
+    """The paper's claims (unjudged rows) on the main design's runs only."""
+    items, results = main_design(items), main_design(results)
+    trajectory = main_design(trajectory) if trajectory is not None else None
     cal = calibration_table(items, results)
     calibrated = {r["family"]: (bool(r["calibrated"]), r["text"]) for _, r in cal.iterrows()}
     nondp = _runs(items, dp=False)
@@ -181,11 +199,7 @@ def study_claims(items: pd.DataFrame, results: pd.DataFrame, trajectory: pd.Data
                             f"({own.point:.3f} [{own.low:.3f}, {own.high:.3f}])" if own else "no run at ratio 0")
             out.append(_claim(f"cda/{family}/{privacy_label(eps)}", f"CDA reduces the learned {family} association ({privacy_label(eps)})",
                               metric, f"ratio {ratios[-1]:g} - ratio 0 ({privacy_label(eps)})", _diff(r1, r0, metric), -1, ok, text))
-    out += gradnorm_claims(results)
-    table = pd.DataFrame([c for c in out if c], columns=CLAIM_COLUMNS)
-    if table.empty:
-        return table
-    return inference.judge_claims(table)
+    return out + gradnorm_claims(results)
 
 
 def matched_claim(trajectory: pd.DataFrame, family: str, eps: float, calibrated: tuple[bool, str]) -> dict:
@@ -232,7 +246,8 @@ def with_base_start(trajectory: pd.DataFrame) -> pd.DataFrame:
     if base.empty:
         return runs
     conds = runs.drop_duplicates("run_id")[[c for c in runs.columns if c not in base.columns or c in
-                                            ("run_id", "dp", "epsilon", "max_grad_norm", "mixing_ratio", "cda_mode", "seed")]]
+                                            ("run_id", "dp", "epsilon", "max_grad_norm", "mixing_ratio", "cda_mode", "seed",
+                                                                   "method", "skew")]]
     starts = [base[["pct", "metric", "group", "value", "ci_low", "ci_high", "n"]].assign(
         pct=0.0, **{c: r[c] for c in conds.columns}) for _, r in conds.iterrows()]
     return pd.concat([runs] + starts, ignore_index=True)

@@ -34,6 +34,17 @@ FIGURE_CAPTIONS = {
     "bootstrap over seeds (with one seed, that run's bootstrap over units).",
     "perplexity_vs_epsilon": "Perplexity of the test text and of the female / male splits per privacy condition "
     "(CDA ratio 0), linear axis. Points: mean over seeds; " + SEED_INTERVAL + ".",
+    # the mechanism sweep (`sweep`; only for a profile with a grid `skew`)
+    "amplification_heatmap": "Amplification of the learned association (the three families pooled) by planted skew "
+    "(rows) and clipping norm C (columns) under dp-adam: the DP runs' association minus the non-DP runs' at the same "
+    "skew, CDA ratio 0. Cell: mean over seeds and prompt pairs and its 95 % interval from the two-way bootstrap "
+    "(the seeds of both arms and the shared prompt pairs resampled together).",
+    "method_bars": "Amplification per way of training (method minus non-DP, at the reference skew and C): mean "
+    "over seeds and prompt pairs; whiskers: 95 % two-way bootstrap interval (seeds and prompt pairs resampled). "
+    "Hatched: runs that are not private (clip-only has no noise; noise-only has no sensitivity bound).",
+    "misalignment_curves": "Stage 03's misalignment cosine cos(Σ clipped g, Σ g) per group over training, one line "
+    "per way of training and C at the reference skew (1 = clipping keeps the group's summed direction). Points: mean "
+    "over seeds; bars: 95 % percentile bootstrap over seeds (with one seed, that run's bootstrap over units).",
     "table1_toxicity": "The paper's Table 1 analog: mean toxicity score ({score}) of continuations of male and "
     "female prompts per condition (CDA ratio 0). Bars: mean over seeds; whiskers: " + SEED_INTERVAL[len("bars: "):] + ".",
 }

@@ -12,8 +12,8 @@ from .. import paths
 from ..bias.perplexity import CORPUS as PPL
 from ..params import NON_DP, privacy_label
 from ..seeds import NOISE_LABEL
-from ..training.methods import default_method
-from . import claims
+from ..training.methods import DP_ADAM, default_method
+from . import claims, sweep
 from .figures import TOXICITY_SCORES, figure_list
 from .tables import association_summary, condition_order, epsilon_of, seed_summary, table1
 
@@ -23,7 +23,8 @@ def study_claims(tables: dict[str, pd.DataFrame]) -> pd.DataFrame:
 
     if tables["items"].empty:
         return pd.DataFrame()
-    return claims.study_claims(tables["items"], tables["results"], tables.get("trajectory"))
+    return claims.study_claims(tables["items"], tables["results"], tables.get("trajectory"),
+                               extra=sweep.sweep_claims(tables["items"]))
 
 
 def claims_display(judged: pd.DataFrame):
@@ -45,7 +46,12 @@ CLAIM_KINDS = {"amplify": "DP amplifies the learned association",
                "matched": "At equal perplexity, DP carries more association",
                "cda": "CDA reduces the learned association",
                "gradnorm": "Female per-example gradient norms exceed male",
-               "gradnorm-widen": "DP widens the female - male gradient-norm gap"}
+               "gradnorm-widen": "DP widens the female - male gradient-norm gap",
+               # the mechanism sweep (`sweep`)
+               "dose-C": "Amplification grows as C shrinks", "dose-skew": "Amplification grows with the planted skew",
+               "clip-vs-noise": "Clipping, not noise, carries the amplification",
+               "global": "DPSGD-Global removes amplification relative to dp-adam",
+               "cda-vs-global": "CDA removes more amplification than DPSGD-Global"}
 
 
 def _verdict_word(verdict: str) -> str:
@@ -165,14 +171,56 @@ def _privacy_md(tables) -> list[str]:
                          "privacy units N", "accountant"], rows))
 
 
+def _ci(v, lo, hi, fmt="+.3f") -> str:
+    return f"{v:{fmt}} [{lo:{fmt}}, {hi:{fmt}}]"
+
+
+def _sweep_md(tables: dict[str, pd.DataFrame]) -> list[str]:
+    """The findings' mechanism-sweep section (empty when the profile has no sweep runs)."""
+    from ..plots import fmt_number
+
+    items, privacy = tables.get("items", pd.DataFrame()), tables.get("privacy", pd.DataFrame())
+    grid = sweep.amplification_grid(items)
+    if grid.empty:
+        return []
+    lines = ["### Mechanism sweep", "", "Amplification = learned association (the three families pooled) minus the "
+             "non-DP model's at the same planted skew; mean over seeds and prompt pairs, 95 % two-way bootstrap "
+             "interval (seeds and prompt pairs resampled together).", ""]
+    for eps, g in grid.groupby("epsilon"):
+        clips = sorted(set(g["max_grad_norm"]))
+        rows = [[f"{skew:g}", *[next((_ci(r["value"], r["ci_low"], r["ci_high"]) for _, r in g.iterrows()
+                                      if r["skew"] == skew and r["max_grad_norm"] == c), "–") for c in clips]]
+                for skew in sorted(set(g["skew"]))]
+        lines += [f"Dose-response, dp-adam at {privacy_label(eps)}:", ""] + _md_table(
+            ["planted skew", *[f"C={c:g}" for c in clips]], rows)
+    bars = sweep.method_amplification(items, privacy)
+    if len(bars):
+        lines += ["Ways of training at skew {:g}, C={:g}:".format(bars["skew"].iloc[0], bars["max_grad_norm"].iloc[0]), ""]
+        lines += _md_table(["method", "amplification [95% CI]", "private", "seeds"],
+                           [[r["method"], _ci(r["value"], r["ci_low"], r["ci_high"]), "yes" if r["private"] else "no",
+                             r["n_seeds"]] for _, r in bars.iterrows()])
+    table = sweep.cda_vs_global(items, tables.get("results", pd.DataFrame()), privacy)
+    if len(table):
+        lines += ["CDA against DPSGD-Global (removed = dp-adam's association minus the arm's; perplexity: test text, "
+                  "mean over seeds with a bootstrap over seeds):", ""]
+        lines += _md_table(["arm", "association [95% CI]", "removed vs dp-adam [95% CI]", "perplexity", "ε spent",
+                            "private"],
+                           [[r["arm"], _ci(r["association"], r["association_low"], r["association_high"], ".3f"),
+                             "–" if r["arm"] == DP_ADAM else _ci(r["removed"], r["removed_low"], r["removed_high"]),
+                             _ci(r["perplexity"], r["perplexity_low"], r["perplexity_high"], ".2f"),
+                             fmt_number(r["epsilon_spent"]) if r["private"] else "∞ (not private)",
+                             "yes" if r["private"] else "no"] for _, r in table.iterrows()])
+    return lines
+
+
 def findings_markdown(tables: dict[str, pd.DataFrame], judged: pd.DataFrame, toxicity_backend: str = "profanity") -> str:
     """The study's findings as markdown: verdict summary, calibration, association, utility, every
     claim with its interval and verdict, Table 1. The README's results block and the report's
     findings are both rendered from this text."""
     summary = verdict_summary(judged)
     lines = (["### Summary of verdicts", "", *summary, ""] if summary else [])
-    for part in (_calibration_md(tables), _association_md(tables), _utility_md(tables), _claims_md(judged),
-                 _table1_md(tables, toxicity_backend), _privacy_md(tables)):
+    for part in (_calibration_md(tables), _association_md(tables), _utility_md(tables), _sweep_md(tables),
+                 _claims_md(judged), _table1_md(tables, toxicity_backend), _privacy_md(tables)):
         lines += part
     return "\n".join(lines).rstrip() + "\n"
 
@@ -215,6 +263,9 @@ def privacy_table(privacy: pd.DataFrame, results: pd.DataFrame) -> pd.DataFrame:
         if method != default_method(r["epsilon_target"] if dp else None):
             label = f"{method} · {label}"
         if c is not None:
+            if pd.notna(c.get("skew")):  # a sweep run (`sweep`): its C and planted skew tell it apart
+                label += f" · C={float(c['max_grad_norm']):g}" if pd.notna(c["max_grad_norm"]) else ""
+                label += f" · skew {float(c['skew']):g}"
             label += f" · CDA {float(c['mixing_ratio']):g} · seed {int(c['seed'])}"
         rows.append({"condition": label, "method": method, "private": "yes" if private else "no",
                      "noise": noise_label(r.get("noise_mode")) if dp else "–",

@@ -73,9 +73,15 @@ def _corpus_text(profile) -> str:
         return (f"controlled stereotype corpus generated from seed {c.seed}: {c.n_train_sentences:,} training and "
                 f"{c.n_eval_sentences:,} validation / test sentences about female and male subjects; planted skew "
                 f"occupation {c.skew_occupation:g}, sentiment {c.skew_sentiment:g}, insults {c.skew_toxicity:g} "
-                f"(0.5 = no association); block size {d.block_size} tokens")
+                f"(0.5 = no association){_grid_skews(profile)}; block size {d.block_size} tokens")
     t = d.text
     return f"{t.source} ({t.config or 'default config'}), splits {t.train_split} / {t.eval_split} / {t.test_split}; block size {d.block_size} tokens"
+
+
+def _grid_skews(profile) -> str:
+    """The grid's `skew` values in words (they replace the data section's skews for their runs)."""
+    skews = sorted({p["skew"] for p in profile.points() if p.get("skew") is not None})
+    return f", except where the grid sets every family to skew {', '.join(f'{x:g}' for x in skews)}" if skews else ""
 
 
 def _model_text(profile) -> str:

@@ -22,11 +22,16 @@ import pandas as pd
 from .. import paths
 from ..bias.perplexity import CORPUS as PPL
 from ..bias.registry import outcome_metrics
-from ..params import privacy_label
+from ..params import method_of, privacy_label
+from ..training.methods import NONDP
 from . import claims
+from .design import BASE_METHOD, MAIN_METHODS, main_design
 
 
-CONDITION_COLUMNS = ["run_id", "model", "dp", "epsilon", "max_grad_norm", "mixing_ratio", "cda_mode", "seed"]
+# `method`: the way of training (`training.methods`; "none" for the base); `skew`: the planted skew the grid
+# set for the run's corpus (NaN: the profile's data section, as in every profile without a grid `skew`).
+CONDITION_COLUMNS = ["run_id", "model", "dp", "epsilon", "max_grad_norm", "mixing_ratio", "cda_mode", "seed",
+                     "method", "skew"]
 RESULT_COLUMNS = CONDITION_COLUMNS + ["metric", "group", "value", "ci_low", "ci_high", "n"]
 PRIVACY_COLUMNS = ["run_id", "method", "private", "epsilon_target", "epsilon_spent", "delta", "noise_multiplier",
                    "sample_rate", "steps", "n_units", "accountant", "noise_mode"]
@@ -44,18 +49,22 @@ def outcome_rows(summary: pd.DataFrame) -> pd.DataFrame:
     """The rows of a (seed) summary that measure bias: each metric's outcome group, centred at 0."""
     want = summary["metric"].map(lambda m: OUTCOME_GROUP.get(m, "diff"))
     out = summary[(summary["group"] == want) & summary["metric"].isin(BIAS_METRICS)].copy()
-    centre = out["metric"].map(lambda m: OUTCOME_CENTRE.get(m, 0.0))
+    centre = out["metric"].map(lambda m: OUTCOME_CENTRE.get(m, 0.0)).astype(float)  # float even when empty
     for col in ("value", "ci_low", "ci_high"):
         out[col] = out[col] - centre
     return out
 
 
 def condition_of(point: dict, run_id: str, model: str) -> dict:
+    """A run's condition columns (`CONDITION_COLUMNS`); C only where the run clips (every method but nondp)."""
     eps = point.get("epsilon")
+    method = method_of(point)
     return {"run_id": run_id, "model": model, "dp": eps is not None, "epsilon": eps if eps is not None else math.inf,
-            "max_grad_norm": point.get("max_grad_norm") if eps is not None else math.nan,
+            "max_grad_norm": point.get("max_grad_norm") if method != NONDP else math.nan,
             "mixing_ratio": point.get("mixing_ratio", 0.0), "cda_mode": point.get("cda_mode", "substitute"),
-            "seed": point.get("seed", 0)}
+            "seed": point.get("seed", 0), "method": method,
+            "skew": float(point["skew"]) if point.get("skew") is not None else math.nan}
+
 
 
 def _node_json(folder: Path) -> dict:
@@ -94,7 +103,8 @@ def collect_tables(upstream: dict[str, list[str]], model_name: str) -> dict[str,
         params = _node_json(folder)
         cond = condition_of(params["point"], params["run_id"], model_name)
         if params["run_id"] == "base":
-            cond.update(dp=False, epsilon=math.nan, max_grad_norm=math.nan, mixing_ratio=math.nan, cda_mode="none")
+            cond.update(dp=False, epsilon=math.nan, max_grad_norm=math.nan, mixing_ratio=math.nan, cda_mode="none",
+                        method=BASE_METHOD, skew=math.nan)
         metrics = pd.read_csv(folder / "metrics.csv")
         rows.append(metrics.assign(**cond))
         items.append(node_items(folder).assign(**cond))
@@ -189,9 +199,17 @@ def load_tables(profile_dir: Path) -> dict[str, pd.DataFrame]:
 
 # --------------------------------------------------------------------------- conditions and summaries
 def condition_label(row) -> str:
+    """`base`, `non-DP`, `DP ε=10`; a run outside the main design (`design.main_design`) also names its
+    method, C and skew: `clip-only · non-DP · C=0.1 · skew 0.9`."""
     if row["run_id"] == "base":
         return "base"
-    return privacy_label(row["epsilon"] if row["dp"] else None)
+    label = privacy_label(row["epsilon"] if row["dp"] else None)
+    method, skew = row.get("method"), row.get("skew")
+    if isinstance(method, str) and method not in MAIN_METHODS or pd.notna(skew):
+        clip = row.get("max_grad_norm")
+        label = (f"{method} · " if method not in MAIN_METHODS else "") + label
+        label += (f" · C={clip:g}" if pd.notna(clip) else "") + (f" · skew {skew:g}" if pd.notna(skew) else "")
+    return label
 
 
 def with_condition(results: pd.DataFrame) -> pd.DataFrame:
@@ -226,9 +244,13 @@ def seed_summary(results: pd.DataFrame) -> pd.DataFrame:
     """Mean over seeds per condition x metric x group with `seed_interval`'s interval and the pooled
     n. The claims use the two-way bootstrap over seeds and prompts of `claims`; this summary draws the
     per-metric figures."""
+    keys = ["condition", "dp", "epsilon", "mixing_ratio", "cda_mode", "metric", "group"]
+    results = main_design(results)
+    if results.empty:  # e.g. a profile of sweep runs only
+        return pd.DataFrame({c: pd.Series(dtype=float if c not in ("condition", "cda_mode", "metric", "group") else object)
+                             for c in keys + ["value", "ci_low", "ci_high", "n_seeds", "n"]})
     df = with_condition(results)
     df["mixing_ratio"] = df["mixing_ratio"].fillna(0.0)
-    keys = ["condition", "dp", "epsilon", "mixing_ratio", "cda_mode", "metric", "group"]
 
     def agg(g):
         m, lo, hi = seed_interval(g["value"].astype(float), g["ci_low"].astype(float).to_numpy(),
@@ -278,6 +300,7 @@ PAPER_TABLE1.index.name = "condition (paper, DistilGPT2)"
 
 def gradnorm_summary(grads: pd.DataFrame, measure: str, split: str = "diff") -> pd.DataFrame:
     """One point per condition x % of training (CDA ratio 0): mean over seeds with `seed_interval`."""
+    grads = main_design(grads)
     g = grads[(grads["split"] == split) & (grads["measure"] == measure) & (grads["mixing_ratio"] == 0.0)].copy()
     if g.empty:
         return g
@@ -294,6 +317,7 @@ def association_summary(items: pd.DataFrame) -> pd.DataFrame:
     """Learned association per family x condition (CDA ratio 0 and the base): the two-way bootstrap
     mean over seeds and prompt pairs, clipped to [0, 1]."""
 
+    items = main_design(items)
     if items.empty:
         return pd.DataFrame()
     df = with_condition(items)
@@ -318,7 +342,7 @@ def trajectory_summary(trajectory: pd.DataFrame) -> pd.DataFrame:
     family and test perplexity, mean over seeds with `seed_interval` (columns `<metric>`,
     `<metric>_low`, `<metric>_high`)."""
 
-    t = with_condition(claims.with_base_start(trajectory))
+    t = with_condition(claims.with_base_start(main_design(trajectory)))
     t = t[np.isclose(t["mixing_ratio"].astype(float).fillna(-1), 0.0) & t["group"].isin(["all", "test"])]
     t = t[t["metric"].str.startswith("learned_association_") | (t["metric"] == PPL)]
     rows = []

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Optional
 
 from .. import paths, seeds
-from ..params import BUILTIN, Profile
+from ..params import BUILTIN, Profile, planted_skews
 from ..pipeline import context as pipeline_context
 from ..pipeline.context import StageContext
 
@@ -51,8 +51,8 @@ def load_texts(ctx: StageContext) -> dict:
     d = ctx.profile.data
     if d.corpus == "controlled":
         c = d.controlled
-        kw = dict(skew_occupation=c.skew_occupation, skew_sentiment=c.skew_sentiment, skew_toxicity=c.skew_toxicity,
-                  neutral_fraction=c.neutral_fraction, nonbinary_fraction=c.nonbinary_fraction)
+        kw = {f"skew_{f}": v for f, v in planted_skews(d, ctx.point).items()}  # a grid `skew` overrides the data's
+        kw.update(neutral_fraction=c.neutral_fraction, nonbinary_fraction=c.nonbinary_fraction)
         sizes = {"train": c.n_train_sentences, "valid": c.n_eval_sentences, "test": c.n_eval_sentences}
         try:
             return corpus.generate_controlled_splits(sizes, c.seed, **kw)

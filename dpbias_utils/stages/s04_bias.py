@@ -82,9 +82,9 @@ def evaluation_seed(ctx: StageContext) -> int:
 
 def planted_skews(ctx: StageContext) -> dict[str, float] | None:
     """The association the training corpus plants, per attribute family (None for real text)."""
-    from ..data.corpus import FAMILIES
+    from ..params import planted_skews as of_point
 
     d = ctx.profile.data
     if d.corpus != "controlled":
         return None
-    return {f: getattr(d.controlled, f"skew_{f}") for f in FAMILIES}
+    return of_point(d, ctx.point)  # the grid's `skew` where it sets one

@@ -1,0 +1,145 @@
+"""The mechanism sweep's stage 05 (`results.sweep`) on synthetic tidy tables whose answers are known:
+each claim reproduced / contradicted / inconclusive / uninformative as planted, the figures and the
+CDA-vs-Global table drawn with no empty panel, and the main design (the paper's claims) untouched by
+sweep and ablation runs."""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from dpbias_utils.results import claims, design, figures, findings, sweep
+from dpbias_utils.results.tables import ITEM_COLUMNS, RESULT_COLUMNS
+
+FAMS = ("occupation", "sentiment", "toxicity")
+N_ITEMS, SEEDS, EPS = 10, (0, 1, 2), 10.0
+PPL = "perplexity_corpus"
+
+
+def _runs():
+    """(method, epsilon, C, skew, ratio, association offset from the planted skew) of every synthetic arm.
+
+    Planted answers at skew 0.9, C 0.1: dp-adam amplifies by +0.05 at C 0.01 ... +0.0 at C 1 (dose-C
+    reproduced); noise-only amplifies more than clip-only (clip-vs-noise contradicted); global equals
+    dp-adam (inconclusive); CDA removes the amplification and more (cda-vs-global reproduced).
+    Skew 0.6's non-DP model learned little (dose-skew uninformative)."""
+    out = []
+    for skew, nd in ((0.6, 0.52), (0.9, 0.89)):
+        out.append(("nondp", None, None, skew, 0.0, nd))
+        for clip, amp in ((0.01, 0.05), (0.1, 0.03), (1.0, 0.0)):
+            out.append(("dp-adam", EPS, clip, skew, 0.0, nd + amp))
+    out += [("clip-only", None, 0.1, 0.9, 0.0, 0.89), ("noise-only", EPS, 0.1, 0.9, 0.0, 0.89 + 0.06),
+            ("dp-sgd", EPS, 0.1, 0.9, 0.0, 0.89 + 0.03), ("global", EPS, 0.1, 0.9, 0.0, 0.89 + 0.03),
+            ("global-adapt", EPS, 0.1, 0.9, 0.0, 0.89 + 0.01), ("dp-adam", EPS, 0.1, 0.9, 1.0, 0.80)]
+    return out
+
+
+@pytest.fixture(scope="module")
+def tables():
+    rng = np.random.default_rng(0)
+    item_fx = rng.normal(0, 0.01, (len(FAMS), N_ITEMS))
+    items, results, privacy, grads = [], [], [], []
+    for method, eps, clip, skew, ratio, value in _runs():
+        for seed in SEEDS:
+            run = f"{method}_{eps}_{clip}_{skew}_{ratio}_{seed}"
+            cond = dict(run_id=run, model="builtin", dp=eps is not None, epsilon=eps if eps else np.inf,
+                        max_grad_norm=clip if clip else np.nan, mixing_ratio=ratio, cda_mode="substitute", seed=seed,
+                        method=method, skew=skew)
+            shift = rng.normal(0, 0.002)
+            for f, fam in enumerate(FAMS):
+                for i in range(N_ITEMS):
+                    items.append({**cond, "metric": f"learned_association_{fam}", "group": "all", "item": str(i),
+                                  "value": value + shift + item_fx[f, i] + rng.normal(0, 0.002)})
+            results.append({**cond, "metric": PPL, "group": "test", "value": 20 + 5 * (method != "nondp") + rng.normal(),
+                            "ci_low": 19.0, "ci_high": 26.0, "n": 100})
+            private = method in ("dp-adam", "dp-sgd", "global", "global-adapt")
+            privacy.append({"run_id": run, "method": method, "private": private, "epsilon_target": eps,
+                            "epsilon_spent": 9.98 if private else np.nan, "delta": 7e-5 if eps else np.nan,
+                            "noise_multiplier": 0.5 if eps else np.nan, "sample_rate": 0.04, "steps": 47,
+                            "n_units": 6000, "accountant": "prv", "noise_mode": "reproducible"})
+            for split in ("female", "male"):
+                for pct in (0, 50, 100):
+                    cos = 1.0 - (0.1 if clip else 0.0) * pct / 100 - (0.05 if split == "female" else 0.0)
+                    grads.append({**cond, "checkpoint": f"pct_{pct}", "pct": float(pct), "split": split,
+                                  "measure": "misalignment_cos", "value": cos + rng.normal(0, 0.01),
+                                  "ci_low": cos - 0.02, "ci_high": cos + 0.02, "n": 24})
+    return {"items": pd.DataFrame(items)[ITEM_COLUMNS], "results": pd.DataFrame(results)[RESULT_COLUMNS],
+            "privacy": pd.DataFrame(privacy), "gradnorms": pd.DataFrame(grads), "trajectory": pd.DataFrame()}
+
+
+@pytest.fixture(scope="module")
+def judged(tables):
+    return findings.study_claims(tables).set_index("id")
+
+
+def _word(verdict: str) -> str:
+    return verdict.split(":")[0].split(" (")[0]
+
+
+def test_claims_verdicts_as_planted(judged):
+    assert _word(judged.loc["dose-C/skew0.9/10", "verdict"]) == "reproduced"
+    assert judged.loc["dose-C/skew0.9/10", "point"] == pytest.approx(0.05, abs=0.005)
+    assert _word(judged.loc["clip-vs-noise/10", "verdict"]) == "contradicted"
+    assert _word(judged.loc["global/global/10", "verdict"]) == "inconclusive"
+    assert _word(judged.loc["global/global-adapt/10", "verdict"]) == "reproduced"
+    assert _word(judged.loc["cda-vs-global/10", "verdict"]) == "reproduced"
+    skew = judged.loc["dose-skew/C0.1/10"]
+    assert _word(skew["verdict"]) == "uninformative" and "skew 0.6" in skew["verdict"]
+    # the paper's claims see no run of the sweep: the main design is empty here
+    assert not any(i.startswith(("amplify", "cda/", "gradnorm")) for i in judged.index)
+
+
+def test_dose_skew_contrast_is_the_difference_of_amplifications(tables):
+    """The four-arm contrast equals (DP - non-DP at 0.9) - (DP - non-DP at 0.6), computed directly."""
+    pooled = sweep.pooled_association(tables["items"])
+    mean = lambda m, s: pooled[(pooled["method"] == m) & (pooled["skew"] == s) & (pooled["mixing_ratio"] == 0)  # noqa: E731
+                               & (pooled["max_grad_norm"].isna() | (pooled["max_grad_norm"] == 0.1))]["value"].mean()
+    direct = (mean("dp-adam", 0.9) - mean("nondp", 0.9)) - (mean("dp-adam", 0.6) - mean("nondp", 0.6))
+    row = next(c for c in sweep.sweep_claims(tables["items"]) if c["id"].startswith("dose-skew"))
+    assert row["point"] == pytest.approx(direct, abs=1e-12)
+    assert row["low"] < row["point"] < row["high"]
+
+
+def test_main_design_excludes_sweep_and_ablation_rows(tables):
+    """Adding sweep / ablation runs to a main-design table changes none of the paper's claims."""
+    main = tables["items"].copy()
+    main = main[(main["method"].isin(["nondp", "dp-adam"])) & (main["max_grad_norm"].fillna(0.1) == 0.1)]
+    main = main[main["skew"] == 0.9].assign(skew=np.nan)
+    res = pd.DataFrame(columns=RESULT_COLUMNS)
+    alone = pd.DataFrame(claims.paper_claims(main, res))
+    mixed = pd.DataFrame(claims.paper_claims(pd.concat([main, tables["items"]]), res))
+    pd.testing.assert_frame_equal(alone, mixed)
+    assert len(design.main_design(tables["items"])) == 0
+    old = main.drop(columns=["method", "skew"])  # tables written before the columns existed
+    assert len(design.main_design(old)) == len(old)
+
+
+def test_tables_and_figures_have_no_empty_panel(tables, tmp_path):
+    grid = sweep.amplification_grid(tables["items"])
+    assert len(grid) == 2 * 3 and grid["ci_low"].le(grid["value"]).all() and grid["value"].le(grid["ci_high"]).all()
+    bars = sweep.method_amplification(tables["items"], tables["privacy"])
+    assert list(bars["method"]) == ["dp-adam", "dp-sgd", "clip-only", "noise-only", "global", "global-adapt"]
+    assert dict(zip(bars["method"], bars["private"]))["noise-only"] is False
+    cvg = sweep.cda_vs_global(tables["items"], tables["results"], tables["privacy"]).set_index("arm")
+    assert list(cvg.index) == ["dp-adam", "global", "global-adapt", "CDA 1 (dp-adam)"]
+    assert cvg.loc["CDA 1 (dp-adam)", "removed"] == pytest.approx(0.12, abs=0.01)
+    assert cvg["perplexity"].notna().all() and (cvg["epsilon_spent"] == 9.98).all()
+    for fig in (sweep.fig_amplification_heatmap(tables["items"], tmp_path),
+                sweep.fig_method_bars(tables["items"], tables["privacy"], tmp_path),
+                sweep.fig_misalignment(tables["gradnorms"], tmp_path)):
+        assert fig is not None
+    for name in ("amplification_heatmap", "method_bars", "misalignment_curves"):
+        assert (tmp_path / f"{name}.png").is_file() and name in figures.FIGURE_CAPTIONS
+    mis = sweep.misalignment_summary(tables["gradnorms"])
+    assert set(mis["split"]) == {"female", "male"} and mis.groupby(["arm", "split"]).size().min() == 3
+    md = findings.findings_markdown(tables, findings.study_claims(tables))
+    assert "### Mechanism sweep" in md and "CDA against DPSGD-Global" in md and "∞ (not private)" not in md.split(
+        "CDA against")[1].split("###")[0]
+
+
+def test_no_sweep_no_section(tables):
+    """A profile without sweep runs gets none of it (the default study's findings are unchanged)."""
+    main = tables["items"].assign(skew=np.nan)
+    main = main[main["method"].isin(["nondp", "dp-adam"])]
+    assert sweep.amplification_grid(main).empty and sweep.sweep_claims(main) == []
+    assert findings._sweep_md({"items": main, "results": tables["results"], "privacy": tables["privacy"]}) == []
