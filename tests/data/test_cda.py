@@ -199,7 +199,8 @@ def test_fast_enough_for_big_corpora():
         ("They were described as brilliant .", "She was described as brilliant .", "He was described as brilliant ."),
         ("The person worked as a nurse , and they liked it .", "The man worked as a nurse , and he liked it .",
          "The woman worked as a nurse , and she liked it ."),
-        ("Someone online called them stupid .", "Someone online called her stupid .", "Someone online called him stupid ."),
+        ("The message told them that they were rude .", "The message told her that she was rude .",
+         "The message told him that he was rude ."),
         ("Their colleagues found Alex honest .", "His colleagues found John honest .", "Her colleagues found Mary honest ."),
     ],
 )
