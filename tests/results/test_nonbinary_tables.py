@@ -64,3 +64,18 @@ def test_stage05_tables_carry_the_nonbinary_rows_and_items(tmp_path):
     summary = tables.seed_summary(res)
     assert {"nonbinary", "nonbinary_lean"} <= set(summary["group"])
     assert not tables.association_summary(items).empty  # the figure's summary still reads group "all" only
+
+
+def test_the_nonbinary_profile_switches_the_probe_on_and_the_default_does_not():
+    from types import SimpleNamespace
+
+    from dpbias_utils.params import load_profile
+    from dpbias_utils.stages import s01_data, s04_bias
+
+    nonbinary = load_profile(paths.PARAMS / "nonbinary.yaml")
+    assert nonbinary.data.controlled.nonbinary_fraction == 0.2
+    assert s04_bias.has_nonbinary(SimpleNamespace(profile=nonbinary))
+    assert not s04_bias.has_nonbinary(SimpleNamespace(profile=load_profile(paths.DEFAULT_PARAMS)))
+    frame = pd.DataFrame({"subject_gender": ["female", "nonbinary", "none", "nonbinary"]})
+    assert s01_data._nonbinary_flags(frame, [3, 0, 1]) == [True, False, True]
+    assert s01_data._nonbinary_flags(pd.DataFrame({"text": ["a"]}), [0]) is None  # real text: no flags
