@@ -39,7 +39,7 @@ from .cda import counterfactual, gender_of, gendered_counts
 
 CDA_MODES = ("substitute", "augment")
 UNIT_COLUMNS = ["unit_id", "kind", "text", "input_ids", "n_tokens", "gender", "label"]
-SPLIT_NAMES = ("female", "male", "stereotypical", "anti_stereotypical", "nonbinary")
+SPLIT_NAMES = ("female", "male", "stereotypical", "anti_stereotypical", "nonbinary", "binary")
 #: The ``gender`` of a unit whose subject is non-binary (controlled corpus): CDA never swaps it.
 NONBINARY = "nonbinary"
 #: Stage 03's CDA splits (`cda_pair_splits`): gendered validation units and their counterfactuals.
@@ -275,8 +275,9 @@ def _swapped_label(label: str, gender: str, swapped_gender: str) -> str:
 
 
 def gender_splits(df: pd.DataFrame) -> dict[str, pd.DataFrame]:
-    """Evaluation subsets: ``female``/``male`` (only that gender's words), ``nonbinary`` when some
-    unit has a non-binary subject, and, for labelled data, ``stereotypical``/``anti_stereotypical``."""
+    """Evaluation subsets: ``female``/``male`` (only that gender's words), ``nonbinary`` and ``binary``
+    (female and male together, its comparison group) when some unit has a non-binary subject, and,
+    for labelled data, ``stereotypical``/``anti_stereotypical``."""
     missing = {"gender", "label"} - set(df.columns)
     if missing:
         raise DataError(f"df must have the columns gender and label, missing {sorted(missing)}")
@@ -286,6 +287,7 @@ def gender_splits(df: pd.DataFrame) -> dict[str, pd.DataFrame]:
     }
     if (df["gender"] == NONBINARY).any():
         splits[NONBINARY] = df[df["gender"] == NONBINARY].reset_index(drop=True)
+        splits["binary"] = df[df["gender"].isin(["female", "male"])].reset_index(drop=True)
     if (df["label"] != UNLABELLED).any():
         splits["stereotypical"] = df[df["label"] == "stereotypical"].reset_index(drop=True)
         splits["anti_stereotypical"] = df[df["label"] == "anti-stereotypical"].reset_index(drop=True)

@@ -336,10 +336,12 @@ def test_gender_splits_add_a_nonbinary_split_when_present():
     frame = build_units(corpus["text"].tolist(), WordTokenizer(), 64, 0.0, "augment", seed=0,
                         labels=corpus["label"].tolist(), nonbinary=flags)
     splits = gender_splits(frame)
-    assert set(splits) == {"female", "male", "nonbinary", "stereotypical", "anti_stereotypical"}
+    assert set(splits) == {"female", "male", "nonbinary", "binary", "stereotypical", "anti_stereotypical"}
+    both = sorted(set(splits["female"]["unit_id"]) | set(splits["male"]["unit_id"]))
+    assert splits["binary"]["unit_id"].tolist() == both  # the comparison group of stage 03's contrast
     assert splits["nonbinary"]["unit_id"].tolist() == [i for i, f in enumerate(flags) if f]
     assert not set(splits["nonbinary"]["unit_id"]) & (set(splits["female"]["unit_id"]) | set(splits["male"]["unit_id"]))
     assert not set(splits["nonbinary"]["unit_id"]) & set(splits["stereotypical"]["unit_id"])
     without = build_units(corpus["text"].tolist(), WordTokenizer(), 64, 0.0, "augment", seed=0,
                           labels=corpus["label"].tolist())
-    assert "nonbinary" not in gender_splits(without)
+    assert not {"nonbinary", "binary"} & set(gender_splits(without))

@@ -46,7 +46,7 @@ def test_stage05_tables_carry_the_nonbinary_rows_and_items(tmp_path):
         f03 = _node(tmp_path, "03", f"nondp-s{seed}", point)
         pd.DataFrame([{"run": "x", "checkpoint": "pct_100", "split": s, "measure": m, "value": v, "ci_low": v,
                        "ci_high": v, "n": 8}
-                      for s in ("female", "male", "female-male", "nonbinary")
+                      for s in ("female", "male", "female-male", "nonbinary", "binary", "nonbinary-binary")
                       for m, v in (("l2_total", 1.0), ("clip_fraction", 0.5), ("misalignment_cos", 0.9))]
                      ).to_csv(f03 / "gradnorms.csv", index=False)
         upstream["03"].append(str(f03))
@@ -55,7 +55,8 @@ def test_stage05_tables_carry_the_nonbinary_rows_and_items(tmp_path):
     res = t["results"]
     nb = res[(res["metric"] == "learned_association_sentiment") & (res["group"] == "nonbinary_lean")]
     assert sorted(nb["value"].round(12)) == [0.10, 0.12]
-    assert set(res.loc[res["metric"] == "grad_misalignment_cos", "group"]) == {"female", "male", "diff", "nonbinary"}
+    assert set(res.loc[res["metric"] == "grad_misalignment_cos", "group"]) == {
+        "female", "male", "diff", "nonbinary", "binary", "nonbinary-binary"}
     items = t["items"]
     assert set(items["group"]) == {"all", "nonbinary_lean"}
     # the seed-resampled summary of the lean over the two runs, as the claims compute one
