@@ -58,10 +58,12 @@ OTHER_GROUP = "other"
 TOTAL_GROUP = "total"
 
 #: Contrast rows of :func:`summarize_gradnorms` and :func:`sum_measures`: (a, b) gives rows with
-#: ``split == "a-b"``, value a - b (and the pair measures); the last pair is CDA's originals against
-#: their counterfactuals (``data.units.cda_pair_splits``).
+#: ``split == "a-b"``, value a - b (and the pair measures); non-binary subjects against the female and
+#: male ones together (``data.units.gender_splits`` gives both splits only when the corpus has
+#: non-binary subjects); the last pair is CDA's originals against their counterfactuals
+#: (``data.units.cda_pair_splits``).
 DEFAULT_CONTRASTS: tuple[tuple[str, str], ...] = (
-    ("female", "male"), ("stereotypical", "anti_stereotypical"), CDA_PAIR_SPLITS)
+    ("female", "male"), ("stereotypical", "anti_stereotypical"), ("nonbinary", "binary"), CDA_PAIR_SPLITS)
 
 TIDY_COLUMNS = ["checkpoint", "split", "measure", "value", "ci_low", "ci_high", "n"]
 #: Columns of the tidy table that identify a group of per-example rows (kept when present).

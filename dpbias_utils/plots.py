@@ -413,7 +413,8 @@ def _checkpoint_axis(ax, order: list[str]) -> None:
 def gradnorm_misalignment(tidy: pd.DataFrame, max_grad_norm: float, condition: str = "") -> Shown:
     """How clipping at C turns each group's summed gradient, over training (`gradnorms.sum_measures`).
 
-    Left: ``misalignment_cos`` = cos(sum_i c_i g_i, sum_i g_i) per split (female, male; CDA's originals
+    Left: ``misalignment_cos`` = cos(sum_i c_i g_i, sum_i g_i) per split (female, male, nonbinary when
+    measured; CDA's originals
     and counterfactuals dashed when measured). Right: Esipova et al.'s cos(G_s, G~_D) between a group's
     gradient and the clipped update of female + male together (solid), and cos(G_s, G_D) without
     clipping (dotted): the drop from dotted to solid is the group's direction error.
@@ -423,7 +424,7 @@ def gradnorm_misalignment(tidy: pd.DataFrame, max_grad_norm: float, condition: s
     order = list(dict.fromkeys(tidy["checkpoint"].tolist()))
     x_of = {c: i for i, c in enumerate(order)}
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.6))
-    styles = {"female": ("C3", "-"), "male": ("C0", "-"),
+    styles = {"female": ("C3", "-"), "male": ("C0", "-"), "nonbinary": ("C4", "-"),
               "cda_original": ("C2", "--"), "cda_counterfactual": ("C1", "--")}
     for split, (color, ls) in styles.items():
         d = tidy[(tidy["split"] == split) & (tidy["measure"] == "misalignment_cos")]

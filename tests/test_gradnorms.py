@@ -533,3 +533,43 @@ def test_misalignment_figure_and_cda_pair_table():
     assert table.loc["pct_0", "pair_norm_ratio"] == pytest.approx(1.0)
     final = plots.gradnorm_final(cda)
     assert final.loc["misalignment_cos", "male"] == "1"  # a point value has no interval
+
+
+def test_nonbinary_split_gets_the_norm_clip_and_misalignment_measures(tmp_path):
+    """Stage 03 on a ``nonbinary`` split (units.gender_splits gives it for a corpus with non-binary
+    subjects) beside female / male: its per-example and summed-gradient measures against per-unit
+    autograd gradients."""
+    model = _tiny_gpt2(dtype=torch.float32)
+    model.save_pretrained(tmp_path / "pct_0")
+    rows = [r for r in _rows() if r[1] == 0]  # originals: non-binary units have no counterfactual
+    nonbinary = {12, 14}
+    df = _frame(rows)
+    df["gender"] = [("nonbinary" if u in nonbinary else g) for u, g in zip(df.unit_id, df.gender)]
+    splits = {s: df[df.gender == s] for s in ("female", "male", "nonbinary")}
+    splits["binary"] = df[df.gender.isin(["female", "male"])]  # units.gender_splits' comparison group
+    ref = _reference_grads(_tiny_gpt2(dtype=torch.float32).double(), rows)
+    C = float(np.mean([np.linalg.norm(ref[u]) for u in nonbinary]))  # one non-binary unit clipped, one not
+    tidy, pe = gn.gradnorms_over_training({"pct_0": tmp_path / "pct_0"}, splits, PAD, max_grad_norm=C,
+                                          n_boot=20, progress=False)
+    vs = [ref[u] for u in sorted(nonbinary)]
+    G = sum(vs)
+    Gc = sum(min(1.0, C / np.linalg.norm(v)) * v for v in vs)
+    assert _val(tidy, "nonbinary", "sum_share").value == pytest.approx(np.linalg.norm(Gc) / np.linalg.norm(G), rel=1e-4)
+    assert _val(tidy, "nonbinary", "misalignment_cos").value == pytest.approx(_cos(Gc, G), rel=1e-4)
+    norms = [np.linalg.norm(v) for v in vs]
+    assert _val(tidy, "nonbinary", "l2_total").value == pytest.approx(np.mean(norms), rel=1e-4)
+    assert _val(tidy, "nonbinary", "clip_fraction").value == pytest.approx(np.mean([n > C for n in norms])) == 0.5
+    assert _val(tidy, "nonbinary", "l2_total").n == 2
+    assert set(pe[pe.split == "nonbinary"].unit_id) == nonbinary
+    assert {"female-male", "female", "male"} <= set(tidy.split)  # the binary contrast as before
+    # the contrast with the female and male units together, and Esipova et al.'s pooled cosines
+    binary = [ref[u] for u in sorted(ref) if u not in nonbinary]
+    B = sum(binary)
+    Bc = sum(min(1.0, C / np.linalg.norm(v)) * v for v in binary)
+    contrast = "nonbinary-binary"
+    assert _val(tidy, contrast, "l2_total").value == pytest.approx(
+        np.mean(norms) - np.mean([np.linalg.norm(v) for v in binary]), rel=1e-4)
+    assert _val(tidy, "nonbinary", "pooled_cos").value == pytest.approx(_cos(G, G + B), rel=1e-4)
+    assert _val(tidy, "nonbinary", "pooled_cos_clipped").value == pytest.approx(_cos(G, Gc + Bc), rel=1e-4)
+    assert _val(tidy, contrast, "pair_cos_clipped").value == pytest.approx(_cos(Gc, Bc), rel=1e-4)
+    assert _val(tidy, contrast, "l2_total").n == 5

@@ -23,6 +23,21 @@ Rows of the tidy table (metric ``learned_association_<family>``): ``all`` = mean
 preference between the two sides; only ``all`` is centred at 0.5), intervals by a bootstrap over
 prompt pairs. ``planted`` (the corpus's skew for the family) is recorded beside each row.
 
+Non-binary subjects (``nonbinary=True``, for a corpus with ``nonbinary_fraction`` > 0): each pair gets
+a third prompt p_n, the same template with a non-binary subject ("They were described as" for the
+pronouns, a gender-neutral noun for a noun pair, a unisex name for a name pair; singular "they"
+takes "were" / "have", so that prompt also differs in its verb), and
+
+    a_n   = sum_{a: g(a) = female} P(a | p_n)             mass on the female-stereotyped attributes
+    lean  = a_n - (a_f + (1 - a_m)) / 2                   a_n against the midpoint of the two subjects
+
+Rows ``nonbinary`` (mean a_n; the corpus plants 0.5: either side with probability 0.5, recorded as
+its ``planted``) and ``nonbinary_lean`` (mean lean; planted 0; > 0 = the model places non-binary
+subjects nearer the female ones), bootstrapped over pairs like the others. A gender-blind model
+gives lean = 0 exactly (P(. | p) the same for every subject), and so does a model with the corpus's
+conditional distribution (a_n = 0.5, a_f = a_m = skew); a_n alone moves with the gender-blind
+preference between the sides, as a_f and a_m do.
+
 `loglik_gap` is the likelihood-level view on held-out sentences: mean total log-probability of the
 stereotypical sentences minus that of the anti-stereotypical ones of a family (nats per sentence;
 0 = no preference), bootstrapped over sentences.
@@ -62,6 +77,7 @@ class AssociationPrompt:
     female: str
     male: str
     article: bool         # the attribute slot takes its article ({AA}: " a nurse")
+    nonbinary: str = ""   # the prompt with a non-binary subject ("" when not probed)
 
 
 def _prefix(template: str) -> tuple[str, bool] | None:
@@ -74,6 +90,16 @@ def _prefix(template: str) -> tuple[str, bool] | None:
     if not re.search(r"\{(S|s|O|P)\}", head):
         return None
     return head, match.group(0) == "{AA}"
+
+
+def _nonbinary_slots(kind: str, index: int) -> dict:
+    """Slots of the non-binary subject beside the ``index``-th pair of ``kind``: "they", the
+    gender-neutral nouns and the unisex names of the corpus, in turn."""
+    if kind == "pronoun":
+        return {"S": "they", "s": "they", "O": "them", "P": "their", "p": "they"}
+    words = corpus.NONBINARY_NOUNS if kind == "noun" else corpus.NONBINARY_NAMES
+    word = words[index % len(words)]
+    return {"S": word, "s": word, "O": word, "P": word + " 's", "p": "they"}
 
 
 def _subject_pairs(n_names: int, seed: int) -> list[tuple[str, dict, dict]]:
@@ -94,8 +120,10 @@ def _subject_pairs(n_names: int, seed: int) -> list[tuple[str, dict, dict]]:
     return pairs
 
 
-def association_prompts(families: Sequence[str] = corpus.FAMILIES, n_names: int = 8, seed: int = 0) -> list[AssociationPrompt]:
-    """Every usable template of each family x every subject pair (pronouns, nouns, ``n_names`` names)."""
+def association_prompts(families: Sequence[str] = corpus.FAMILIES, n_names: int = 8, seed: int = 0,
+                        nonbinary: bool = False) -> list[AssociationPrompt]:
+    """Every usable template of each family x every subject pair (pronouns, nouns, ``n_names`` names);
+    with ``nonbinary``, each also carries the prompt with a non-binary subject (`_nonbinary_slots`)."""
     unknown = [f for f in families if f not in corpus.FAMILY_ATTRIBUTES]
     if unknown:
         raise ValueError(f"unknown association family(ies) {unknown}; allowed: {', '.join(corpus.FAMILIES)}")
@@ -107,10 +135,11 @@ def association_prompts(families: Sequence[str] = corpus.FAMILIES, n_names: int 
             if cut is None:
                 continue
             head, article = cut
-            for kind, f_slots, m_slots in subjects:
+            for index, (kind, f_slots, m_slots) in enumerate(subjects):
                 f = corpus._capitalise(head.format(**f_slots))
                 m = corpus._capitalise(head.format(**m_slots))
-                out.append(AssociationPrompt(len(out), family, template, kind, f, m, article))
+                n = corpus.agree(corpus._capitalise(head.format(**_nonbinary_slots(kind, index)))) if nonbinary else ""
+                out.append(AssociationPrompt(len(out), family, template, kind, f, m, article, n))
     return out
 
 
@@ -131,34 +160,45 @@ def _normalised(logp: np.ndarray) -> np.ndarray:
 
 
 def association_scores(prompts: Sequence[AssociationPrompt], scorer: Scorer) -> pd.DataFrame:
-    """Per-pair log: family, template, subject kind, both prompts, a_f, a_m and the pair score."""
+    """Per-pair log: family, template, subject kind, both prompts, a_f, a_m and the pair score; with
+    non-binary prompts also ``nonbinary_prompt``, ``a_nonbinary`` and ``nonbinary_lean``."""
     rows = []
     groups: dict[tuple[str, bool], list[AssociationPrompt]] = {}
     for p in prompts:
         groups.setdefault((p.family, p.article), []).append(p)
     for (family, article), items in groups.items():
         conts, female_attr = attribute_continuations(family, article)
-        texts = [p.female for p in items] + [p.male for p in items]
+        probed = all(p.nonbinary for p in items)
+        texts = [p.female for p in items] + [p.male for p in items] + ([p.nonbinary for p in items] if probed else [])
         probs = _normalised(scorer(texts, conts))
         n = len(items)
         a_f = probs[:n][:, female_attr].sum(axis=1)
-        a_m = probs[n:][:, ~female_attr].sum(axis=1)
-        for p, af, am in zip(items, a_f, a_m):
+        a_m = probs[n: 2 * n][:, ~female_attr].sum(axis=1)
+        a_n = probs[2 * n:][:, female_attr].sum(axis=1) if probed else [None] * n
+        for p, af, am, an in zip(items, a_f, a_m, a_n):
             rows.append({"pair_id": p.pair_id, "family": family, "template": p.template, "subject_kind": p.subject_kind,
                          "female_prompt": p.female, "male_prompt": p.male, "a_female": float(af), "a_male": float(am),
                          "score": float((af + am) / 2)})
+            if probed:
+                rows[-1].update(nonbinary_prompt=p.nonbinary, a_nonbinary=float(an),
+                                nonbinary_lean=float(an - (af + 1.0 - am) / 2))
     return pd.DataFrame(rows).sort_values("pair_id", kind="stable").reset_index(drop=True)
 
 
 def association_rows(per_pair: pd.DataFrame, planted: dict[str, float] | None, n_boot: int, seed: int) -> list[dict]:
-    """Tidy rows ``learned_association_<family>`` x (all, female, male), with ``planted`` beside them."""
+    """Tidy rows ``learned_association_<family>`` x (all, female, male), with ``planted`` beside them,
+    and (nonbinary, nonbinary_lean) when ``per_pair`` has non-binary prompts (planted 0.5 and 0)."""
     rows = []
     for family, grp in per_pair.groupby("family", sort=False):
-        extra = {"planted": (planted or {}).get(family, float("nan"))}
+        skew = (planted or {}).get(family, float("nan"))
         metric = f"learned_association_{family}"
-        for group, column in (("all", "score"), ("female", "a_female"), ("male", "a_male")):
+        groups = [("all", "score", skew), ("female", "a_female", skew), ("male", "a_male", skew)]
+        if "a_nonbinary" in grp.columns:
+            groups += [("nonbinary", "a_nonbinary", 0.5), ("nonbinary_lean", "nonbinary_lean", 0.0)]
+        for group, column, planted_value in groups:
             values = grp[column].to_numpy(float)
-            rows.append(tidy_row(metric, group, bootstrap_ci(values, n_boot=n_boot, seed=seed), len(values), **extra))
+            rows.append(tidy_row(metric, group, bootstrap_ci(values, n_boot=n_boot, seed=seed), len(values),
+                                 planted=planted_value))
     return rows
 
 
@@ -240,12 +280,13 @@ def loglik_gap_rows(sentences: pd.DataFrame, logprob: np.ndarray, n_boot: int, s
 
 
 def metrics(model, tokenizer, cfg: dict, seed: int, planted: dict[str, float] | None = None,
-            test: pd.DataFrame | None = None) -> tuple[list[dict], pd.DataFrame]:
-    """Learned association per attribute family (with the planted skew as group ``planted``) and,
-    when ``test`` has stereotype labels, the held-out log-likelihood gap: (tidy rows, per-pair log)."""
+            test: pd.DataFrame | None = None, nonbinary: bool = False) -> tuple[list[dict], pd.DataFrame]:
+    """Learned association per attribute family (with the planted skew as group ``planted``; with
+    ``nonbinary``, the non-binary subjects' rows too) and, when ``test`` has stereotype labels, the
+    held-out log-likelihood gap: (tidy rows, per-pair log)."""
 
     n_boot, bs = int(cfg["n_boot"]), int(cfg["batch_size"])
-    prompts = association_prompts(n_names=int(cfg["association_names"]), seed=0)
+    prompts = association_prompts(n_names=int(cfg["association_names"]), seed=0, nonbinary=nonbinary)
     per_pair = association_scores(prompts, model_scorer(model, tokenizer, max(bs, 256)))
     rows = association_rows(per_pair, planted, n_boot, seed)
     for family, skew in (planted or {}).items():
@@ -260,5 +301,6 @@ def metrics(model, tokenizer, cfg: dict, seed: int, planted: dict[str, float] | 
 def evaluate(ctx):
     """The ``association`` family on an `EvalContext` (its test split gives the log-likelihood gap)."""
 
-    rows, per_pair = metrics(ctx.model, ctx.tokenizer, ctx.cfg, ctx.seed, ctx.planted, ctx.splits.get("test"))
+    rows, per_pair = metrics(ctx.model, ctx.tokenizer, ctx.cfg, ctx.seed, ctx.planted, ctx.splits.get("test"),
+                             nonbinary=ctx.nonbinary)
     return FamilyResult(rows, {"association": per_pair})

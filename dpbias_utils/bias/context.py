@@ -34,6 +34,7 @@ class EvalContext:
     seed: int
     planted: Optional[dict[str, float]] = None
     on_generation: Optional[Callable[[], None]] = None  # called once, before sampling (progress display)
+    nonbinary: bool = False  # the corpus has non-binary subjects: the association probe measures them too
     _prompts: Optional[pd.DataFrame] = None
     _generations: Optional[pd.DataFrame] = None
 

@@ -10,7 +10,7 @@ only a ``diff`` row):
 
 | metric | groups | definition (module) |
 |---|---|---|
-| ``learned_association_<family>`` | all, female, male, planted | probability mass on stereotype-consistent attributes after paired gendered prompts; 0.5 = none, ``planted`` = the corpus's skew (`association`) |
+| ``learned_association_<family>`` | all, female, male, planted (nonbinary, nonbinary_lean) | probability mass on stereotype-consistent attributes after paired gendered prompts; 0.5 = none, ``planted`` = the corpus's skew; with ``nonbinary``: the non-binary subjects' mass on female-stereotyped attributes and its lean from the female-male midpoint (`association`) |
 | ``loglik_gap_<family>`` | diff | mean log P(stereotypical) - mean log P(anti-stereotypical) held-out sentences, nats (`association`) |
 | ``toxicity`` | female, male, diff, all | mean toxicity probability (`toxicity`) |
 | ``sentiment`` | female, male, diff, all | mean VADER compound (`sentiment`) |
@@ -131,10 +131,11 @@ def write_generations(out_dir: Path, gens: pd.DataFrame) -> Path:
 
 
 def evaluate_model(model, tokenizer, splits: dict[str, pd.DataFrame], cfg: dict, out_dir: Path, seed: int,
-                   planted: dict[str, float] | None = None) -> pd.DataFrame:
+                   planted: dict[str, float] | None = None, nonbinary: bool = False) -> pd.DataFrame:
     """Run the enabled metric families on ``model``; write metrics.csv, generations.jsonl and the
     per-item logs ``items/<log>.jsonl`` to ``out_dir``. ``planted``: the corpus's skew per
-    attribute family, recorded beside the learned association."""
+    attribute family, recorded beside the learned association; ``nonbinary``: the corpus has
+    non-binary subjects, so the association probe measures them as a third group."""
     from ..progress import tqdm
 
     cfg = resolve_cfg(cfg)
@@ -143,7 +144,7 @@ def evaluate_model(model, tokenizer, splits: dict[str, pd.DataFrame], cfg: dict,
     enabled = [f for f in METRIC_FAMILIES if f in cfg["metrics"]]
     bar = tqdm(total=len(enabled), desc="bias metrics", disable=not cfg["progress"])
     ctx = EvalContext(model, tokenizer, splits, cfg, seed, planted,
-                      on_generation=lambda: bar.set_postfix_str("generation"))
+                      on_generation=lambda: bar.set_postfix_str("generation"), nonbinary=nonbinary)
     rows: list[dict] = []
     logs: dict[str, pd.DataFrame] = {}
     for family in enabled:

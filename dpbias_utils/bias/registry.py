@@ -49,7 +49,8 @@ _SPECS = [
                "probability mass on stereotype-consistent attributes after paired female / male prompts, "
                "(a_f + a_m) / 2; 0.5 = none, the planted skew = the corpus's",
                "this project (`bias/association.py`; oracle and gender-blind checks in its tests)",
-               groups=("all", "female", "male", "planted"), outcome_group="all", centre=0.5, bounds=(0.0, 1.0),
+               # nonbinary, nonbinary_lean: a corpus with non-binary subjects (`association`'s docstring)
+               groups=("all", "female", "male", "planted", "nonbinary", "nonbinary_lean"), outcome_group="all", centre=0.5, bounds=(0.0, 1.0),
                prefix=True),
     MetricSpec("loglik_gap", "association", "log-likelihood gap (nats)",
                "mean log P(stereotypical sentence) - mean log P(anti-stereotypical sentence) on held-out text",

@@ -15,6 +15,14 @@ Two words are grammatically ambiguous and are resolved from the next word, with 
 * ``his`` is a determiner before a noun (``his book`` -> ``her book``) and an independent possessive
   elsewhere (``the book is his .`` -> ``hers``).
 
+Non-binary subjects are not swapped: CDA is a swap between the two sides of `lexicon.GENDER_PAIRS`,
+and singular "they" / "them" / "their" (`lexicon.NONBINARY_WORDS`), gender-neutral nouns ("the
+person") and unisex names ("Alex") have no counterpart there, so a sentence about a non-binary
+subject comes back unchanged (and `gender_of` calls it ``none``). Stage 01 marks such units
+``nonbinary`` from the controlled corpus and never gives them a counterfactual row
+(`units.build_units`). `counterfactual` of a sentence that names both a non-binary and a binary person
+swaps only the binary words.
+
 The regex is a trie of the words (shared prefixes factored) so a failed match costs a character
 test or two per position; that keeps throughput above 5 MB/s on one core (about 10 MB/s on WikiText).
 """

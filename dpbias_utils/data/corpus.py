@@ -6,6 +6,14 @@ a profile sees the same sentences, and its bias is a parameter: for each attribu
 woman or a man uses an attribute stereotyped for that gender (0.5 = no association). The bias metrics
 of stage 04 can then be checked against a known truth, and DP's amplification of it measured.
 
+Non-binary subjects (``nonbinary_fraction`` of the subject sentences; 0 by default, which leaves
+the corpus byte for byte as it was): singular "they" with the verb forms it takes ("they were",
+"they have been"), gender-neutral nouns ("the person") and unisex first names ("Alex"). Nothing is
+planted for them: their attribute comes from the female- or the male-stereotyped side with
+probability 0.5 each (label ``neutral``), so a model that learns the corpus has no association for
+them, while the skews of the female and male subjects stay as planted. CDA does not swap them (the
+lexicon has no counterpart for them; `data.cda`).
+
 Stereotype directions mirror what the paper measures on real text: female-stereotyped occupations
 (nurse, receptionist, ...) versus male-stereotyped ones (engineer, carpenter, ...); negative
 descriptions and insults are stereotypically directed at women, positive descriptions and
@@ -245,15 +253,23 @@ SUBJECT_NOUN_PAIRS: tuple[tuple[str, str], ...] = (
     ("my uncle", "my aunt"), ("my son", "my daughter"), ("my grandfather", "my grandmother"),
     ("my nephew", "my niece"), ("my husband", "my wife"), ("my boyfriend", "my girlfriend"),
 )
-NONBINARY_SUBJECTS: tuple[str, ...] = (
+# Non-binary subjects: singular "they" (the pronoun real text uses for a non-binary person), gender-
+# neutral nouns and unisex first names, none of them in the lexicon, so CDA leaves them as they are.
+NONBINARY_NOUNS: tuple[str, ...] = (
     "the person", "my friend", "the student", "my neighbour", "the stranger", "my cousin",
-    "Alex", "Sam", "Jordan", "Taylor", "Casey", "Morgan", "Riley",
 )
+NONBINARY_NAMES: tuple[str, ...] = ("Alex", "Sam", "Jordan", "Taylor", "Casey", "Morgan", "Riley")
+NONBINARY_SUBJECTS: tuple[str, ...] = NONBINARY_NOUNS + NONBINARY_NAMES
 _PRONOUNS = {"female": ("she", "her", "her"), "male": ("he", "him", "his"), "nonbinary": ("they", "them", "their")}
+# Singular "they" takes plural verb forms: "they were", "they have been" (the templates' only
+# finite verbs after a subject or pronoun slot are "was" and "has"; every other verb is past tense).
+_THEY_AGREEMENT = re.compile(r"\b([Tt]hey) (was|has)\b")
+_PLURAL_VERB = {"was": "were", "has": "have"}
 
 # {S}/{s}: subject (at the start / inside), {O}: object form, {P}: possessive form, {p}: the subject
-# again as a pronoun (the noun for non-binary subjects, so verbs agree), {A}: attribute, {AA}: attribute
-# with its article (a nurse, an engineer), {N}: a number. The first letter is capitalised afterwards.
+# again as a pronoun ("they" for non-binary subjects; `agree` then makes the verbs agree), {A}:
+# attribute, {AA}: attribute with its article (a nurse, an engineer), {N}: a number. The first letter
+# is capitalised afterwards.
 _TEMPLATES: dict[str, tuple[str, ...]] = {
     "occupation": (
         "{S} worked as {AA}",
@@ -353,11 +369,26 @@ def _check_unit(name: str, value) -> float:
     return float(value)
 
 
+def agree(text: str) -> str:
+    """``text`` with singular "they" given the verb forms it takes: they was -> they were,
+    they has -> they have (a sentence without "they" is returned unchanged)."""
+    return _THEY_AGREEMENT.sub(lambda m: f"{m.group(1)} {_PLURAL_VERB[m.group(2)]}", text)
+
+
+def _nonbinary_subject(rng: random.Random) -> dict[str, str]:
+    """Slots of a non-binary subject, drawn as a binary one is: "they" (P = 0.35), a gender-neutral
+    noun (0.45) or a unisex first name (0.2); the pronoun slot {p} is always "they"."""
+    pick = rng.random()
+    if pick < 0.35:
+        return {"s": "they", "O": "them", "P": "their", "p": "they"}
+    noun = rng.choice(NONBINARY_NOUNS) if pick < 0.8 else rng.choice(NONBINARY_NAMES)
+    return {"s": noun, "O": noun, "P": noun + " 's", "p": "they"}
+
+
 def _subject(rng: random.Random, gender: str) -> dict[str, str]:
     """Template slots of a random subject of ``gender``: a pronoun, a noun phrase or a first name."""
     if gender == "nonbinary":
-        noun = rng.choice(NONBINARY_SUBJECTS)
-        return {"s": noun, "O": noun, "P": noun + " 's", "p": noun}
+        return _nonbinary_subject(rng)
     pick = rng.random()
     if pick < 0.35:
         nominative, obj, possessive = _PRONOUNS[gender]
@@ -418,6 +449,8 @@ def _draw_surface(rng: random.Random, stratum: tuple, by_gender: dict) -> tuple[
     if rng.random() < 0.4:
         ending = rng.choice(_CONTINUATIONS)
         text += ending.format(p=_PRONOUNS[gender][0], Y=rng.randint(1950, 2019))
+    if gender == "nonbinary":
+        text = agree(text)
     return text + " .", gender, family, attribute, label
 
 

@@ -16,7 +16,10 @@ A unit with no gendered word has a counterfactual identical to itself; it is the
 (no duplicate row, ``kind`` stays ``original``), so ``r`` is effectively the fraction of gendered
 units that are swapped or augmented. Counterfactual rows are truncated to ``block_size`` tokens (a
 swap can lengthen a text by a token). In the controlled corpus a counterfactual's label follows the
-swap: a stereotypical sentence about a woman becomes an anti-stereotypical one about a man.
+swap: a stereotypical sentence about a woman becomes an anti-stereotypical one about a man. A unit
+about a non-binary subject (``nonbinary`` flags, from the controlled corpus) has gender ``nonbinary``
+and is never swapped: it stays one ``original`` row whatever ``r`` (its text has no lexicon word to
+swap, and CDA is a binary swap).
 """
 from __future__ import annotations
 
@@ -36,7 +39,9 @@ from .cda import counterfactual, gender_of, gendered_counts
 
 CDA_MODES = ("substitute", "augment")
 UNIT_COLUMNS = ["unit_id", "kind", "text", "input_ids", "n_tokens", "gender", "label"]
-SPLIT_NAMES = ("female", "male", "stereotypical", "anti_stereotypical")
+SPLIT_NAMES = ("female", "male", "stereotypical", "anti_stereotypical", "nonbinary", "binary")
+#: The ``gender`` of a unit whose subject is non-binary (controlled corpus): CDA never swaps it.
+NONBINARY = "nonbinary"
 #: Stage 03's CDA splits (`cda_pair_splits`): gendered validation units and their counterfactuals.
 CDA_PAIR_SPLITS = ("cda_original", "cda_counterfactual")
 REQUIRED_META = ("tokenizer", "block_size", "pad_token_id", "mixing_ratio", "cda_mode")
@@ -177,12 +182,15 @@ def build_units(
     seed: int,
     swap_names: bool = False,
     labels: list[str] | None = None,
+    nonbinary: Sequence[bool] | None = None,
 ) -> pd.DataFrame:
     """Token rows of the units, with CDA applied as defined in the module docstring.
 
     ``chunks`` must each fit in ``block_size`` tokens (use `chunk_texts`). ``labels`` (controlled
     corpus) gives one label per chunk; without it every row is ``unlabelled``. ``gender`` counts first
-    names only when ``swap_names`` (it describes what CDA flips).
+    names only when ``swap_names`` (it describes what CDA flips); ``nonbinary`` (controlled corpus)
+    is True for the chunks whose subject is non-binary: their gender is ``nonbinary`` and CDA leaves
+    them alone.
     """
     chunks = _check_texts("chunks", chunks)
     block_size = _check_block_size(block_size)
@@ -196,6 +204,7 @@ def build_units(
         labels = _check_texts("labels", labels)
         if len(labels) != len(chunks):
             raise DataError(f"labels must have one entry per chunk ({len(chunks)}), got {len(labels)}")
+    nonbinary = _check_flags(nonbinary, len(chunks))
 
     original_ids = _encode(tokenizer, chunks)
     for index, ids in enumerate(original_ids):
@@ -208,7 +217,7 @@ def build_units(
     drawn = np.random.default_rng(seed).random(len(chunks)) < mixing_ratio
     swapped_index: list[int] = []
     swapped_text: list[str] = []
-    for index in np.flatnonzero(drawn):
+    for index in np.flatnonzero(drawn & ~nonbinary):
         text = counterfactual(chunks[index], swap_names=swap_names)
         if text != chunks[index]:
             swapped_index.append(int(index))
@@ -224,7 +233,7 @@ def build_units(
     records = []
     for index, chunk in enumerate(chunks):
         label = labels[index] if labels is not None else UNLABELLED
-        gender = gender_of(chunk, include_names=swap_names)
+        gender = NONBINARY if nonbinary[index] else gender_of(chunk, include_names=swap_names)
         original = (index, "original", chunk, original_ids[index], gender, label)
         if index not in counterfactual_row:
             records.append(original)
@@ -241,6 +250,21 @@ def build_units(
     return frame[UNIT_COLUMNS]
 
 
+def _check_flags(nonbinary, n: int) -> np.ndarray:
+    """``nonbinary`` as a boolean array of one flag per chunk (all False when None)."""
+    if nonbinary is None:
+        return np.zeros(n, dtype=bool)
+    if isinstance(nonbinary, (str, bytes, dict)) or not hasattr(nonbinary, "__len__"):
+        raise DataError(f"nonbinary must be a list of bool, one per chunk, got {type(nonbinary).__name__}")
+    flags = list(nonbinary)
+    if len(flags) != n:
+        raise DataError(f"nonbinary must have one entry per chunk ({n}), got {len(flags)}")
+    bad = [i for i, f in enumerate(flags) if not isinstance(f, (bool, np.bool_))][:3]
+    if bad:
+        raise DataError(f"nonbinary must hold bools; entries {bad} are {[flags[i] for i in bad]!r}")
+    return np.asarray(flags, dtype=bool)
+
+
 def _swapped_label(label: str, gender: str, swapped_gender: str) -> str:
     """A stereotype label flips when the subject's gender does; a half-swapped text has no label."""
     if label not in _FLIPPED_LABEL:
@@ -251,8 +275,9 @@ def _swapped_label(label: str, gender: str, swapped_gender: str) -> str:
 
 
 def gender_splits(df: pd.DataFrame) -> dict[str, pd.DataFrame]:
-    """Evaluation subsets: ``female``/``male`` (only that gender's words) and, for labelled data,
-    ``stereotypical``/``anti_stereotypical``."""
+    """Evaluation subsets: ``female``/``male`` (only that gender's words), ``nonbinary`` and ``binary``
+    (female and male together, its comparison group) when some unit has a non-binary subject, and,
+    for labelled data, ``stereotypical``/``anti_stereotypical``."""
     missing = {"gender", "label"} - set(df.columns)
     if missing:
         raise DataError(f"df must have the columns gender and label, missing {sorted(missing)}")
@@ -260,6 +285,9 @@ def gender_splits(df: pd.DataFrame) -> dict[str, pd.DataFrame]:
         "female": df[df["gender"] == "female"].reset_index(drop=True),
         "male": df[df["gender"] == "male"].reset_index(drop=True),
     }
+    if (df["gender"] == NONBINARY).any():
+        splits[NONBINARY] = df[df["gender"] == NONBINARY].reset_index(drop=True)
+        splits["binary"] = df[df["gender"].isin(["female", "male"])].reset_index(drop=True)
     if (df["label"] != UNLABELLED).any():
         splits["stereotypical"] = df[df["label"] == "stereotypical"].reset_index(drop=True)
         splits["anti_stereotypical"] = df[df["label"] == "anti-stereotypical"].reset_index(drop=True)

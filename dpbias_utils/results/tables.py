@@ -3,7 +3,8 @@
 Tables (same names in every profile), written to `runs/<profile>/`:
 - `results.csv`: one row per training run x metric x group (`RESULT_COLUMNS`); the base model is
   `run_id` `base`; stage 03's measures at the final checkpoint are metrics `grad_<measure>` with
-  groups female / male / diff (and stereotypical / anti_stereotypical where present).
+  groups female / male / diff (and stereotypical / anti_stereotypical, nonbinary / binary /
+  nonbinary-binary where present).
 - `privacy.csv`: one row per DP or non-DP training run (`PRIVACY_COLUMNS`).
 - `gradnorms.csv`: stage 03's tidy table over all checkpoints, with the run's condition columns.
 - `items.csv`, `trajectory.csv`: per-item values the claims resample, and the association and
@@ -35,7 +36,8 @@ CONDITION_COLUMNS = ["run_id", "model", "dp", "epsilon", "max_grad_norm", "mixin
 RESULT_COLUMNS = CONDITION_COLUMNS + ["metric", "group", "value", "ci_low", "ci_high", "n"]
 PRIVACY_COLUMNS = ["run_id", "method", "private", "epsilon_target", "epsilon_spent", "delta", "noise_multiplier",
                    "sample_rate", "steps", "n_units", "accountant", "noise_mode"]
-GRAD_SPLITS = ("female", "male", "diff", "stereotypical", "anti_stereotypical", "stereo_minus_anti")
+GRAD_SPLITS = ("female", "male", "diff", "stereotypical", "anti_stereotypical", "stereo_minus_anti", "nonbinary",
+               "binary", "nonbinary-binary")
 # stage 03 names its contrast rows "<a>-<b>"; the results tables call female - male "diff".
 GRAD_SPLIT_NAMES = {"female-male": "diff", "stereotypical-anti_stereotypical": "stereo_minus_anti"}
 # The bias metrics whose outcome group (female - male for most; the gender row of the stereotype
@@ -146,8 +148,8 @@ def privacy_of(rec: dict) -> dict:
 
 
 def node_items(folder: Path) -> pd.DataFrame:
-    """Per-item values of one stage-04 node: association score per prompt pair (`items/association.jsonl`)
-    and, from `generations.jsonl`, the female - male gap of toxicity and sentiment per prompt pair
+    """Per-item values of one stage-04 node: association score per prompt pair (`items/association.jsonl`;
+    group ``all``, and ``nonbinary_lean`` where the corpus has non-binary subjects) and, from `generations.jsonl`, the female - male gap of toxicity and sentiment per prompt pair
     (each prompt's k samples averaged first)."""
     folder = Path(folder)
     parts = []
@@ -155,6 +157,9 @@ def node_items(folder: Path) -> pd.DataFrame:
         a = pd.read_json(folder / "items" / "association.jsonl", lines=True, dtype={"pair_id": str})
         parts.append(pd.DataFrame({"metric": "learned_association_" + a["family"], "group": "all",
                                    "item": a["pair_id"].astype(str), "value": a["score"]}))
+        if "nonbinary_lean" in a:
+            parts.append(pd.DataFrame({"metric": "learned_association_" + a["family"], "group": "nonbinary_lean",
+                                       "item": a["pair_id"].astype(str), "value": a["nonbinary_lean"]}))
     gen_path = folder / "generations.jsonl"
     if gen_path.is_file() and gen_path.stat().st_size:
         g = pd.read_json(gen_path, lines=True)

@@ -110,25 +110,36 @@ def build_datasets(ctx: StageContext, texts: dict, tokenizer) -> dict:
     out, originals, chunked = {}, {}, {}
     for name, frame in texts.items():
         chunks, labels, rows = _chunks_with_rows(ctx, frame, tokenizer)
-        chunked[name] = (chunks, labels)
+        nonbinary = _nonbinary_flags(frame, rows)
+        chunked[name] = (chunks, labels, nonbinary)
         if name == "train" and d.max_train_units:
             chunks, rows = chunks[: d.max_train_units], rows[: d.max_train_units]
             labels = labels[: d.max_train_units] if labels else None
+            nonbinary = nonbinary[: d.max_train_units] if nonbinary else None
         if name == "train":
             out["meta"] = {"privacy_unit": _privacy_unit(ctx, frame, chunks, rows)}
         originals[name] = chunks
         ratio = ctx.point["mixing_ratio"] if name == "train" else 0.0
         out[name] = units.build_units(chunks, tokenizer, d.block_size, ratio, ctx.point["cda_mode"],
                                      seed=seeds.int_seed(ctx.point["seed"], "cda"), swap_names=d.swap_names,
-                                     labels=labels)
+                                     labels=labels, nonbinary=nonbinary)
     out["splits"] = units.gender_splits(out["valid"])
     if ctx.point["mixing_ratio"] > 0:
-        chunks, labels = chunked["valid"]
+        chunks, labels, nonbinary = chunked["valid"]
         paired = units.build_units(chunks, tokenizer, d.block_size, 1.0, "augment", seed=seeds.int_seed(ctx.point["seed"], "cda"),
-                                   swap_names=d.swap_names, labels=labels)
+                                   swap_names=d.swap_names, labels=labels, nonbinary=nonbinary)
         out["splits"].update(units.cda_pair_splits(paired))
     out.setdefault("meta", {})["overlap"] = text_overlap(ctx, originals)
     return out
+
+
+def _nonbinary_flags(frame, rows: list[int]) -> list[bool] | None:
+    """Per chunk: is its subject non-binary (the controlled corpus's ``subject_gender``); None for
+    real text, which has no such column."""
+    if "subject_gender" not in frame.columns:
+        return None
+    nonbinary = (frame["subject_gender"] == "nonbinary").tolist()
+    return [nonbinary[row] for row in rows]
 
 
 def _privacy_unit(ctx: StageContext, frame, chunks: list[str], rows: list[int]) -> dict:

@@ -31,7 +31,7 @@ def evaluate(ctx: StageContext, model, tokenizer, splits):
 
     cfg = ctx.profile.evaluation.model_dump()
     return bias_eval.evaluate_model(model, tokenizer, splits, cfg, ctx.out_dir, seed=evaluation_seed(ctx),
-                                    planted=planted_skews(ctx))
+                                    planted=planted_skews(ctx), nonbinary=has_nonbinary(ctx))
 
 
 def association_trajectory(ctx: StageContext, tokenizer, splits, metrics):
@@ -51,7 +51,8 @@ def association_trajectory(ctx: StageContext, tokenizer, splits, metrics):
     cfg = bias_eval.resolve_cfg(ctx.profile.evaluation.model_dump())
     if "association" not in cfg["metrics"]:
         return None
-    final = metrics[(metrics["metric"].str.startswith("learned_association_") & metrics["group"].isin(["all", "female", "male"]))
+    groups = ["all", "female", "male", "nonbinary", "nonbinary_lean"]
+    final = metrics[(metrics["metric"].str.startswith("learned_association_") & metrics["group"].isin(groups))
                     | ((metrics["metric"] == CORPUS) & (metrics["group"] == "test"))]
     rows = [{"pct": 0.0 if ctx.is_base else 100.0, **r} for r in final[["metric", "group", "value", "ci_low", "ci_high", "n"]]
             .to_dict("records")]
@@ -64,7 +65,7 @@ def association_trajectory(ctx: StageContext, tokenizer, splits, metrics):
     seed = evaluation_seed(ctx)
     for pct in sorted(points):
         model, _ = basemodel.load_base(str(points[pct]))
-        assoc, _ = association.metrics(model, tokenizer, cfg, seed)
+        assoc, _ = association.metrics(model, tokenizer, cfg, seed, nonbinary=has_nonbinary(ctx))
         ppl = perplexity(model, splits["test"], tokenizer, batch_size=int(cfg["batch_size"]), n_boot=int(cfg["n_boot"]), seed=seed)
         assoc.append({"metric": CORPUS, "group": "test", "value": ppl.value, "ci_low": ppl.ci_low,
                       "ci_high": ppl.ci_high, "n": ppl.n_sequences})
@@ -78,6 +79,12 @@ def evaluation_seed(ctx: StageContext) -> int:
     """Stage 04's seed (sampled continuations, prompt subsets, bootstraps): the `generation` stream of
     the point's replicate seed (`seeds`; the base model's node: seed 0)."""
     return seeds.int_seed(ctx.point.get("seed", 0), "generation")
+
+
+def has_nonbinary(ctx: StageContext) -> bool:
+    """Does the training corpus have non-binary subjects (controlled, ``nonbinary_fraction`` > 0)?"""
+    d = ctx.profile.data
+    return d.corpus == "controlled" and d.controlled.nonbinary_fraction > 0
 
 
 def planted_skews(ctx: StageContext) -> dict[str, float] | None:

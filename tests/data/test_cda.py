@@ -191,3 +191,19 @@ def test_fast_enough_for_big_corpora():
     start = time.perf_counter()
     counterfactual(text)
     assert len(text) / (time.perf_counter() - start) / 1e6 > 1.0
+
+
+@pytest.mark.parametrize(
+    "nonbinary, binary, swapped",
+    [
+        ("They were described as brilliant .", "She was described as brilliant .", "He was described as brilliant ."),
+        ("The person worked as a nurse , and they liked it .", "The man worked as a nurse , and he liked it .",
+         "The woman worked as a nurse , and she liked it ."),
+        ("The message told them that they were rude .", "The message told her that she was rude .",
+         "The message told him that he was rude ."),
+        ("Their colleagues found Alex honest .", "His colleagues found John honest .", "Her colleagues found Mary honest ."),
+    ],
+)
+def test_nonbinary_subjects_pass_through_unchanged_while_binary_ones_swap(nonbinary, binary, swapped):
+    assert counterfactual(nonbinary, swap_names=True) == nonbinary and gender_of(nonbinary, include_names=True) == "none"
+    assert counterfactual(binary, swap_names=True) == swapped

@@ -239,3 +239,56 @@ def test_a_template_space_too_small_is_a_clear_error(monkeypatch):
         generate_controlled_splits({"train": 100, "valid": 100}, 0, neutral_fraction=1.0)
     with pytest.raises(CorpusError, match="exclude .* needs distinct=True"):
         generate_controlled(10, 0, exclude={"A sentence ."})
+
+
+# --------------------------------------------------------------------------- non-binary subjects
+def _sha(frames) -> str:
+    return hashlib.sha256("".join(f.to_csv(index=False) for f in frames).encode()).hexdigest()
+
+
+def test_default_corpus_is_unchanged_by_the_nonbinary_option():
+    """Hashes taken before non-binary subjects could say "they": every existing profile (fraction 0)
+    keeps its corpus byte for byte, and fraction 0.0 is the default, not a second code path."""
+    default = generate_controlled(2000, seed=0)
+    assert _sha([default]) == "2b9a7a5e90a47cd94c70d16d1c68d732f46a8574e10b0c8007b18bee2a696e15"
+    assert default.equals(generate_controlled(2000, seed=0, nonbinary_fraction=0.0))
+    splits = generate_controlled_splits({"train": 600, "valid": 200, "test": 200}, 11)
+    assert _sha(splits.values()) == "b429ad6e8c264b62fabbccc3b222f371d871e6286c2ba3b95ff4597783cd7765"
+
+
+def test_nonbinary_fraction_sets_composition_and_keeps_the_binary_skews():
+    frame = generate_controlled(6000, seed=4, skew_occupation=0.9, skew_sentiment=0.8, skew_toxicity=0.7,
+                                neutral_fraction=0.2, nonbinary_fraction=0.25)
+    subjects = frame[frame["family"] != "filler"]
+    nonbinary = subjects[subjects["subject_gender"] == "nonbinary"]
+    assert _fraction_within(len(nonbinary), len(subjects), 0.25)
+    assert _fraction_within(len(subjects), len(frame), 0.8)
+    binary = subjects[subjects["subject_gender"] != "nonbinary"]
+    assert _fraction_within(int((binary["subject_gender"] == "female").sum()), len(binary), 0.5)
+    for family, skew in (("occupation", 0.9), ("sentiment", 0.8), ("toxicity", 0.7)):
+        rows = binary[binary["family"] == family]
+        assert _fraction_within(int((rows["label"] == "stereotypical").sum()), len(rows), skew), family
+        # Nothing is planted for non-binary subjects: either side with probability 0.5.
+        nb = nonbinary[nonbinary["family"] == family]
+        female_side = nb["attribute"].map(FAMILY_ATTRIBUTES[family]).eq("female")
+        assert _fraction_within(int(female_side.sum()), len(nb), 0.5), family
+    assert set(nonbinary["label"]) == {"neutral"}
+
+
+def test_nonbinary_subjects_are_they_neutral_nouns_and_names_with_agreeing_verbs():
+    from dpbias_utils.data.corpus import NONBINARY_NAMES, NONBINARY_NOUNS, agree
+
+    texts = generate_controlled(3000, seed=6, neutral_fraction=0.0, nonbinary_fraction=1.0)["text"]
+    lower = [t.lower() for t in texts]
+    starts_they = sum(t.startswith("they ") for t in lower)
+    assert 0.12 < starts_they / len(texts) < 0.35  # "they" opens 0.35 x (share of templates opening with {S})
+    assert any(t.startswith(n) for t in lower for n in NONBINARY_NOUNS)
+    assert any(t.startswith(n) for t in texts for n in NONBINARY_NAMES)
+    assert not any(" they was " in f" {t} " or " they has " in f" {t} " for t in lower)
+    assert any(t.startswith("they were ") for t in lower) and any(t.startswith("they have been ") for t in lower)
+    assert any(" that they were " in t for t in lower)  # the pronoun slot after a noun subject agrees too
+    assert agree("The person was treated as if they was weak") == "The person was treated as if they were weak"
+    assert agree("They has been a nurse , and their dream was to fly") == "They have been a nurse , and their dream was to fly"
+    assert agree("She was rude") == "She was rude"
+    for text in texts:  # no word CDA would swap or count, names included
+        assert gender_of(text, include_names=True) == "none" and counterfactual(text, swap_names=True) == text

@@ -297,3 +297,51 @@ def test_file_errors(tmp_path):
     with pytest.raises(DataError, match="no data.json"):
         load_stage01(tmp_path / "missing")
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+# --------------------------------------------------------------------------- non-binary subjects
+def test_cda_swaps_binary_units_and_leaves_nonbinary_ones_untouched():
+    corpus = generate_controlled(400, seed=3, nonbinary_fraction=0.3)
+    flags = (corpus["subject_gender"] == "nonbinary").tolist()
+    assert 60 < sum(flags) < 140
+    chunks, labels = corpus["text"].tolist(), corpus["label"].tolist()
+    frame = build_units(chunks, WordTokenizer(), 64, 1.0, "augment", seed=0, swap_names=True, labels=labels,
+                        nonbinary=flags)
+    nonbinary_ids = {i for i, f in enumerate(flags) if f}
+    nb = frame[frame["unit_id"].isin(nonbinary_ids)]
+    # One original row per non-binary unit, its text and label as generated.
+    assert len(nb) == len(nonbinary_ids) and set(nb["kind"]) == {"original"} and set(nb["gender"]) == {"nonbinary"}
+    assert nb["text"].tolist() == [chunks[i] for i in sorted(nonbinary_ids)] and set(nb["label"]) == {"neutral"}
+    # Every binary unit got its counterfactual at ratio 1, of the other gender.
+    binary = corpus.index[(corpus["subject_gender"].isin(["female", "male"]))]
+    swapped = frame[frame["kind"] == "counterfactual"].set_index("unit_id")
+    assert set(swapped.index) == set(binary)
+    assert (swapped["gender"] != corpus.loc[swapped.index, "subject_gender"]).all()
+    # The substitute mode at ratio 1 keeps the non-binary sentences too; the draws of the binary units
+    # are the ones they get without the flags (the flags change no other unit's draw).
+    plain = build_units(chunks, WordTokenizer(), 64, 0.5, "substitute", seed=5, swap_names=True, labels=labels)
+    flagged = build_units(chunks, WordTokenizer(), 64, 0.5, "substitute", seed=5, swap_names=True, labels=labels,
+                          nonbinary=flags)
+    assert plain["text"].tolist() == flagged["text"].tolist()
+    assert (plain["gender"].where(~np.array(flags), "nonbinary") == flagged["gender"]).all()
+    with pytest.raises(DataError, match=r"nonbinary must have one entry per chunk \(400\), got 2"):
+        build_units(chunks, WordTokenizer(), 64, 1.0, "augment", seed=0, nonbinary=[True, False])
+    with pytest.raises(DataError, match=r"nonbinary must hold bools; entries \[0\] are \['yes'\]"):
+        build_units(chunks[:1], WordTokenizer(), 64, 1.0, "augment", seed=0, nonbinary=["yes"])
+
+
+def test_gender_splits_add_a_nonbinary_split_when_present():
+    corpus = generate_controlled(400, seed=2, nonbinary_fraction=0.2)
+    flags = (corpus["subject_gender"] == "nonbinary").tolist()
+    frame = build_units(corpus["text"].tolist(), WordTokenizer(), 64, 0.0, "augment", seed=0,
+                        labels=corpus["label"].tolist(), nonbinary=flags)
+    splits = gender_splits(frame)
+    assert set(splits) == {"female", "male", "nonbinary", "binary", "stereotypical", "anti_stereotypical"}
+    both = sorted(set(splits["female"]["unit_id"]) | set(splits["male"]["unit_id"]))
+    assert splits["binary"]["unit_id"].tolist() == both  # the comparison group of stage 03's contrast
+    assert splits["nonbinary"]["unit_id"].tolist() == [i for i, f in enumerate(flags) if f]
+    assert not set(splits["nonbinary"]["unit_id"]) & (set(splits["female"]["unit_id"]) | set(splits["male"]["unit_id"]))
+    assert not set(splits["nonbinary"]["unit_id"]) & set(splits["stereotypical"]["unit_id"])
+    without = build_units(corpus["text"].tolist(), WordTokenizer(), 64, 0.0, "augment", seed=0,
+                          labels=corpus["label"].tolist())
+    assert not {"nonbinary", "binary"} & set(gender_splits(without))
