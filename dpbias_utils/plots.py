@@ -376,6 +376,7 @@ def gradnorm_final(tidy: pd.DataFrame) -> pd.DataFrame:
     last = tidy[tidy["checkpoint"] == tidy["checkpoint"].iloc[-1]]
     cells = last.assign(cell=[_cell(v, lo, hi) for v, lo, hi in zip(last["value"], last["ci_low"], last["ci_high"])])
     wide = cells.pivot_table(index="measure", columns="split", values="cell", aggfunc="first", sort=False)
+    wide = wide.fillna("–")  # a measure not taken on that split (pair measures exist only on pair splits)
     wide.columns.name = f"split (checkpoint {tidy['checkpoint'].iloc[-1]})"
     return wide
 

@@ -1,5 +1,4 @@
 """Base models: refusals, GPT-2 pad token, the offline built-in base and its locked cache."""
-import shutil
 import threading
 
 import pytest

@@ -8,7 +8,6 @@ CPU-deterministic: same seeds, one BLAS thread in both, same notebooks).
 """
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 import threading

@@ -1,7 +1,6 @@
 """The registered Conv1D per-sample gradient equals an explicit float64 per-example loop."""
 import copy
 
-import pytest
 import torch
 from opacus import GradSampleModule
 from transformers import GPT2Config, GPT2LMHeadModel
