@@ -75,6 +75,7 @@ class RunReport:
     stale_code: list[Node] = field(default_factory=list)  # complete, but computed by other code
     stale_upstream: list[Node] = field(default_factory=list)  # complete, but an upstream node is stale or was redone
     rerun_stale: bool = False
+    n_redo: int = 0  # stale nodes redone: all of them, or the `--only` stage's
     slurm_messages: dict[str, str] = field(default_factory=dict)  # "stage/node" -> why a Slurm job failed
 
     @property
@@ -88,7 +89,7 @@ class RunReport:
         what = (f"{n_code} complete node(s) were computed by other code (another source hash: see the README's "
                 f"runner section) and {n_up} more depend on redone or stale nodes")
         if self.rerun_stale:
-            return f"{what}: redoing these {n_code + n_up} (--rerun-stale)"
+            return f"{what}: redoing {self.n_redo} of these {n_code + n_up} (--rerun-stale; --only keeps the others)"
         return f"{what}: kept; run with --rerun-stale to redo these {n_code + n_up}"
 
 
@@ -236,9 +237,11 @@ def run(profile: Profile, *, jobs: int = 1, only: Optional[str] = None, runs_dir
     stale = find_stale(nodes, profile_dir, notebooks)
     result.stale_code = [n for n in nodes if stale.get(n.key) == "code"]
     result.stale_upstream = [n for n in nodes if stale.get(n.key) == "upstream"]
-    done = {n.key for n in nodes if n.is_complete(profile_dir) and not (rerun_stale and n.key in stale)}
+    redo = {n.key for n in selected if n.key in stale} if rerun_stale else set()  # `--only`: that stage's alone
+    done = {n.key for n in nodes if n.is_complete(profile_dir) and n.key not in redo}
     for n in nodes:
-        n.rerun = rerun_stale and n.key in stale
+        n.rerun = n.key in redo
+    result.n_redo = len(redo)
     pending = [n for n in selected if n.key not in done]
     result.skipped = [n for n in selected if n.key in done]
 

@@ -24,7 +24,7 @@ def study_claims(tables: dict[str, pd.DataFrame]) -> pd.DataFrame:
     if tables["items"].empty:
         return pd.DataFrame()
     return claims.study_claims(tables["items"], tables["results"], tables.get("trajectory"),
-                               extra=sweep.sweep_claims(tables["items"]))
+                               extra=sweep.sweep_claims(tables["items"], tables.get("gradnorms")))
 
 
 def claims_display(judged: pd.DataFrame):
@@ -47,11 +47,13 @@ CLAIM_KINDS = {"amplify": "DP amplifies the learned association",
                "cda": "CDA reduces the learned association",
                "gradnorm": "Female per-example gradient norms exceed male",
                "gradnorm-widen": "DP widens the female - male gradient-norm gap",
-               # the mechanism sweep (`sweep`)
-               "dose-C": "Amplification grows as C shrinks", "dose-skew": "Amplification grows with the planted skew",
-               "clip-vs-noise": "Clipping, not noise, carries the amplification",
-               "global": "DPSGD-Global removes amplification relative to dp-adam",
-               "cda-vs-global": "CDA removes more amplification than DPSGD-Global"}
+               # the mechanism sweep (`sweep`): signed contrasts, each read beside the sign of DP - non-DP
+               "method": "A way of training amplifies the learned association (method - non-DP)",
+               "dose-C": "A smaller clipping norm leaves DP-Adam more association",
+               "dose-skew": "DP-Adam amplifies more at a larger planted skew",
+               "misalign": "Clipping misaligns the anti-stereotypical units' gradient more",
+               "global": "DPSGD-Global leaves less association than DP-Adam",
+               "cda-vs-global": "CDA leaves less association than DPSGD-Global"}
 
 
 def _verdict_word(verdict: str) -> str:
@@ -128,7 +130,7 @@ def _claims_md(judged) -> list[str]:
              f"**{c['verdict']}**"] for _, c in judged.iterrows()]
     return (["### Claims", "", "Each claim is one contrast with its 95 % interval (two-way bootstrap over seeds and "
              "prompt pairs) and Holm-adjusted p over the informative claims. **reproduced** / **contradicted**: "
-             "Holm p < 0.05 in / against the paper's direction; otherwise **inconclusive**, or **uninformative** "
+             "Holm p < 0.05 in / against the direction the claim states; otherwise **inconclusive**, or **uninformative** "
              "where the testbed cannot show the claim.", ""]
             + _md_table(["claim", "contrast", "estimate [95% CI]", "p (Holm)", "verdict"], rows))
 
@@ -177,40 +179,59 @@ def _ci(v, lo, hi, fmt="+.3f") -> str:
 
 def _sweep_md(tables: dict[str, pd.DataFrame]) -> list[str]:
     """The findings' mechanism-sweep section (empty when the profile has no sweep runs)."""
-    from ..plots import fmt_number
-
     items, privacy = tables.get("items", pd.DataFrame()), tables.get("privacy", pd.DataFrame())
     grid = sweep.amplification_grid(items)
     if grid.empty:
         return []
+    cal = sweep.calibration_by_skew(sweep.pooled_association(items))
     lines = ["### Mechanism sweep", "", "Amplification = learned association (the three families pooled) minus the "
-             "non-DP model's at the same planted skew; mean over seeds and prompt pairs, 95 % two-way bootstrap "
-             "interval (seeds and prompt pairs resampled together).", ""]
+             "non-DP model's at the same planted skew: > 0 DP amplifies, < 0 DP attenuates; mean over seeds and prompt "
+             "pairs, 95 % two-way bootstrap interval (seeds and prompt pairs resampled together). A skew whose non-DP "
+             "model is not calibrated is shown but enters no claim.", ""]
     for eps, g in grid.groupby("epsilon"):
         clips = sorted(set(g["max_grad_norm"]))
-        rows = [[f"{skew:g}", *[next((_ci(r["value"], r["ci_low"], r["ci_high"]) for _, r in g.iterrows()
-                                      if r["skew"] == skew and r["max_grad_norm"] == c), "–") for c in clips]]
+        rows = [[f"{skew:g}" + ("" if cal[skew][0] else " (not calibrated)"),
+                 *[next((_ci(r["value"], r["ci_low"], r["ci_high"]) for _, r in g.iterrows()
+                         if r["skew"] == skew and r["max_grad_norm"] == c), "–") for c in clips]]
                 for skew in sorted(set(g["skew"]))]
         lines += [f"Dose-response, dp-adam at {privacy_label(eps)}:", ""] + _md_table(
-            ["planted skew", *[f"C={c:g}" for c in clips]], rows)
+            ["planted skew", *[f"C={c:g}" for c in clips]], rows) + [sign_sentence(g, cal), ""]
     bars = sweep.method_amplification(items, privacy)
     if len(bars):
-        lines += ["Ways of training at skew {:g}, C={:g}:".format(bars["skew"].iloc[0], bars["max_grad_norm"].iloc[0]), ""]
+        lines += ["Ways of training at skew {:g}, C={:g} (method − non-DP):".format(
+            bars["skew"].iloc[0], bars["max_grad_norm"].iloc[0]), ""]
         lines += _md_table(["method", "amplification [95% CI]", "private", "seeds"],
                            [[r["method"], _ci(r["value"], r["ci_low"], r["ci_high"]), "yes" if r["private"] else "no",
                              r["n_seeds"]] for _, r in bars.iterrows()])
-    table = sweep.cda_vs_global(items, tables.get("results", pd.DataFrame()), privacy)
-    if len(table):
-        lines += ["CDA against DPSGD-Global (removed = dp-adam's association minus the arm's; perplexity: test text, "
-                  "mean over seeds with a bootstrap over seeds):", ""]
-        lines += _md_table(["arm", "association [95% CI]", "removed vs dp-adam [95% CI]", "perplexity", "ε spent",
-                            "private"],
-                           [[r["arm"], _ci(r["association"], r["association_low"], r["association_high"], ".3f"),
-                             "–" if r["arm"] == DP_ADAM else _ci(r["removed"], r["removed_low"], r["removed_high"]),
-                             _ci(r["perplexity"], r["perplexity_low"], r["perplexity_high"], ".2f"),
-                             fmt_number(r["epsilon_spent"]) if r["private"] else "∞ (not private)",
-                             "yes" if r["private"] else "no"] for _, r in table.iterrows()])
-    return lines
+    return lines + _cda_vs_global_md(sweep.cda_vs_global(items, tables.get("results", pd.DataFrame()), privacy))
+
+
+def sign_sentence(grid: pd.DataFrame, cal: dict[float, tuple[bool, str]]) -> str:
+    """How many cells of an amplification grid, at the calibrated skews, lie wholly below / above 0."""
+    g = grid[[cal[s][0] for s in grid["skew"]]]
+    below, above = int((g["ci_high"] < 0).sum()), int((g["ci_low"] > 0).sum())
+    return (f"At the calibrated skews, {below} of {len(g)} cells lie wholly below 0 (DP attenuates), {above} wholly "
+            f"above 0 (DP amplifies), {len(g) - below - above} include 0.")
+
+
+def _cda_vs_global_md(table: pd.DataFrame) -> list[str]:
+    """The CDA-vs-Global table: association, minus non-DP, lower than dp-adam by, perplexity, ε, private."""
+    from ..plots import fmt_number
+
+    if table.empty:
+        return []
+    lines = ["CDA against DPSGD-Global (vs non-DP = the arm's association minus non-DP's; lower than dp-adam by = "
+             "dp-adam's association minus the arm's; perplexity: test text, mean over seeds with a bootstrap over "
+             "seeds):", ""]
+    return lines + _md_table(
+        ["arm", "association [95% CI]", "vs non-DP [95% CI]", "lower than dp-adam by [95% CI]", "perplexity", "ε spent",
+         "private"],
+        [[r["arm"], _ci(r["association"], r["association_low"], r["association_high"], ".3f"),
+          _ci(r["vs_nondp"], r["vs_nondp_low"], r["vs_nondp_high"]),
+          "–" if r["arm"] == DP_ADAM else _ci(r["lowered"], r["lowered_low"], r["lowered_high"]),
+          _ci(r["perplexity"], r["perplexity_low"], r["perplexity_high"], ".2f"),
+          fmt_number(r["epsilon_spent"]) if r["private"] else "∞ (not private)", "yes" if r["private"] else "no"]
+         for _, r in table.iterrows()])
 
 
 def findings_markdown(tables: dict[str, pd.DataFrame], judged: pd.DataFrame, toxicity_backend: str = "profanity") -> str:

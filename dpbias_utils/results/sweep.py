@@ -17,14 +17,17 @@ the non-DP arm at the same skew. Every interval is the two-way bootstrap of `inf
 arm and the shared items resampled together). Claims, judged by the study's one rule
 (`inference.judge_claims`, Holm over every informative claim of the study):
 
-| id | contrast | direction |
+| id | contrast | direction (source) |
 |---|---|---|
-| dose-C/skew s/ε | :math:`\Delta_{C_{min}} - \Delta_{C_{max}}` at the reference skew (= :math:`\bar A_{C_{min}} - \bar A_{C_{max}}`) | + |
-| dose-skew/C c/ε | :math:`\Delta(s_{max}) - \Delta(s_{min})` at the reference C | + |
-| clip-vs-noise/ε | :math:`\Delta_{\text{clip-only}} - \Delta_{\text{noise-only}}` (= their association difference) | + |
-| global/<method>/ε | :math:`\Delta_{\text{global}} - \Delta_{\text{dp-adam}}` | - |
-| cda-vs-global/ε | :math:`\Delta_{\text{CDA}} - \Delta_{\text{global}}` (CDA ratio > 0 under dp-adam) | - |
+| method/<m>/ε | :math:`\Delta_m` at the reference (skew, C): each way of training minus non-DP | + (the paper; clip-only: its mechanism; noise-only: Bagdasaryan et al. 2019) |
+| dose-C/skew s/ε | :math:`\bar A_{C_{min}} - \bar A_{C_{max}}` of dp-adam at the reference skew (= :math:`\Delta_{C_{min}} - \Delta_{C_{max}}`) | + (Zhao et al. 2025) |
+| dose-skew/C c/ε | :math:`\Delta(s_{max}) - \Delta(s_{min})` at the reference C, over the calibrated skews | + |
+| misalign/ε | cos(Σ clipped g, Σ g) of the stereotypical minus the anti-stereotypical units, dp-adam, final checkpoint | + (Esipova et al. 2023) |
+| global/<m>/ε | :math:`\bar A_m - \bar A_{\text{dp-adam}}`, m = global, global-adapt | − (Esipova et al. 2023) |
+| cda-vs-global/ε | :math:`\bar A_{\text{CDA}} - \bar A_{\text{global}}` (CDA: the largest ratio > 0 under dp-adam) | − |
 
+Every contrast says what it measures: :math:`\Delta < 0` is DP *attenuating* the association, and a
+claim about a difference of two :math:`\Delta` is read beside the sign of each (the findings print both).
 The reference (skew, C, ε) is where the ablations run (the grid's non-default methods and CDA runs);
 a claim is uninformative where the non-DP model at a skew it uses learned under 90 % of that skew's
 excess over 0.5 (`inference.calibration`, the default study's target), or an arm has under 3 seeds.
@@ -47,6 +50,17 @@ from .tables import seed_interval
 POOLED = "learned_association"  # the families pooled (items `family:pair`)
 _ASSOC_PREFIX = "learned_association_"
 
+# Each way of training against non-DP at the reference (skew, C), and the source of the predicted "+".
+METHOD_CLAIMS = {
+    DP_ADAM: "DP-Adam amplifies the learned association",  # the paper (Table 1)
+    "dp-sgd": "DP-SGD amplifies the learned association",  # the paper's mechanism; Tang et al. 2025: it may differ
+    "clip-only": "Clipping alone (clip-only, not private) amplifies the learned association",  # the paper's mechanism
+    "noise-only": "Noise alone (noise-only, not private) amplifies the learned association",  # Bagdasaryan et al. 2019
+    "global": "DPSGD-Global amplifies the learned association",  # Esipova et al. 2023: less than dp-adam
+    "global-adapt": "DPSGD-Global-Adapt amplifies the learned association",
+}
+GLOBAL_NAMES = {"global": "DPSGD-Global", "global-adapt": "DPSGD-Global-Adapt"}
+
 
 # --------------------------------------------------------------------------- selections
 def sweep_rows(df: pd.DataFrame) -> pd.DataFrame:
@@ -67,15 +81,16 @@ def pooled_association(items: pd.DataFrame) -> pd.DataFrame:
     return s
 
 
-def arm(df: pd.DataFrame, method: str, skew: float, clip: float | None = None, epsilon: float | None = None,
-        ratio: float = 0.0) -> pd.DataFrame:
-    """Rows of one arm: a method at a skew and CDA ratio, and (when given) C and ε."""
-    sel = (df["method"] == method) & np.isclose(df["skew"].astype(float), skew)
-    sel &= np.isclose(df["mixing_ratio"].astype(float).fillna(0.0), ratio)
-    if clip is not None:
-        sel &= np.isclose(df["max_grad_norm"].astype(float), clip)
-    if epsilon is not None:
-        sel &= np.isclose(df["epsilon"].astype(float), epsilon)
+def arm(df: pd.DataFrame, method: str, skew: float | None = None, clip: float | None = None,
+        epsilon: float | None = None, ratio: float | None = 0.0) -> pd.DataFrame:
+    """Rows of one arm: a method and, when given, its skew, C, ε and CDA ratio (default 0: no CDA;
+    None: any)."""
+    sel = df["method"] == method
+    for column, value in (("skew", skew), ("max_grad_norm", clip), ("epsilon", epsilon)):
+        if value is not None:
+            sel &= np.isclose(df[column].astype(float), value)
+    if ratio is not None:
+        sel &= np.isclose(df["mixing_ratio"].astype(float).fillna(0.0), ratio)
     return df[sel]
 
 
@@ -205,19 +220,20 @@ def _spent(privacy: pd.DataFrame, runs: pd.DataFrame) -> float:
 
 def cda_vs_global(items: pd.DataFrame, results: pd.DataFrame, privacy: pd.DataFrame | None = None) -> pd.DataFrame:
     """At the reference (skew, C) and each ε: dp-adam, global, global-adapt and CDA (dp-adam at the largest
-    ratio > 0) side by side: learned association, the amplification removed relative to dp-adam (dp-adam
-    minus the arm), test perplexity, the ε spent and whether the runs are private."""
+    ratio > 0) side by side: learned association, the arm minus non-DP (its amplification; < 0: below
+    non-DP), how much lower than dp-adam's its association is (dp-adam minus the arm), test perplexity,
+    the ε spent and whether the runs are private."""
     pooled = pooled_association(items)
     ref = reference(pooled) if not pooled.empty else None
     if ref is None:
         return pd.DataFrame()
     skew, clip = ref
+    nd = arm(pooled, NONDP, skew)
     rows = []
     for eps in sweep_epsilons(pooled):
         dp = arm(pooled, DP_ADAM, skew, clip, eps)
-        ratios = sorted({float(r) for r in pooled.loc[(pooled["method"] == DP_ADAM), "mixing_ratio"] if r > 0})
-        arms = [(DP_ADAM, DP_ADAM, dp), ("global", "global", arm(pooled, "global", skew, clip, eps)),
-                ("global-adapt", "global-adapt", arm(pooled, "global-adapt", skew, clip, eps))]
+        ratios = sorted({float(r) for r in arm(pooled, DP_ADAM, skew, clip, eps, ratio=None)["mixing_ratio"] if r > 0})
+        arms = [(DP_ADAM, DP_ADAM, dp)] + [(m, m, arm(pooled, m, skew, clip, eps)) for m in GLOBAL_NAMES]
         if ratios:
             arms.append((f"CDA {ratios[-1]:g} (dp-adam)", DP_ADAM, arm(pooled, DP_ADAM, skew, clip, eps, ratios[-1])))
         arms = [(name, method, runs) for name, method, runs in arms if len(runs)]
@@ -227,16 +243,21 @@ def cda_vs_global(items: pd.DataFrame, results: pd.DataFrame, privacy: pd.DataFr
             own = claims.arm_summary(runs, POOLED, lower=0, upper=1)
             if own is None:
                 continue
-            removed = contrast([dp, runs], [1.0, -1.0]) if runs is not dp else None
             ppl = _ppl(results, runs)
             rows.append({"arm": name, "epsilon": eps, "skew": skew, "max_grad_norm": clip,
                          "association": own.point, "association_low": own.low, "association_high": own.high,
-                         "removed": removed.point if removed else 0.0, "removed_low": removed.low if removed else math.nan,
-                         "removed_high": removed.high if removed else math.nan,
+                         **_interval("vs_nondp", contrast([runs, nd], [1.0, -1.0])),
+                         **_interval("lowered", contrast([dp, runs], [1.0, -1.0]) if runs is not dp else None),
                          "perplexity": ppl[0], "perplexity_low": ppl[1], "perplexity_high": ppl[2],
                          "epsilon_spent": _spent(privacy, runs), "private": _private(privacy, runs, method),
                          "n_seeds": own.n_seeds[0]})
     return pd.DataFrame(rows)
+
+
+def _interval(name: str, res) -> dict:
+    """`name`, `name_low`, `name_high` of a bootstrap result (NaN without one)."""
+    point, low, high = (res.point, res.low, res.high) if res is not None else (math.nan,) * 3
+    return {name: point, f"{name}_low": low, f"{name}_high": high}
 
 
 def misalignment_summary(grads: pd.DataFrame, measure: str = "misalignment_cos") -> pd.DataFrame:
@@ -276,50 +297,115 @@ def _calibrated(cal: dict[float, tuple[bool, str]], *skews: float) -> tuple[bool
     return True, None
 
 
-def sweep_claims(items: pd.DataFrame) -> list[dict]:
+
+
+def sweep_claims(items: pd.DataFrame, grads: pd.DataFrame | None = None) -> list[dict]:
     """The sweep's claims as unjudged rows (`claims.CLAIM_COLUMNS`); `claims.study_claims(extra=...)`
-    judges them with the study's other claims."""
+    judges them with the study's other claims. Every contrast is signed and stated as what it measures
+    (an association, or an amplification = a method's association minus non-DP's), so a negative
+    amplification reads as DP *attenuating*, never as a smaller amplification."""
     pooled = pooled_association(items)
     ref = reference(pooled) if not pooled.empty else None
     if ref is None:
         return []
-    skew, clip = ref
     cal = calibration_by_skew(pooled)
-    out = []
+    out = [_method_claim(pooled, ref, cal, method, eps) for method in METHOD_CLAIMS
+           for eps in (sweep_epsilons(pooled) if METHODS[method].needs_epsilon else [None])]
     for eps in sweep_epsilons(pooled):
-        label = privacy_label(eps)
-        dp = pooled[(pooled["method"] == DP_ADAM) & np.isclose(pooled["epsilon"].astype(float), eps)]
-        clips = sorted({float(c) for c in arm(dp, DP_ADAM, skew)["max_grad_norm"]})
-        if len(clips) > 1:
-            res = contrast([arm(pooled, DP_ADAM, skew, clips[0], eps), arm(pooled, DP_ADAM, skew, clips[-1], eps)], [1.0, -1.0])
-            out.append(claims._claim(
-                f"dose-C/skew{skew:g}/{eps:g}", f"Amplification grows as C shrinks ({label}, skew {skew:g})", POOLED,
-                f"amplification at C={clips[0]:g} - at C={clips[-1]:g}", res, +1, *_calibrated(cal, skew)))
-        skews = sorted({float(s) for s in dp.loc[np.isclose(dp["mixing_ratio"].astype(float), 0.0), "skew"]})
-        if len(skews) > 1:
-            lo, hi = skews[0], skews[-1]
-            res = contrast([arm(pooled, DP_ADAM, hi, clip, eps), arm(pooled, NONDP, hi),
-                            arm(pooled, DP_ADAM, lo, clip, eps), arm(pooled, NONDP, lo)], [1.0, -1.0, -1.0, 1.0])
-            out.append(claims._claim(
-                f"dose-skew/C{clip:g}/{eps:g}", f"Amplification grows with the planted skew ({label}, C={clip:g})", POOLED,
-                f"amplification at skew {hi:g} - at skew {lo:g}", res, +1, *_calibrated(cal, lo, hi)))
-        res = contrast([arm(pooled, "clip-only", skew, clip), arm(pooled, "noise-only", skew, clip, eps)], [1.0, -1.0])
-        out.append(claims._claim(
-            f"clip-vs-noise/{eps:g}", f"Clipping, not noise, carries the amplification ({label}, C={clip:g})", POOLED,
-            "amplification of clip-only - of noise-only", res, +1, *_calibrated(cal, skew)))
-        for method in ("global", "global-adapt"):
-            res = contrast([arm(pooled, method, skew, clip, eps), arm(pooled, DP_ADAM, skew, clip, eps)], [1.0, -1.0])
-            out.append(claims._claim(
-                f"global/{method}/{eps:g}", f"{method} removes amplification relative to dp-adam ({label}, C={clip:g})",
-                POOLED, f"association of {method} - of dp-adam", res, -1, *_calibrated(cal, skew)))
-        ratios = sorted({float(r) for r in dp.loc[np.isclose(dp["skew"].astype(float), skew), "mixing_ratio"] if r > 0})
-        if ratios:
-            res = contrast([arm(pooled, DP_ADAM, skew, clip, eps, ratios[-1]), arm(pooled, "global", skew, clip, eps)],
-                           [1.0, -1.0])
-            out.append(claims._claim(
-                f"cda-vs-global/{eps:g}", f"CDA (ratio {ratios[-1]:g}) removes more amplification than DPSGD-Global ({label})",
-                POOLED, f"association of CDA {ratios[-1]:g} under dp-adam - of global", res, -1, *_calibrated(cal, skew)))
+        out += [_dose_clip_claim(pooled, ref, cal, eps), _dose_skew_claim(pooled, ref, cal, eps),
+                _misalignment_claim(grads, ref, cal, eps)]
+        out += [_global_claim(pooled, ref, cal, method, eps) for method in GLOBAL_NAMES]
+        out.append(_cda_claim(pooled, ref, cal, eps))
     return [c for c in out if c]
+
+
+def _where(eps: float | None, skew: float, clip: float) -> str:
+    return ", ".join(([privacy_label(eps)] if eps is not None else []) + [f"skew {skew:g}", f"C={clip:g}"])
+
+
+def _method_claim(pooled, ref, cal, method: str, eps: float | None) -> dict:
+    """`method/<method>/<ε>`: the method's association minus non-DP's at the reference skew (+)."""
+    skew, clip = ref
+    res = contrast([arm(pooled, method, skew, clip, eps), arm(pooled, NONDP, skew)], [1.0, -1.0])
+    return claims._claim(f"method/{method}" + ("" if eps is None else f"/{eps:g}"),
+                         f"{METHOD_CLAIMS[method]} ({_where(eps, skew, clip)})", POOLED,
+                         f"{method} - non-DP (amplification; < 0: attenuation)", res, +1, *_calibrated(cal, skew))
+
+
+def _dose_clip_claim(pooled, ref, cal, eps: float) -> dict:
+    """`dose-C`: dp-adam's association at the smallest C minus at the largest, at the reference skew (+;
+    Zhao et al. 2025: too small a C suppresses the minority's gradients). Equal to the difference of the
+    two amplifications (same non-DP arm)."""
+    skew, _ = ref
+    clips = sorted({float(c) for c in arm(pooled, DP_ADAM, skew, epsilon=eps)["max_grad_norm"]})
+    if len(clips) < 2:
+        return {}
+    lo, hi = clips[0], clips[-1]
+    res = contrast([arm(pooled, DP_ADAM, skew, lo, eps), arm(pooled, DP_ADAM, skew, hi, eps)], [1.0, -1.0])
+    return claims._claim(f"dose-C/skew{skew:g}/{eps:g}",
+                         f"A smaller C leaves DP-Adam more association (C={lo:g} vs {hi:g}; {privacy_label(eps)}, skew {skew:g})",
+                         POOLED, f"association at C={lo:g} - at C={hi:g}", res, +1, *_calibrated(cal, skew))
+
+
+def _dose_skew_claim(pooled, ref, cal, eps: float) -> dict:
+    """`dose-skew`: the amplification at the largest minus at the smallest planted skew, both among the
+    skews whose non-DP model is calibrated (+: DP amplifies more where the association is stronger).
+    The skews are chosen by the calibration rule alone (what the non-DP model learned), never by a DP
+    outcome; with fewer than two calibrated skews the claim spans all of them and is uninformative."""
+    _, clip = ref
+    skews = sorted({float(s) for s in arm(pooled, DP_ADAM, epsilon=eps)["skew"]})
+    usable = [s for s in skews if cal[s][0]]
+    lo, hi = (usable[0], usable[-1]) if len(usable) > 1 else (skews[0], skews[-1])
+    if lo == hi:
+        return {}
+    res = contrast([arm(pooled, DP_ADAM, hi, clip, eps), arm(pooled, NONDP, hi),
+                    arm(pooled, DP_ADAM, lo, clip, eps), arm(pooled, NONDP, lo)], [1.0, -1.0, -1.0, 1.0])
+    skipped = [f"{s:g}" for s in skews if s not in usable]
+    note = f" (skew {', '.join(skipped)} left out: not calibrated)" if skipped and len(usable) > 1 else ""
+    return claims._claim(f"dose-skew/C{clip:g}/{eps:g}",
+                         f"DP-Adam amplifies more at a larger planted skew (skew {hi:g} vs {lo:g}; {privacy_label(eps)}, C={clip:g})",
+                         POOLED, f"amplification at skew {hi:g} - at skew {lo:g}{note}", res, +1, *_calibrated(cal, lo, hi))
+
+
+def _misalignment_claim(grads: pd.DataFrame | None, ref, cal, eps: float) -> dict:
+    """`misalign`: for dp-adam at the reference (skew, C), stage 03's cos(Σ clipped g, Σ g) of the
+    stereotypical units minus that of the anti-stereotypical ones (the minority the corpus plants) at
+    the final checkpoint, one value per run, seeds resampled (+; Esipova et al. 2023: clipping turns
+    the under-represented group's summed gradient more)."""
+    g = sweep_rows(grads)
+    if g.empty or "misalignment_cos" not in set(g["measure"]):
+        return {}
+    skew, clip = ref
+    g = arm(g[(g["measure"] == "misalignment_cos") & (g["split"] == "stereo_minus_anti")], DP_ADAM, skew, clip, eps)
+    if g.empty:
+        return {}
+    final = g[g["pct"] == g["pct"].max()]["value"].to_numpy(float)[:, None]
+    res = inference.two_way_bootstrap([final], n_boot=claims.N_BOOT, seed=0)
+    return claims._claim(f"misalign/{eps:g}", "Clipping misaligns the anti-stereotypical units' summed gradient more than "
+                         f"the stereotypical units' (dp-adam, {_where(eps, skew, clip)})", "misalignment_cos",
+                         "cos(stereotypical) - cos(anti-stereotypical), final checkpoint", res, +1, *_calibrated(cal, skew))
+
+
+def _global_claim(pooled, ref, cal, method: str, eps: float) -> dict:
+    """`global/<method>`: the association of DPSGD-Global (-Adapt) minus dp-adam's (−)."""
+    skew, clip = ref
+    res = contrast([arm(pooled, method, skew, clip, eps), arm(pooled, DP_ADAM, skew, clip, eps)], [1.0, -1.0])
+    return claims._claim(f"global/{method}/{eps:g}",
+                         f"{GLOBAL_NAMES[method]} leaves less association than DP-Adam ({_where(eps, skew, clip)})",
+                         POOLED, f"association of {method} - of dp-adam", res, -1, *_calibrated(cal, skew))
+
+
+def _cda_claim(pooled, ref, cal, eps: float) -> dict:
+    """`cda-vs-global`: the association of CDA (largest ratio > 0, under dp-adam) minus DPSGD-Global's (−)."""
+    skew, clip = ref
+    ratios = sorted({float(r) for r in arm(pooled, DP_ADAM, skew, epsilon=eps, ratio=None)["mixing_ratio"] if r > 0})
+    if not ratios:
+        return {}
+    res = contrast([arm(pooled, DP_ADAM, skew, clip, eps, ratios[-1]), arm(pooled, "global", skew, clip, eps)], [1.0, -1.0])
+    return claims._claim(f"cda-vs-global/{eps:g}",
+                         f"CDA (ratio {ratios[-1]:g}) under DP-Adam leaves less association than DPSGD-Global "
+                         f"({_where(eps, skew, clip)})", POOLED, f"association of CDA {ratios[-1]:g} under dp-adam - of global",
+                         res, -1, *_calibrated(cal, skew))
 
 
 # --------------------------------------------------------------------------- figures
@@ -348,7 +434,7 @@ def fig_amplification_heatmap(items: pd.DataFrame, figures_dir: Path):
         ax.set_xticks(range(len(clips)), [f"{c:g}" for c in clips])
         ax.set_yticks(range(len(skews)), [f"{s:g}" for s in skews])
         ax.set(xlabel="clipping norm C", ylabel="planted skew (every family)", title=f"dp-adam, {privacy_label(eps)}")
-        fig.colorbar(im, ax=ax, label="amplification (DP − non-DP association)")
+        fig.colorbar(im, ax=ax, label="DP − non-DP association (< 0: DP attenuates)")
     return _publish(fig, figures_dir, "amplification_heatmap",
                     "Amplification of the learned association over planted skew x C")
 
@@ -376,12 +462,17 @@ def fig_method_bars(items: pd.DataFrame, privacy: pd.DataFrame, figures_dir: Pat
         ax.axhline(0, color="grey", lw=0.8, ls=":")
         ax.set_xticks(x, [m + ("" if p else "\n(not private)") for m, p in zip(b["method"], b["private"])],
                       rotation=0, fontsize=8)
-        ax.set(ylabel="amplification (method − non-DP)", title=f"{privacy_label(eps)}, skew {b['skew'].iloc[0]:g}, "
+        ax.set(ylabel="method − non-DP association (< 0: attenuates)", title=f"{privacy_label(eps)}, skew {b['skew'].iloc[0]:g}, "
                f"C={b['max_grad_norm'].iloc[0]:g}")
         handles, labels = ax.get_legend_handles_labels()
         uniq = dict(zip(labels, handles))
         ax.legend(uniq.values(), uniq.keys(), fontsize=8)
     return _publish(fig, figures_dir, "method_bars", "Amplification by way of training")
+
+
+# Stage 03's splits drawn as panels, in reading order (pairs side by side).
+MISALIGNMENT_PANELS = ("female", "male", "nonbinary", "stereotypical", "anti_stereotypical", "cda_original",
+                       "cda_counterfactual")
 
 
 def fig_misalignment(grads: pd.DataFrame, figures_dir: Path, measure: str = "misalignment_cos"):
@@ -393,9 +484,13 @@ def fig_misalignment(grads: pd.DataFrame, figures_dir: Path, measure: str = "mis
     s = misalignment_summary(grads, measure)
     if s.empty:
         return None
-    splits = [sp for sp in ("female", "male", "nonbinary", "cda_original", "cda_counterfactual") if sp in set(s["split"])]
+    splits = [sp for sp in MISALIGNMENT_PANELS if sp in set(s["split"])]
     arms = list(dict.fromkeys(s.sort_values(["method", "max_grad_norm", "mixing_ratio"])["arm"]))
-    fig, axes = plt.subplots(1, len(splits), figsize=(4.8 * len(splits), 3.8), squeeze=False, sharey=True)
+    ncols = min(3, len(splits))
+    nrows = -(-len(splits) // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(4.8 * ncols, 3.6 * nrows), squeeze=False, sharey=True)
+    for ax in axes.flat[len(splits):]:
+        ax.remove()
     span = float(s["pct"].max() - s["pct"].min()) or 1.0
     for ax, split in zip(axes.flat, splits):
         for i, a in enumerate(arms):
@@ -405,5 +500,6 @@ def fig_misalignment(grads: pd.DataFrame, figures_dir: Path, measure: str = "mis
                                  fmt="o-", ms=3)
         ax.axhline(1.0, color="grey", lw=0.8, ls=":")
         ax.set(xlabel="% of training", title=f"{split} units")
-    axes.flat[0].set_ylabel("cos(Σ clipped g, Σ g)")
+    for row in axes:
+        row[0].set_ylabel("cos(Σ clipped g, Σ g)")
     return _publish(fig, figures_dir, "misalignment_curves", "Gradient misalignment by group over training", legend=True)

@@ -69,9 +69,16 @@ def test_marker_records_code_and_stale_nodes_are_counted_then_redone(tmp_path, c
     out = capsys.readouterr().out
     assert "2 complete node(s) were computed by other code" in out and "--rerun-stale" in out
 
+    # the report's code changes too: --only 05 redoes the report alone over the kept (stale) upstream
+    _notebooks(tmp_path / "nb", {**{s: COUNT for s in paths.STAGE_NOTEBOOKS}, "02": COUNT + "changed = 1\n",
+                                 "05": COUNT + "changed = 1\n"})
+    report = cli.run(profile, runs_dir=runs, notebooks=nbs, progress=False, rerun_stale=True, only="05")
+    assert report.ok and [n.stage for n in report.completed] == ["05"] and report.n_redo == 1
+    assert "redoing 1 of these 7" in report.stale_message()
+
     redo = cli.run(profile, runs_dir=runs, notebooks=nbs, progress=False, rerun_stale=True)
     assert redo.ok and {n.key for n in redo.completed} == {n.key for n in again.stale_code + again.stale_upstream}
-    assert _executions(runs) == {n.node_id: 1 if n.stage == "01" else 2 for n in nodes}  # 01 not redone
+    assert _executions(runs) == {n.node_id: {"01": 1, "05": 3}.get(n.stage, 2) for n in nodes}  # 01 not redone
     final = cli.run(profile, runs_dir=runs, notebooks=nbs, progress=False)
     assert not final.stale_code and not final.stale_upstream and len(final.skipped) == len(nodes)
 
