@@ -71,14 +71,9 @@ def load_texts(ctx: StageContext) -> dict:
     return out
 
 
-def _train_chunks(ctx: StageContext, frame, tokenizer) -> tuple[list[str], list[str] | None]:
-    """Training text as privacy-unit chunks (controlled corpus: one labelled sentence each)."""
-    chunks, labels, _ = _chunks_with_rows(ctx, frame, tokenizer)
-    return chunks, labels
-
-
 def _chunks_with_rows(ctx: StageContext, frame, tokenizer) -> tuple[list[str], list[str] | None, list[int]]:
-    """(chunks, labels or None, index of each chunk's row in ``frame``)."""
+    """``frame``'s text as privacy-unit chunks (controlled corpus: one labelled sentence each):
+    (chunks, labels or None, index of each chunk's row in ``frame``)."""
     from ..data import units
 
     d = ctx.profile.data
@@ -92,7 +87,7 @@ def cda_preview(ctx: StageContext, texts: dict, tokenizer, max_units: int = 2000
     """Gendered-word counts before / after CDA at several mixing ratios, on the first training units."""
     from .. import plots
 
-    chunks, labels = _train_chunks(ctx, texts["train"].head(max_units * 4), tokenizer)
+    chunks, labels, _ = _chunks_with_rows(ctx, texts["train"].head(max_units * 4), tokenizer)
     return plots.cda_at_ratios(chunks[:max_units], tokenizer, ctx.profile.data.block_size, ctx.point["cda_mode"],
                                seeds.int_seed(ctx.point["seed"], "cda"), ctx.profile.data.swap_names, ratios=ratios,
                                labels=labels[:max_units] if labels else None)

@@ -72,11 +72,16 @@ def write_steps_csv(rows: list[dict], path: Path) -> None:
     atomic_write_text(path, buf.getvalue())
 
 
+def token_bytes(ids) -> bytes:
+    """A row's identity: its token ids as int64 bytes (what is trained on, whatever its text column says)."""
+    return np.asarray(ids, dtype=np.int64).tobytes()
+
+
 def frame_fingerprint(df) -> str:
     h = hashlib.sha256()
     for uid, ids in zip(df["unit_id"], df["input_ids"]):
         h.update(np.int64(uid).tobytes())
-        h.update(np.asarray(ids, dtype=np.int64).tobytes())
+        h.update(token_bytes(ids))
     return h.hexdigest()[:16]
 
 

@@ -33,7 +33,7 @@ from ..progress import tqdm
 from ..seeds import RELEASE
 from .batching import TrainingError, UnitDataset, n_units
 from .checkpoint import (DONE_FILE, PRIVATE_STATISTICS, Checkpoints, StepLog, finished_run, frame_fingerprint,
-                         seed_everything, write_json, write_steps_csv)
+                         seed_everything, token_bytes, write_json, write_steps_csv)
 from .privacy import PrivacyError, calibrate_noise, default_delta, epsilon_spent, group_privacy
 from .methods import METHODS, Method, default_method, method_problem
 from .steppers import GlobalZ, Plan, Stepper, check_noise_mode, make_stepper
@@ -334,15 +334,13 @@ def _check_unit_count(privacy_unit: dict, train_df) -> None:
 
 def unit_record(train_df, stated: dict | None, epsilon: float | None, delta: float | None) -> dict:
     """privacy.json's ``privacy_unit``: stage 01's statement (``stated``; `PRIVACY_UNIT` without one),
-    the units' texts as trained (each unit's rows joined: distinct, most repeats) and, for a DP run,
-    `privacy.group_privacy` for the most-repeated text and the largest document."""
+    the units as trained, each identified by its rows' token ids (`token_bytes`, in any row order; a
+    unit's "text": distinct, most repeats) and, for a DP run, `privacy.group_privacy` for the
+    most-repeated text and the largest document."""
     from ..data.units import text_repeats
 
-    if "text" in train_df.columns:
-        per_unit = train_df.groupby("unit_id", sort=True)["text"].agg(lambda rows: "\n".join(sorted(rows)))
-    else:  # token frames without their text: a unit's identity is its rows' token ids
-        per_unit = train_df.groupby("unit_id", sort=True)["input_ids"].agg(
-            lambda rows: "\n".join(sorted(" ".join(map(str, ids)) for ids in rows)))
+    per_unit = train_df.groupby("unit_id", sort=True)["input_ids"].agg(
+        lambda rows: " ".join(sorted(token_bytes(ids).hex() for ids in rows)))
     measured = text_repeats(per_unit.tolist())
     record = {"definition": PRIVACY_UNIT, **(stated or {}), "n_units": measured["n_texts"],
               "n_distinct_texts": measured["n_distinct_texts"],

@@ -1,7 +1,6 @@
 """End-to-end runs of dpbias_utils.training.train: outputs, epsilon spent <= target, exact resumption,
 fast clipping equal to Opacus hooks, refusals, frozen parameters."""
 import json
-import math
 
 import pandas as pd
 import pytest
@@ -90,24 +89,38 @@ def test_privacy_json_states_the_unit_with_numbers(dp_run):
 
     out, df, res = dp_run
     unit = json.loads((out / "privacy.json").read_text())["privacy_unit"]
-    # The helper frame's rows all have text "": the 12 one-row units share one text, the 12 two-row
-    # units another, so a text is in 12 units, protected only as a group of 12.
-    assert unit["n_units"] == 24 and unit["n_distinct_texts"] == 2 and unit["max_repeats_of_a_text"] == 12
-    assert unit["group_privacy"] == [{"group": "a text repeated in several units", "k": 12,
-                                      "epsilon": pytest.approx(12 * res["epsilon_spent"]),
-                                      "delta": pytest.approx(12 * math.exp(11 * res["epsilon_spent"]) * res["delta"])}]
+    # The helper frame's units are identified by their token ids, all distinct: no text is in two
+    # units, so a DP run has no group to protect ([], where a non-DP run records None).
+    assert unit["n_units"] == 24 and unit["n_distinct_texts"] == 24 and unit["max_repeats_of_a_text"] == 1
+    assert unit["group_privacy"] == []
     assert unit == json.loads(json.dumps(unit_record(df, None, res["epsilon_spent"], res["delta"])))
 
-    texts = df.assign(text=[f"sentence {u} ." if k == "original" else f"swap {u} ."
-                            for u, k in zip(df["unit_id"], df["kind"])])
-    texts.loc[texts["unit_id"] == 1, "text"] = "sentence 0 ."  # unit 1 (two rows) now repeats nothing of unit 0
-    texts.loc[texts["unit_id"] == 2, "text"] = "sentence 0 ."  # unit 2 (one row) repeats unit 0
+    repeated = _repeating_unit_0(df)
     stated = {"definition": "one chunk", "n_units": 24, "documents": {"definition": "an article", "n_documents": 3,
                                                                       "units_per_document": {"max": 10, "mean": 8.0}}}
-    rec = unit_record(texts, stated, 2.0, 1e-5)
+    rec = unit_record(repeated, stated, 2.0, 1e-5)
     assert rec["definition"] == "one chunk" and rec["n_distinct_texts"] == 23 and rec["max_repeats_of_a_text"] == 2
     assert [(g["k"], g["epsilon"]) for g in rec["group_privacy"]] == [(2, 4.0), (10, 20.0)]
-    assert unit_record(texts, stated, None, 1e-5)["group_privacy"] is None  # non-DP: no guarantee to scale
+    assert unit_record(repeated, stated, None, 1e-5)["group_privacy"] is None  # non-DP: no guarantee to scale
+
+
+def _repeating_unit_0(df):
+    """`df` with unit 0's token ids in every row of units 1 and 2: unit 2 (one row) repeats unit 0,
+    unit 1 (two rows) repeats nothing (its rows as a whole differ from unit 0's)."""
+    ids0 = df.loc[df["unit_id"] == 0, "input_ids"].iloc[0]
+    return df.assign(input_ids=[ids0 if u in (1, 2) else ids for u, ids in zip(df["unit_id"], df["input_ids"])])
+
+
+def test_a_unit_is_its_token_ids_with_or_without_a_text_column():
+    from dpbias_utils.training.loop import unit_record
+
+    no_text = _repeating_unit_0(frame(24)).drop(columns="text")
+    rec = unit_record(no_text, None, 2.0, 1e-5)
+    assert rec["n_distinct_texts"] == 23 and rec["max_repeats_of_a_text"] == 2
+    as_tokenized = no_text.assign(text=[" ".join(map(str, ids)) for ids in no_text["input_ids"]])
+    assert unit_record(as_tokenized, None, 2.0, 1e-5) == rec
+    # whatever the text column says: "" in every row (the helper frames) would make 2 texts of 24 units
+    assert unit_record(no_text.assign(text=""), None, 2.0, 1e-5) == rec
 
 
 def test_a_privacy_unit_of_another_frame_is_refused_before_training(base, tmp_path):
