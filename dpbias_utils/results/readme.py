@@ -1,68 +1,112 @@
-"""The README's results block, generated from the default study's `figures/findings.md`.
+"""The README's results blocks, generated from the committed findings of the published profiles.
 
 Stage 05 writes `findings.md` once and renders both the report's findings (`findings.html`, shown
-in `index.html`) and, for the default study, the README block between `START` and `END` from it,
-so the README and the report cannot disagree. `python -m dpbias_utils.results.readme` rewrites the block
-from the committed `figures/findings.md`; `--check` only compares (exit 1 when they differ).
+in `index.html`) and, for a published profile run into the repository's `runs/` (`PUBLISHED`: the
+default study, the mechanism sweep, the non-binary profile), its README block between
+``<!-- NAME:start -->`` and ``<!-- NAME:end -->`` from it, after copying the figures and
+findings.md to the profile's figures folder; so the README and the report cannot disagree.
+`python -m dpbias_utils.results.readme` rewrites every block from the committed findings; `--check`
+only compares (exit 1 when one differs).
 """
 from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 from .. import paths
 
-START = "<!-- findings:start -->"
-END = "<!-- findings:end -->"
-NOTE = "<!-- generated from figures/findings.md by stage 05 (or `python -m dpbias_utils.results.readme`); do not edit by hand -->"
 README = paths.REPO_ROOT / "README.md"
-FINDINGS = paths.FIGURES / "findings.md"
 
 
-def block(findings_text: str) -> str:
+@dataclass(frozen=True)
+class Block:
+    """One README block: its marker name and the folder stage 05 publishes the profile's figures and
+    findings.md to."""
+    name: str
+    folder: Path
+
+    @property
+    def start(self) -> str:
+        return f"<!-- {self.name}:start -->"
+
+    @property
+    def end(self) -> str:
+        return f"<!-- {self.name}:end -->"
+
+    @property
+    def findings(self) -> Path:
+        return self.folder / "findings.md"
+
+    def note(self) -> str:
+        rel = self.findings.relative_to(paths.REPO_ROOT) if self.findings.is_relative_to(paths.REPO_ROOT) else self.findings
+        return (f"<!-- generated from {rel.as_posix()} by stage 05 (or `python -m dpbias_utils.results.readme`); "
+                "do not edit by hand -->")
+
+
+# profile name -> its README block
+PUBLISHED = {"default": Block("findings", paths.FIGURES),
+             "mechanism": Block("mechanism-findings", paths.FIGURES / "mechanism"),
+             "nonbinary": Block("nonbinary-findings", paths.FIGURES / "nonbinary")}
+DEFAULT = PUBLISHED["default"]
+START, END, FINDINGS = DEFAULT.start, DEFAULT.end, DEFAULT.findings
+
+
+def block(findings_text: str, which: Block = DEFAULT) -> str:
     """The README block for a findings markdown text (markers included)."""
-    return f"{START}\n{NOTE}\n\n{findings_text.strip()}\n\n{END}"
+    return f"{which.start}\n{which.note()}\n\n{findings_text.strip()}\n\n{which.end}"
 
 
-def current_block(readme_text: str, source: str = "README.md") -> str:
+def current_block(readme_text: str, source: str = "README.md", which: Block = DEFAULT) -> str:
     """The block now in the README (markers included); a clear error when the markers are missing."""
-    start, end = readme_text.find(START), readme_text.find(END)
+    start, end = readme_text.find(which.start), readme_text.find(which.end)
     if start < 0 or end < start:
-        raise ValueError(f"{source}: the results block markers {START} ... {END} are missing or out of order")
-    return readme_text[start:end + len(END)]
+        raise ValueError(f"{source}: the results block markers {which.start} ... {which.end} are missing or out of order")
+    return readme_text[start:end + len(which.end)]
 
 
-def update_readme(readme: Path = README, findings: Path = FINDINGS) -> bool:
-    """Rewrite the README's block from ``findings``; True when the README changed."""
+def update_readme(readme: Path = README, findings: Path | None = None, which: Block = DEFAULT) -> bool:
+    """Rewrite the README's ``which`` block from ``findings`` (default: the block's committed findings.md);
+    True when the README changed."""
     text = Path(readme).read_text(encoding="utf-8")
-    new = block(Path(findings).read_text(encoding="utf-8"))
-    old = current_block(text, str(readme))
+    new = block(Path(findings or which.findings).read_text(encoding="utf-8"), which)
+    old = current_block(text, str(readme), which)
     if old == new:
         return False
     paths.atomic_write_text(Path(readme), text.replace(old, new))
     return True
 
 
+def is_current(which: Block, readme: Path = README) -> bool:
+    """Does the README's block equal its committed findings.md?"""
+    return current_block(Path(readme).read_text(encoding="utf-8"), str(readme), which) == block(
+        which.findings.read_text(encoding="utf-8"), which)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m dpbias_utils.results.readme", description=__doc__.splitlines()[0])
-    ap.add_argument("--check", action="store_true", help="compare only; exit 1 when the README block is stale")
+    ap.add_argument("--check", action="store_true", help="compare only; exit 1 when a README block is stale")
     args = ap.parse_args(argv)
-    for p in (README, FINDINGS):
-        if not p.is_file():
-            print(f"{p}: not found", file=sys.stderr)
-            return 2
+    missing = [p for p in (README, *(b.findings for b in PUBLISHED.values())) if not p.is_file()]
+    if missing:
+        print(f"{missing[0]}: not found", file=sys.stderr)
+        return 2
+    status = 0
     try:
-        if args.check:
-            same = current_block(README.read_text(encoding="utf-8")) == block(FINDINGS.read_text(encoding="utf-8"))
-            print("README results block is up to date" if same else "README results block differs from figures/findings.md")
-            return 0 if same else 1
-        changed = update_readme()
+        for which in PUBLISHED.values():
+            rel = which.findings.relative_to(paths.REPO_ROOT).as_posix()
+            if args.check:
+                same = is_current(which)
+                print(f"README block {which.name} " + ("is up to date" if same else f"differs from {rel}"))
+                status = status or (0 if same else 1)
+            else:
+                changed = update_readme(which=which)
+                print(f"README block {which.name} " + (f"rewritten from {rel}" if changed else "already up to date"))
     except ValueError as exc:
         print(exc, file=sys.stderr)
         return 2
-    print("README results block rewritten from figures/findings.md" if changed else "README results block already up to date")
-    return 0
+    return status
 
 
 if __name__ == "__main__":
