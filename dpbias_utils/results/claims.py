@@ -114,6 +114,12 @@ def calibration_table(items: pd.DataFrame, results: pd.DataFrame) -> pd.DataFram
     return pd.DataFrame(rows)
 
 
+def calibrated_families(items: pd.DataFrame, results: pd.DataFrame) -> dict[str, tuple[bool, str]]:
+    """Per family of `calibration_table`: (calibrated, its text)."""
+    cal = calibration_table(items, results)
+    return {r["family"]: (bool(r["calibrated"]), r["text"]) for _, r in cal.iterrows()}
+
+
 # --------------------------------------------------------------------------- claims
 def _claim(id_, claim, metric, contrast, res, direction, informative=True, reason=None) -> dict:
     """One unjudged claim (`CLAIM_COLUMNS`) from a bootstrap result; uninformative under `MIN_SEEDS` seeds."""
@@ -164,8 +170,7 @@ def paper_claims(items: pd.DataFrame, results: pd.DataFrame, trajectory: pd.Data
     """The paper's claims (unjudged rows) on the main design's runs only."""
     items, results = main_design(items), main_design(results)
     trajectory = main_design(trajectory) if trajectory is not None else None
-    cal = calibration_table(items, results)
-    calibrated = {r["family"]: (bool(r["calibrated"]), r["text"]) for _, r in cal.iterrows()}
+    calibrated = calibrated_families(items, results)
     nondp = _runs(items, dp=False)
     out: list[dict] = []
     for eps in _dp_epsilons(items):
@@ -255,23 +260,33 @@ def with_base_start(trajectory: pd.DataFrame) -> pd.DataFrame:
 
 def gradnorm_claims(results: pd.DataFrame) -> list[dict]:
     """Claim 3 of the paper on stage 03's final-checkpoint L2 norms: per seed, one value per run."""
-    g = results[(results["metric"] == "grad_l2_total") & (results["group"] == "diff") & (results["run_id"] != "base")]
+    return gap_claims(results, "grad_l2_total", "diff", "gradnorm", "Female per-example gradient norms exceed male ({})",
+                      "female - male", widen="DP widens the female - male gradient-norm gap ({})")
+
+
+def gap_claims(results: pd.DataFrame, metric: str, group: str, kind: str, claim: str, gap: str,
+               widen: str | None = None, sign: float = 1.0) -> list[dict]:
+    """Claims on one of stage 03's contrast splits at the final checkpoint (``metric`` x ``group``; CDA ratio
+    0), ``sign`` x its value, one per run (seeds resampled), direction +: per DP ε, ``<kind>/ε`` on the DP
+    runs and, with ``widen``, ``<kind>-widen/ε`` (DP ε minus non-DP). ``claim`` and ``widen`` put the
+    privacy label in ``{}``; ``gap`` names the contrast (``female - male``)."""
+    g = results[(results["metric"] == metric) & (results["group"] == group) & (results["run_id"] != "base")]
     if g.empty:
         return []
     g = g[np.isclose(g["mixing_ratio"].astype(float).fillna(-1), 0.0)]
     if g.empty:
         return []
+    dp_run = g["dp"].astype(bool)
+    nd = sign * g.loc[~dp_run, "value"].to_numpy(float)[:, None]
     out = []
-    nd = g[~g["dp"].astype(bool)]["value"].to_numpy(float)[:, None]
-    for eps in sorted({float(e) for e in g.loc[g["dp"].astype(bool), "epsilon"]}):
-        dp = g[g["dp"].astype(bool) & np.isclose(g["epsilon"].astype(float), eps)]["value"].to_numpy(float)[:, None]
+    for eps in sorted({float(e) for e in g.loc[dp_run, "epsilon"]}):
+        label = privacy_label(eps)
+        dp = sign * g.loc[dp_run & np.isclose(g["epsilon"].astype(float), eps), "value"].to_numpy(float)[:, None]
         res = inference.two_way_bootstrap([dp], n_boot=N_BOOT, seed=0)
-        out.append(_claim(f"gradnorm/{eps:g}", f"Female per-example gradient norms exceed male ({privacy_label(eps)})",
-                          "grad_l2_total", "female - male (final checkpoint)", res, +1))
-        if len(nd):
+        out.append(_claim(f"{kind}/{eps:g}", claim.format(label), metric, f"{gap} (final checkpoint)", res, +1))
+        if widen and len(nd):
             res = inference.two_way_bootstrap([dp, nd], n_boot=N_BOOT, seed=0)
-            out.append(_claim(f"gradnorm-widen/{eps:g}", f"DP widens the female - male gradient-norm gap ({privacy_label(eps)})",
-                              "grad_l2_total", f"(female - male) {privacy_label(eps)} - non-DP", res, +1))
+            out.append(_claim(f"{kind}-widen/{eps:g}", widen.format(label), metric, f"({gap}) {label} - non-DP", res, +1))
     return out
 
 

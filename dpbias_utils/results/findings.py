@@ -13,9 +13,9 @@ from ..bias.perplexity import CORPUS as PPL
 from ..params import NON_DP, privacy_label
 from ..seeds import NOISE_LABEL
 from ..training.methods import DP_ADAM, default_method
-from . import claims, sweep
+from . import claims, nonbinary, sweep
 from .figures import TOXICITY_SCORES, figure_list
-from .tables import association_summary, condition_order, epsilon_of, seed_summary, table1
+from .tables import _ci, _md_table, association_summary, condition_order, epsilon_of, seed_summary, table1
 
 
 # --------------------------------------------------------------------------- findings
@@ -23,8 +23,9 @@ def study_claims(tables: dict[str, pd.DataFrame]) -> pd.DataFrame:
 
     if tables["items"].empty:
         return pd.DataFrame()
-    return claims.study_claims(tables["items"], tables["results"], tables.get("trajectory"),
-                               extra=sweep.sweep_claims(tables["items"], tables.get("gradnorms")))
+    extra = (sweep.sweep_claims(tables["items"], tables.get("gradnorms"))
+             + nonbinary.nonbinary_claims(tables["items"], tables["results"]))
+    return claims.study_claims(tables["items"], tables["results"], tables.get("trajectory"), extra=extra)
 
 
 def claims_display(judged: pd.DataFrame):
@@ -53,7 +54,12 @@ CLAIM_KINDS = {"amplify": "DP amplifies the learned association",
                "dose-skew": "DP-Adam amplifies more at a larger planted skew",
                "misalign": "Clipping misaligns the anti-stereotypical units' gradient more",
                "global": "DPSGD-Global leaves less association than DP-Adam",
-               "cda-vs-global": "CDA leaves less association than DPSGD-Global"}
+               "cda-vs-global": "CDA leaves less association than DPSGD-Global",
+               # non-binary subjects (`nonbinary`)
+               "nb-lean": "DP places non-binary subjects further from the female-male midpoint",
+               "nb-gradnorm": "Non-binary per-example gradient norms exceed binary ones",
+               "nb-gradnorm-widen": "DP widens the non-binary - binary gradient-norm gap",
+               "nb-misalign": "Clipping misaligns the non-binary units' summed gradient more than the binary ones'"}
 
 
 def _verdict_word(verdict: str) -> str:
@@ -75,15 +81,6 @@ def verdict_summary(judged: pd.DataFrame) -> list[str]:
         parts = ", ".join(f"{word} {n}" for word, n in counts.items())
         lines.append(f"- **{text}** ({len(sub)} contrast{'s' if len(sub) > 1 else ''}): {parts}.")
     return lines
-
-
-def _md_cell(text) -> str:
-    return str(text).replace("|", "\\|")
-
-
-def _md_table(header: list[str], rows: list[list]) -> list[str]:
-    return (["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-            + ["| " + " | ".join(_md_cell(c) for c in r) + " |" for r in rows] + [""])
 
 
 def _calibration_md(tables) -> list[str]:
@@ -173,10 +170,6 @@ def _privacy_md(tables) -> list[str]:
                          "privacy units N", "accountant"], rows))
 
 
-def _ci(v, lo, hi, fmt="+.3f") -> str:
-    return f"{v:{fmt}} [{lo:{fmt}}, {hi:{fmt}}]"
-
-
 def _sweep_md(tables: dict[str, pd.DataFrame]) -> list[str]:
     """The findings' mechanism-sweep section (empty when the profile has no sweep runs)."""
     items, privacy = tables.get("items", pd.DataFrame()), tables.get("privacy", pd.DataFrame())
@@ -241,6 +234,7 @@ def findings_markdown(tables: dict[str, pd.DataFrame], judged: pd.DataFrame, tox
     summary = verdict_summary(judged)
     lines = (["### Summary of verdicts", "", *summary, ""] if summary else [])
     for part in (_calibration_md(tables), _association_md(tables), _utility_md(tables), _sweep_md(tables),
+                 nonbinary.nonbinary_md(tables),
                  _claims_md(judged), _table1_md(tables, toxicity_backend), _privacy_md(tables)):
         lines += part
     return "\n".join(lines).rstrip() + "\n"

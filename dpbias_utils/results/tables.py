@@ -149,17 +149,19 @@ def privacy_of(rec: dict) -> dict:
 
 def node_items(folder: Path) -> pd.DataFrame:
     """Per-item values of one stage-04 node: association score per prompt pair (`items/association.jsonl`;
-    group ``all``, and ``nonbinary_lean`` where the corpus has non-binary subjects) and, from `generations.jsonl`, the female - male gap of toxicity and sentiment per prompt pair
-    (each prompt's k samples averaged first)."""
+    group ``all``, and ``nonbinary`` (a_n) and ``nonbinary_lean`` where the corpus has non-binary subjects)
+    and, from `generations.jsonl`, the female - male gap of toxicity and sentiment per prompt pair (each
+    prompt's k samples averaged first)."""
     folder = Path(folder)
     parts = []
     if (folder / "items" / "association.jsonl").is_file():
         a = pd.read_json(folder / "items" / "association.jsonl", lines=True, dtype={"pair_id": str})
         parts.append(pd.DataFrame({"metric": "learned_association_" + a["family"], "group": "all",
                                    "item": a["pair_id"].astype(str), "value": a["score"]}))
-        if "nonbinary_lean" in a:
-            parts.append(pd.DataFrame({"metric": "learned_association_" + a["family"], "group": "nonbinary_lean",
-                                       "item": a["pair_id"].astype(str), "value": a["nonbinary_lean"]}))
+        for group, column in (("nonbinary", "a_nonbinary"), ("nonbinary_lean", "nonbinary_lean")):
+            if column in a:
+                parts.append(pd.DataFrame({"metric": "learned_association_" + a["family"], "group": group,
+                                           "item": a["pair_id"].astype(str), "value": a[column]}))
     gen_path = folder / "generations.jsonl"
     if gen_path.is_file() and gen_path.stat().st_size:
         g = pd.read_json(gen_path, lines=True)
@@ -200,6 +202,20 @@ def load_tables(profile_dir: Path) -> dict[str, pd.DataFrame]:
         path = Path(profile_dir) / f"{name}.csv"
         return pd.read_csv(path) if path.is_file() and path.stat().st_size > 1 else pd.DataFrame()
     return {name: read(name) for name in TABLE_NAMES}
+
+
+# --------------------------------------------------------------------------- markdown
+def _md_cell(text) -> str:
+    return str(text).replace("|", "\\|")
+
+
+def _md_table(header: list[str], rows: list[list]) -> list[str]:
+    return (["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+            + ["| " + " | ".join(_md_cell(c) for c in r) + " |" for r in rows] + [""])
+
+
+def _ci(v, lo, hi, fmt="+.3f") -> str:
+    return f"{v:{fmt}} [{lo:{fmt}}, {hi:{fmt}}]"
 
 
 # --------------------------------------------------------------------------- conditions and summaries
@@ -318,9 +334,10 @@ def gradnorm_summary(grads: pd.DataFrame, measure: str, split: str = "diff") -> 
     return pd.DataFrame(rows)
 
 
-def association_summary(items: pd.DataFrame) -> pd.DataFrame:
+def association_summary(items: pd.DataFrame, group: str = "all", bounds: tuple[float, float] = (0, 1)) -> pd.DataFrame:
     """Learned association per family x condition (CDA ratio 0 and the base): the two-way bootstrap
-    mean over seeds and prompt pairs, clipped to [0, 1]."""
+    mean over seeds and prompt pairs, clipped to ``bounds``; ``group`` another of the probe's per-pair
+    values (``nonbinary``, ``nonbinary_lean``: `nonbinary`)."""
 
     items = main_design(items)
     if items.empty:
@@ -331,7 +348,7 @@ def association_summary(items: pd.DataFrame) -> pd.DataFrame:
     for cond in condition_order(df):
         sub = df[df["condition"] == cond]
         for family in claims.FAMILIES:
-            res = claims.arm_summary(sub, f"learned_association_{family}", lower=0, upper=1)
+            res = claims.arm_summary(sub, f"learned_association_{family}", group, *bounds)
             if res is not None:
                 rows.append({"condition": cond, "family": family, "value": res.point, "ci_low": res.low,
                              "ci_high": res.high, "n_seeds": res.n_seeds[0], "n_items": res.n_items})

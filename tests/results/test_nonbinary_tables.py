@@ -7,7 +7,7 @@ import pandas as pd
 from dpbias_utils import paths
 from dpbias_utils.bias import association as A
 from dpbias_utils.bias.evaluate import write_item_log
-from dpbias_utils.results import claims, tables
+from dpbias_utils.results import claims, nonbinary, tables
 
 
 def _blind_then_leaning(lean: float):
@@ -58,10 +58,14 @@ def test_stage05_tables_carry_the_nonbinary_rows_and_items(tmp_path):
     assert set(res.loc[res["metric"] == "grad_misalignment_cos", "group"]) == {
         "female", "male", "diff", "nonbinary", "binary", "nonbinary-binary"}
     items = t["items"]
-    assert set(items["group"]) == {"all", "nonbinary_lean"}
+    assert set(items["group"]) == {"all", "nonbinary", "nonbinary_lean"}
     # the seed-resampled summary of the lean over the two runs, as the claims compute one
     res_lean = claims.arm_summary(items, "learned_association_occupation", group="nonbinary_lean")
     assert abs(res_lean.point - 0.11) < 1e-9 and res_lean.n_seeds[0] == 2
+    res_an = claims.arm_summary(items, "learned_association_occupation", group="nonbinary")  # a_n = 0.5 + lean
+    assert abs(res_an.point - 0.61) < 1e-9 and res_an.n_items == res_lean.n_items
+    nb = nonbinary.association_table(items).set_index(["condition", "family", "measure"])["value"]
+    assert abs(nb[("non-DP", "toxicity", "a_n")] - 0.61) < 1e-9 and abs(nb[("non-DP", "toxicity", "lean")] - 0.11) < 1e-9
     summary = tables.seed_summary(res)
     assert {"nonbinary", "nonbinary_lean"} <= set(summary["group"])
     assert not tables.association_summary(items).empty  # the figure's summary still reads group "all" only
