@@ -15,7 +15,7 @@ from ..seeds import NOISE_LABEL
 from ..training.methods import DP_ADAM, default_method
 from . import claims, nonbinary, sweep
 from .figures import TOXICITY_SCORES, figure_list
-from .tables import _ci, _md_table, association_summary, condition_order, epsilon_of, seed_summary, table1
+from .tables import ci_text, md_table, association_summary, condition_order, epsilon_of, seed_summary, table1
 
 
 # --------------------------------------------------------------------------- findings
@@ -93,7 +93,7 @@ def _calibration_md(tables) -> list[str]:
              "yes" if r["calibrated"] else "no"] for _, r in cal.iterrows()]
     return (["### Calibration", "", "Does the non-DP model learn what the corpus plants? (target: 90 % of the excess "
              "over 0.5; interval: 95 % two-way bootstrap over seeds and prompt pairs)", ""]
-            + _md_table(["family", "planted", "base", "non-DP [95% CI]", "learned fraction", "calibrated"], rows))
+            + md_table(["family", "planted", "base", "non-DP [95% CI]", "learned fraction", "calibrated"], rows))
 
 
 def _association_md(tables) -> list[str]:
@@ -105,7 +105,7 @@ def _association_md(tables) -> list[str]:
     wide = wide.reindex(sorted(wide.index, key=lambda c: (c != "base", c != "non-DP", epsilon_of(c))))
     return (["### Learned association", "", "0.5 = none; mean over seeds and prompt pairs, 95 % two-way bootstrap "
              "interval; CDA ratio 0.", ""]
-            + _md_table(["condition", *wide.columns], [[c, *wide.loc[c]] for c in wide.index]))
+            + md_table(["condition", *wide.columns], [[c, *wide.loc[c]] for c in wide.index]))
 
 
 def _utility_md(tables) -> list[str]:
@@ -116,7 +116,7 @@ def _utility_md(tables) -> list[str]:
     ppl = ppl.set_index("condition").reindex(condition_order(ppl))
     rows = [[c, f"{r['value']:.3f} [{r['ci_low']:.3f}, {r['ci_high']:.3f}]", int(r["n_seeds"])] for c, r in ppl.iterrows()]
     return (["### Utility", "", "Test perplexity (mean over seeds, 95 % percentile bootstrap over seeds; one seed: "
-             "that run's bootstrap over sentences).", ""] + _md_table(["condition", "perplexity", "seeds"], rows))
+             "that run's bootstrap over sentences).", ""] + md_table(["condition", "perplexity", "seeds"], rows))
 
 
 def _claims_md(judged) -> list[str]:
@@ -129,7 +129,7 @@ def _claims_md(judged) -> list[str]:
              "prompt pairs) and Holm-adjusted p over the informative claims. **reproduced** / **contradicted**: "
              "Holm p < 0.05 in / against the direction the claim states; otherwise **inconclusive**, or **uninformative** "
              "where the testbed cannot show the claim.", ""]
-            + _md_table(["claim", "contrast", "estimate [95% CI]", "p (Holm)", "verdict"], rows))
+            + md_table(["claim", "contrast", "estimate [95% CI]", "p (Holm)", "verdict"], rows))
 
 
 def _table1_md(tables, toxicity_backend: str) -> list[str]:
@@ -140,7 +140,7 @@ def _table1_md(tables, toxicity_backend: str) -> list[str]:
     rows = [[cond, *[row.get(c, "–") for c in ("male", "female", "diff")]] for cond, row in t.iterrows()]
     return (["### Table 1 analog", "", f"Mean {score} of continuations (CDA ratio 0; mean over seeds, 95 % percentile "
              "bootstrap over seeds; one seed: that run's bootstrap over prompts).", ""]
-            + _md_table(["condition", "male", "female", "diff (female - male)"], rows))
+            + md_table(["condition", "male", "female", "diff (female - male)"], rows))
 
 
 def _privacy_md(tables) -> list[str]:
@@ -166,7 +166,7 @@ def _privacy_md(tables) -> list[str]:
                      " / ".join(fmt_number(v) for v in sorted(set(g["n_units"]))), str(g["accountant"].iloc[0]).upper()])
     return (["### Privacy spent", "", "DP runs by target ε (non-DP runs have no privacy guarantee); the ε spent is the "
              "accountant's for the steps actually taken, largest over the runs. " + NOISE_NOTE, ""]
-            + _md_table(["condition", "noise", "runs", "ε spent (max)", "δ", "noise σ", "sampling rate q", "steps",
+            + md_table(["condition", "noise", "runs", "ε spent (max)", "δ", "noise σ", "sampling rate q", "steps",
                          "privacy units N", "accountant"], rows))
 
 
@@ -184,17 +184,17 @@ def _sweep_md(tables: dict[str, pd.DataFrame]) -> list[str]:
     for eps, g in grid.groupby("epsilon"):
         clips = sorted(set(g["max_grad_norm"]))
         rows = [[f"{skew:g}" + ("" if cal[skew][0] else " (not calibrated)"),
-                 *[next((_ci(r["value"], r["ci_low"], r["ci_high"]) for _, r in g.iterrows()
+                 *[next((ci_text(r["value"], r["ci_low"], r["ci_high"]) for _, r in g.iterrows()
                          if r["skew"] == skew and r["max_grad_norm"] == c), "–") for c in clips]]
                 for skew in sorted(set(g["skew"]))]
-        lines += [f"Dose-response, dp-adam at {privacy_label(eps)}:", ""] + _md_table(
+        lines += [f"Dose-response, dp-adam at {privacy_label(eps)}:", ""] + md_table(
             ["planted skew", *[f"C={c:g}" for c in clips]], rows) + [sign_sentence(g, cal), ""]
     bars = sweep.method_amplification(items, privacy)
     if len(bars):
         lines += ["Ways of training at skew {:g}, C={:g} (method − non-DP):".format(
             bars["skew"].iloc[0], bars["max_grad_norm"].iloc[0]), ""]
-        lines += _md_table(["method", "amplification [95% CI]", "private", "seeds"],
-                           [[r["method"], _ci(r["value"], r["ci_low"], r["ci_high"]), "yes" if r["private"] else "no",
+        lines += md_table(["method", "amplification [95% CI]", "private", "seeds"],
+                           [[r["method"], ci_text(r["value"], r["ci_low"], r["ci_high"]), "yes" if r["private"] else "no",
                              r["n_seeds"]] for _, r in bars.iterrows()])
     return lines + _cda_vs_global_md(sweep.cda_vs_global(items, tables.get("results", pd.DataFrame()), privacy))
 
@@ -216,13 +216,13 @@ def _cda_vs_global_md(table: pd.DataFrame) -> list[str]:
     lines = ["CDA against DPSGD-Global (vs non-DP = the arm's association minus non-DP's; lower than dp-adam by = "
              "dp-adam's association minus the arm's; perplexity: test text, mean over seeds with a bootstrap over "
              "seeds):", ""]
-    return lines + _md_table(
+    return lines + md_table(
         ["arm", "association [95% CI]", "vs non-DP [95% CI]", "lower than dp-adam by [95% CI]", "perplexity", "ε spent",
          "private"],
-        [[r["arm"], _ci(r["association"], r["association_low"], r["association_high"], ".3f"),
-          _ci(r["vs_nondp"], r["vs_nondp_low"], r["vs_nondp_high"]),
-          "–" if r["arm"] == DP_ADAM else _ci(r["lowered"], r["lowered_low"], r["lowered_high"]),
-          _ci(r["perplexity"], r["perplexity_low"], r["perplexity_high"], ".2f"),
+        [[r["arm"], ci_text(r["association"], r["association_low"], r["association_high"], ".3f"),
+          ci_text(r["vs_nondp"], r["vs_nondp_low"], r["vs_nondp_high"]),
+          "–" if r["arm"] == DP_ADAM else ci_text(r["lowered"], r["lowered_low"], r["lowered_high"]),
+          ci_text(r["perplexity"], r["perplexity_low"], r["perplexity_high"], ".2f"),
           fmt_number(r["epsilon_spent"]) if r["private"] else "∞ (not private)", "yes" if r["private"] else "no"]
          for _, r in table.iterrows()])
 
@@ -313,13 +313,9 @@ def findings_html(markdown_text: str, privacy: pd.DataFrame, figures: list[tuple
 
 def write_findings(profile_dir: Path, tables: dict[str, pd.DataFrame], figures_dir: Path,
                    toxicity_backend: str = "profanity") -> pd.DataFrame:
-    """Write `claims.csv`, `findings.md` and `findings.html` (shown in index.html); for the default
-    profile in the repository's runs folder also copy the figures and findings.md to `figures/` and
-    regenerate the README's results block from that findings.md."""
-    import shutil
-
-    from . import readme
-
+    """Write `claims.csv`, `findings.md` and `findings.html` (shown in index.html); for a published
+    profile (`readme.PUBLISHED`) in the repository's runs folder also copy the figures and findings.md to
+    its figures folder and regenerate its README block from that findings.md."""
     profile_dir, figures_dir = Path(profile_dir), Path(figures_dir)
     judged = study_claims(tables)
     paths.atomic_write_text(profile_dir / "claims.csv", judged.to_csv(index=False))
@@ -328,10 +324,23 @@ def write_findings(profile_dir: Path, tables: dict[str, pd.DataFrame], figures_d
     privacy = privacy_table(tables["privacy"], tables["results"])
     figures = figure_list(figures_dir, profile_dir, toxicity_backend)
     paths.atomic_write_text(profile_dir / "findings.html", findings_html(md, privacy, figures))
-    if profile_dir.name == "default" and profile_dir.parent.resolve() == (paths.REPO_ROOT / "runs").resolve():
-        paths.FIGURES.mkdir(exist_ok=True)
-        for f in sorted(figures_dir.glob("*.png")) + sorted(figures_dir.glob("*.svg")):
-            shutil.copy2(f, paths.FIGURES / f.name)
-        shutil.copy2(profile_dir / "findings.md", paths.FIGURES / "findings.md")
-        readme.update_readme()
+    if profile_dir.parent.resolve() == (paths.REPO_ROOT / "runs").resolve():
+        publish(profile_dir, figures_dir)
     return judged
+
+
+def publish(profile_dir: Path, figures_dir: Path) -> None:
+    """A published profile's figures and findings.md into its figures folder, and its README block
+    rewritten from them (nothing for a profile `readme.PUBLISHED` does not name)."""
+    import shutil
+
+    from . import readme
+
+    which = readme.PUBLISHED.get(Path(profile_dir).name)
+    if which is None:
+        return
+    which.folder.mkdir(parents=True, exist_ok=True)
+    for f in sorted(Path(figures_dir).glob("*.png")) + sorted(Path(figures_dir).glob("*.svg")):
+        shutil.copy2(f, which.folder / f.name)
+    shutil.copy2(Path(profile_dir) / "findings.md", which.findings)
+    readme.update_readme(which=which)

@@ -71,7 +71,7 @@ import pandas as pd
 from ..params import privacy_label
 from . import claims, inference
 from .design import main_design
-from .tables import _ci, _md_table, association_summary, condition_order, seed_summary
+from .tables import ci_text, md_table, association_summary, condition_order, seed_summary
 
 NONBINARY, LEAN = "nonbinary", "nonbinary_lean"  # the probe's item groups: a_n and the lean
 GRAD_SPLITS = ("nonbinary", "binary")
@@ -141,7 +141,7 @@ def nonbinary_claims(items: pd.DataFrame, results: pd.DataFrame) -> list[dict]:
 
 # --------------------------------------------------------------------------- findings
 def _cell(r: pd.Series | None, fmt: str) -> str:
-    return "–" if r is None else _ci(r["value"], r["ci_low"], r["ci_high"], fmt)
+    return "–" if r is None else ci_text(r["value"], r["ci_low"], r["ci_high"], fmt)
 
 
 def nonbinary_md(tables: dict[str, pd.DataFrame]) -> list[str]:
@@ -154,7 +154,7 @@ def nonbinary_md(tables: dict[str, pd.DataFrame]) -> list[str]:
              "them): a_n = the non-binary prompt's mass on the female-stereotyped attributes (planted 0.5); lean = a_n "
              "minus the midpoint of the female and male prompts' masses (planted 0; > 0 = nearer the female subjects). "
              "Mean over seeds and prompt pairs, 95 % two-way bootstrap interval; CDA ratio 0.", ""]
-    lines += _md_table(["condition", "family", "a_n [95% CI]", "lean [95% CI]", "seeds"], _association_rows(assoc))
+    lines += md_table(["condition", "family", "a_n [95% CI]", "lean [95% CI]", "seeds"], _association_rows(assoc))
     grads = gradient_table(tables.get("results", pd.DataFrame()))
     if grads.empty:
         return lines
@@ -162,7 +162,7 @@ def nonbinary_md(tables: dict[str, pd.DataFrame]) -> list[str]:
               "cos(Σ clipped g, Σ g) of the non-binary units and the binary (female and male) ones; mean over seeds, "
               "95 % percentile bootstrap over seeds.", ""]
     header = ["condition", *[f"{sym} {s}" for sym in GRAD_MEASURES.values() for s in GRAD_SPLITS], "seeds"]
-    return lines + _md_table(header, _gradient_rows(grads))
+    return lines + md_table(header, _gradient_rows(grads))
 
 
 def _association_rows(assoc: pd.DataFrame) -> list[list]:

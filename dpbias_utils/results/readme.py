@@ -66,21 +66,23 @@ def current_block(readme_text: str, source: str = "README.md", which: Block = DE
     return readme_text[start:end + len(which.end)]
 
 
-def update_readme(readme: Path = README, findings: Path | None = None, which: Block = DEFAULT) -> bool:
-    """Rewrite the README's ``which`` block from ``findings`` (default: the block's committed findings.md);
-    True when the README changed."""
-    text = Path(readme).read_text(encoding="utf-8")
+def update_readme(readme: Path | None = None, findings: Path | None = None, which: Block = DEFAULT) -> bool:
+    """Rewrite the README's (default: the repository's) ``which`` block from ``findings`` (default: the
+    block's committed findings.md); True when the README changed."""
+    readme = Path(readme or README)
+    text = readme.read_text(encoding="utf-8")
     new = block(Path(findings or which.findings).read_text(encoding="utf-8"), which)
     old = current_block(text, str(readme), which)
     if old == new:
         return False
-    paths.atomic_write_text(Path(readme), text.replace(old, new))
+    paths.atomic_write_text(readme, text.replace(old, new))
     return True
 
 
-def is_current(which: Block, readme: Path = README) -> bool:
+def is_current(which: Block, readme: Path | None = None) -> bool:
     """Does the README's block equal its committed findings.md?"""
-    return current_block(Path(readme).read_text(encoding="utf-8"), str(readme), which) == block(
+    readme = Path(readme or README)
+    return current_block(readme.read_text(encoding="utf-8"), str(readme), which) == block(
         which.findings.read_text(encoding="utf-8"), which)
 
 

@@ -205,16 +205,16 @@ def load_tables(profile_dir: Path) -> dict[str, pd.DataFrame]:
 
 
 # --------------------------------------------------------------------------- markdown
-def _md_cell(text) -> str:
+def md_cell(text) -> str:
     return str(text).replace("|", "\\|")
 
 
-def _md_table(header: list[str], rows: list[list]) -> list[str]:
+def md_table(header: list[str], rows: list[list]) -> list[str]:
     return (["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-            + ["| " + " | ".join(_md_cell(c) for c in r) + " |" for r in rows] + [""])
+            + ["| " + " | ".join(md_cell(c) for c in r) + " |" for r in rows] + [""])
 
 
-def _ci(v, lo, hi, fmt="+.3f") -> str:
+def ci_text(v, lo, hi, fmt="+.3f") -> str:
     return f"{v:{fmt}} [{lo:{fmt}}, {hi:{fmt}}]"
 
 

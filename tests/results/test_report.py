@@ -163,10 +163,31 @@ def test_verdict_summary_counts_the_rule_s_verdicts_only():
     assert "reproduced" not in table and "|effect|" in table and table.count("<td>") == 5
 
 
-def test_readme_results_block_is_the_committed_findings():
-    """The README's results block is generated from figures/findings.md (stage 05 rewrites both)."""
-    text = (paths.REPO_ROOT / "README.md").read_text(encoding="utf-8")
-    assert readme.current_block(text) == readme.block((paths.FIGURES / "findings.md").read_text(encoding="utf-8"))
+@pytest.mark.parametrize("profile", sorted(readme.PUBLISHED))
+def test_readme_results_blocks_are_the_committed_findings(profile):
+    """Each README results block is generated from its profile's committed findings.md (stage 05 rewrites
+    both); the default study's is figures/findings.md."""
+    which = readme.PUBLISHED[profile]
+    assert readme.is_current(which)
+    assert readme.DEFAULT.findings == paths.FIGURES / "findings.md"
+
+
+def test_publish_copies_a_published_profile_and_rewrites_only_its_block(tmp_path, monkeypatch):
+    which = readme.Block("mechanism-findings", tmp_path / "figures" / "mechanism")
+    monkeypatch.setitem(readme.PUBLISHED, "mechanism", which)
+    rd = tmp_path / "README.md"
+    rd.write_text(f"# t\n\n{readme.START}\nkept\n{readme.END}\n\n{which.start}\nold\n{which.end}\n")
+    monkeypatch.setattr(readme, "README", rd)
+    prof = tmp_path / "runs" / "mechanism"
+    (prof / "figures").mkdir(parents=True)
+    (prof / "figures" / "a.png").write_bytes(b"png")
+    (prof / "findings.md").write_text("### Summary of verdicts\n\n- y\n")
+    findings.publish(prof, prof / "figures")
+    assert (which.folder / "a.png").read_bytes() == b"png" and readme.is_current(which, rd)
+    text = rd.read_text()
+    assert "- y" in text and "old" not in text and "kept" in text
+    findings.publish(tmp_path / "runs" / "other", prof / "figures")  # a profile not published: nothing
+    assert rd.read_text() == text
 
 
 def test_readme_update_rewrites_only_the_block(tmp_path):
