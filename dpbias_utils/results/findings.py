@@ -53,6 +53,7 @@ CLAIM_KINDS = {"amplify": "DP amplifies the learned association",
                "dose-C": "A smaller clipping norm leaves DP-Adam more association",
                "dose-skew": "DP-Adam amplifies more at a larger planted skew",
                "misalign": "Clipping misaligns the anti-stereotypical units' gradient more",
+               "cda-pair": "CDA's counterfactual rows have larger gradient norms than their originals",
                "global": "DPSGD-Global leaves less association than DP-Adam",
                "cda-vs-global": "CDA leaves less association than DPSGD-Global",
                # non-binary subjects (`nonbinary`)

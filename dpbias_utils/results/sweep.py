@@ -23,6 +23,7 @@ arm and the shared items resampled together). Claims, judged by the study's one 
 | dose-C/skew s/ε | :math:`\bar A_{C_{min}} - \bar A_{C_{max}}` of dp-adam at the reference skew (= :math:`\Delta_{C_{min}} - \Delta_{C_{max}}`) | + (Zhao et al. 2025) |
 | dose-skew/C c/ε | :math:`\Delta(s_{max}) - \Delta(s_{min})` at the reference C, over the calibrated skews | + |
 | misalign/ε | cos(Σ clipped g, Σ g) of the stereotypical minus the anti-stereotypical units, dp-adam, final checkpoint | + (Esipova et al. 2023) |
+| cda-pair/ε | per-example gradient norm of CDA's counterfactual rows minus their originals', CDA run, final checkpoint | + (Bagdasaryan et al. 2019) |
 | global/<m>/ε | :math:`\bar A_m - \bar A_{\text{dp-adam}}`, m = global, global-adapt | − (Esipova et al. 2023) |
 | cda-vs-global/ε | :math:`\bar A_{\text{CDA}} - \bar A_{\text{global}}` (CDA: the largest ratio > 0 under dp-adam) | − |
 
@@ -313,7 +314,7 @@ def sweep_claims(items: pd.DataFrame, grads: pd.DataFrame | None = None) -> list
            for eps in (sweep_epsilons(pooled) if METHODS[method].needs_epsilon else [None])]
     for eps in sweep_epsilons(pooled):
         out += [_dose_clip_claim(pooled, ref, cal, eps), _dose_skew_claim(pooled, ref, cal, eps),
-                _misalignment_claim(grads, ref, cal, eps)]
+                _misalignment_claim(grads, ref, cal, eps), _cda_pair_claim(pooled, grads, ref, cal, eps)]
         out += [_global_claim(pooled, ref, cal, method, eps) for method in GLOBAL_NAMES]
         out.append(_cda_claim(pooled, ref, cal, eps))
     return [c for c in out if c]
@@ -367,23 +368,44 @@ def _dose_skew_claim(pooled, ref, cal, eps: float) -> dict:
                          POOLED, f"amplification at skew {hi:g} - at skew {lo:g}{note}", res, +1, *_calibrated(cal, lo, hi))
 
 
+def _final_value(grads: pd.DataFrame | None, ref, eps: float, measure: str, split: str, ratio: float = 0.0,
+                 sign: float = 1.0):
+    """Two-way bootstrap (seeds resampled; one value per run) of ``sign`` x stage 03's ``measure`` on ``split``
+    at the final checkpoint, for dp-adam at the reference (skew, C), ε and CDA ratio (None without such rows)."""
+    g = sweep_rows(grads)
+    if g.empty or measure not in set(g["measure"]):
+        return None
+    skew, clip = ref
+    g = arm(g[(g["measure"] == measure) & (g["split"] == split)], DP_ADAM, skew, clip, eps, ratio)
+    if g.empty:
+        return None
+    final = sign * g[g["pct"] == g["pct"].max()]["value"].to_numpy(float)[:, None]
+    return inference.two_way_bootstrap([final], n_boot=claims.N_BOOT, seed=0)
+
+
 def _misalignment_claim(grads: pd.DataFrame | None, ref, cal, eps: float) -> dict:
     """`misalign`: for dp-adam at the reference (skew, C), stage 03's cos(Σ clipped g, Σ g) of the
     stereotypical units minus that of the anti-stereotypical ones (the minority the corpus plants) at
     the final checkpoint, one value per run, seeds resampled (+; Esipova et al. 2023: clipping turns
     the under-represented group's summed gradient more)."""
-    g = sweep_rows(grads)
-    if g.empty or "misalignment_cos" not in set(g["measure"]):
-        return {}
-    skew, clip = ref
-    g = arm(g[(g["measure"] == "misalignment_cos") & (g["split"] == "stereo_minus_anti")], DP_ADAM, skew, clip, eps)
-    if g.empty:
-        return {}
-    final = g[g["pct"] == g["pct"].max()]["value"].to_numpy(float)[:, None]
-    res = inference.two_way_bootstrap([final], n_boot=claims.N_BOOT, seed=0)
+    res = _final_value(grads, ref, eps, "misalignment_cos", "stereo_minus_anti")
     return claims._claim(f"misalign/{eps:g}", "Clipping misaligns the anti-stereotypical units' summed gradient more than "
-                         f"the stereotypical units' (dp-adam, {_where(eps, skew, clip)})", "misalignment_cos",
-                         "cos(stereotypical) - cos(anti-stereotypical), final checkpoint", res, +1, *_calibrated(cal, skew))
+                         f"the stereotypical units' (dp-adam, {_where(eps, *ref)})", "misalignment_cos",
+                         "cos(stereotypical) - cos(anti-stereotypical), final checkpoint", res, +1, *_calibrated(cal, ref[0]))
+
+
+def _cda_pair_claim(pooled, grads: pd.DataFrame | None, ref, cal, eps: float) -> dict:
+    """`cda-pair`: in the CDA run (largest ratio > 0, dp-adam), the per-example gradient norm of the
+    counterfactual rows minus that of their originals at the final checkpoint (+: the swapped rows
+    carry the pattern the corpus under-represents, so the larger gradients; Bagdasaryan et al. 2019).
+    Stage 03 writes original - counterfactual (``cda_original-cda_counterfactual``); the sign is flipped."""
+    ratios = sorted({float(r) for r in arm(pooled, DP_ADAM, ref[0], ref[1], eps, ratio=None)["mixing_ratio"] if r > 0})
+    if not ratios:
+        return {}
+    res = _final_value(grads, ref, eps, "l2_total", "cda_original-cda_counterfactual", ratios[-1], sign=-1.0)
+    return claims._claim(f"cda-pair/{eps:g}", f"CDA's counterfactual rows have larger gradient norms than their originals "
+                         f"(CDA {ratios[-1]:g} under dp-adam, {_where(eps, *ref)})", "l2_total",
+                         "counterfactual - original, final checkpoint", res, +1, *_calibrated(cal, ref[0]))
 
 
 def _global_claim(pooled, ref, cal, method: str, eps: float) -> dict:

@@ -58,6 +58,10 @@ def tables():
                             "epsilon_spent": 9.98 if private else np.nan, "delta": 7e-5 if eps else np.nan,
                             "noise_multiplier": 0.5 if eps else np.nan, "sample_rate": 0.04, "steps": 47,
                             "n_units": 6000, "accountant": "prv", "noise_mode": "reproducible"})
+            if ratio > 0:  # the CDA run's pair split: counterfactual rows 0.1 larger than their originals
+                grads.append({**cond, "checkpoint": "pct_100", "pct": 100.0, "split": "cda_original-cda_counterfactual",
+                              "measure": "l2_total", "value": -0.1 + rng.normal(0, 0.01), "ci_low": -0.2,
+                              "ci_high": 0.0, "n": 24})
             for split in ("female", "male", "stereo_minus_anti"):
                 for pct in (0, 50, 100):
                     cos = 1.0 - (0.1 if clip else 0.0) * pct / 100 - (0.05 if split == "female" else 0.0)
@@ -93,6 +97,9 @@ def test_claims_verdicts_as_planted(judged, tables):
     final = g[(g["split"] == "stereo_minus_anti") & (g["method"] == "dp-adam") & (g["skew"] == 0.9) & (g["pct"] == 100)
               & (g["max_grad_norm"] == 0.1) & (g["mixing_ratio"] == 0)]
     assert len(final) == len(SEEDS) and judged.loc["misalign/10", "point"] == pytest.approx(final["value"].mean(), abs=1e-12)
+    pair = tables["gradnorms"][tables["gradnorms"]["split"] == "cda_original-cda_counterfactual"]
+    assert verdict("cda-pair/10") == "reproduced" and judged.loc["cda-pair/10", "point"] == pytest.approx(
+        -pair["value"].mean(), abs=1e-12)
     skew = judged.loc["dose-skew/C0.1/10"]
     assert verdict("dose-skew/C0.1/10") == "contradicted" and "skew 0.9 vs 0.75" in skew["claim"]
     assert "skew 0.6 left out: not calibrated" in skew["contrast"]
