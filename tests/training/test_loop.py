@@ -123,6 +123,15 @@ def test_a_unit_is_its_token_ids_with_or_without_a_text_column():
     assert unit_record(no_text.assign(text=""), None, 2.0, 1e-5) == rec
 
 
+def test_a_dp_run_over_a_repeated_unit_records_the_group_guarantee_it_earned(base, tmp_path):
+    """End to end: the run's own ε and δ scaled to the largest group (k = 2: unit 0 and its repeat)."""
+    res = train(base, _repeating_unit_0(frame(24)), tmp_path, **{**KW, "progress_points": (0, 100)})
+    unit = json.loads((tmp_path / "privacy.json").read_text())["privacy_unit"]
+    assert unit["n_distinct_texts"] == 23 and unit["max_repeats_of_a_text"] == 2
+    (group,) = unit["group_privacy"]
+    assert group["k"] == 2 and group["epsilon"] == pytest.approx(2 * res["epsilon_spent"])
+
+
 def test_a_privacy_unit_of_another_frame_is_refused_before_training(base, tmp_path):
     with pytest.raises(TrainingError, match=r"privacy_unit\['n_units'\]=25 but train_df has 24 units"):
         train(base, frame(24), tmp_path, **KW, privacy_unit={"n_units": 25})
