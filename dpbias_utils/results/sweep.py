@@ -298,8 +298,6 @@ def _calibrated(cal: dict[float, tuple[bool, str]], *skews: float) -> tuple[bool
     return True, None
 
 
-
-
 def sweep_claims(items: pd.DataFrame, grads: pd.DataFrame | None = None) -> list[dict]:
     """The sweep's claims as unjudged rows (`claims.CLAIM_COLUMNS`); `claims.study_claims(extra=...)`
     judges them with the study's other claims. Every contrast is signed and stated as what it measures
