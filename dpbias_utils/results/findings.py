@@ -4,6 +4,7 @@ of index.html's findings and the README's results block) and its HTML.
 from __future__ import annotations
 
 import html
+import sys
 from pathlib import Path
 
 import pandas as pd
@@ -344,4 +345,7 @@ def publish(profile_dir: Path, figures_dir: Path) -> None:
     for f in sorted(Path(figures_dir).glob("*.png")) + sorted(Path(figures_dir).glob("*.svg")):
         shutil.copy2(f, which.folder / f.name)
     shutil.copy2(Path(profile_dir) / "findings.md", which.findings)
-    readme.update_readme(which=which)
+    try:
+        readme.update_readme(which=which)
+    except ValueError as exc:  # a README without the block: the report and the copies stand
+        print(f"README block not rewritten: {exc}", file=sys.stderr)
