@@ -203,8 +203,11 @@ def test_ctrl_c_prints_one_line_exits_130_and_the_run_resumes(tmp_path):
     nbs = _notebooks(tmp_path / "nb", {"02": SLEEP_NB})
     profile = parse_profile(dict(ONE_RUN, grid=[{"epsilon": [3.0], "seed": [0]}]))
     spec, runs = _write(tmp_path, profile), tmp_path / "runs"
+    # as from a terminal: a test session started in the background (`cmd &` without job control) passes
+    # SIGINT down ignored, and Python then keeps ignoring it
     proc = subprocess.Popen(_cli(spec, "--runs-dir", runs, "--notebooks", nbs), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=_env(tmp_path))
+                            stderr=subprocess.PIPE, text=True, env=_env(tmp_path),
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     n02 = next(n for n in graph.plan(profile) if n.stage == "02")
     deadline = time.time() + 300
     while not (n02.folder(runs / "tiny") / "started").exists() and time.time() < deadline:
