@@ -95,6 +95,12 @@ def arm(df: pd.DataFrame, method: str, skew: float | None = None, clip: float | 
     return df[sel]
 
 
+def cda_ratio(df: pd.DataFrame, ref: tuple[float, float], epsilon: float) -> float | None:
+    """The largest CDA ratio > 0 of the dp-adam runs at the reference (skew, C) and ε (None without one)."""
+    ratios = [float(r) for r in arm(df, DP_ADAM, *ref, epsilon, ratio=None)["mixing_ratio"] if r > 0]
+    return max(ratios) if ratios else None
+
+
 def sweep_epsilons(df: pd.DataFrame) -> list[float]:
     """The ε of the sweep's dp-adam runs."""
     dp = df[df["method"] == DP_ADAM]
@@ -233,10 +239,10 @@ def cda_vs_global(items: pd.DataFrame, results: pd.DataFrame, privacy: pd.DataFr
     rows = []
     for eps in sweep_epsilons(pooled):
         dp = arm(pooled, DP_ADAM, skew, clip, eps)
-        ratios = sorted({float(r) for r in arm(pooled, DP_ADAM, skew, clip, eps, ratio=None)["mixing_ratio"] if r > 0})
+        ratio = cda_ratio(pooled, ref, eps)
         arms = [(DP_ADAM, DP_ADAM, dp)] + [(m, m, arm(pooled, m, skew, clip, eps)) for m in GLOBAL_NAMES]
-        if ratios:
-            arms.append((f"CDA {ratios[-1]:g} (dp-adam)", DP_ADAM, arm(pooled, DP_ADAM, skew, clip, eps, ratios[-1])))
+        if ratio is not None:
+            arms.append((f"CDA {ratio:g} (dp-adam)", DP_ADAM, arm(pooled, DP_ADAM, skew, clip, eps, ratio)))
         arms = [(name, method, runs) for name, method, runs in arms if len(runs)]
         if dp.empty or len(arms) < 2:
             continue
@@ -397,12 +403,12 @@ def _cda_pair_claim(pooled, grads: pd.DataFrame | None, ref, cal, eps: float) ->
     counterfactual rows minus that of their originals at the final checkpoint (+: the swapped rows
     carry the pattern the corpus under-represents, so the larger gradients; Bagdasaryan et al. 2019).
     Stage 03 writes original - counterfactual (``cda_original-cda_counterfactual``); the sign is flipped."""
-    ratios = sorted({float(r) for r in arm(pooled, DP_ADAM, ref[0], ref[1], eps, ratio=None)["mixing_ratio"] if r > 0})
-    if not ratios:
+    ratio = cda_ratio(pooled, ref, eps)
+    if ratio is None:
         return {}
-    res = _final_value(grads, ref, eps, "l2_total", "cda_original-cda_counterfactual", ratios[-1], sign=-1.0)
+    res = _final_value(grads, ref, eps, "l2_total", "cda_original-cda_counterfactual", ratio, sign=-1.0)
     return claims._claim(f"cda-pair/{eps:g}", f"CDA's counterfactual rows have larger gradient norms than their originals "
-                         f"(CDA {ratios[-1]:g} under dp-adam, {_where(eps, *ref)})", "l2_total",
+                         f"(CDA {ratio:g} under dp-adam, {_where(eps, *ref)})", "l2_total",
                          "counterfactual - original, final checkpoint", res, +1, *_calibrated(cal, ref[0]))
 
 
@@ -418,13 +424,13 @@ def _global_claim(pooled, ref, cal, method: str, eps: float) -> dict:
 def _cda_claim(pooled, ref, cal, eps: float) -> dict:
     """`cda-vs-global`: the association of CDA (largest ratio > 0, under dp-adam) minus DPSGD-Global's (−)."""
     skew, clip = ref
-    ratios = sorted({float(r) for r in arm(pooled, DP_ADAM, skew, epsilon=eps, ratio=None)["mixing_ratio"] if r > 0})
-    if not ratios:
+    ratio = cda_ratio(pooled, ref, eps)
+    if ratio is None:
         return {}
-    res = contrast([arm(pooled, DP_ADAM, skew, clip, eps, ratios[-1]), arm(pooled, "global", skew, clip, eps)], [1.0, -1.0])
+    res = contrast([arm(pooled, DP_ADAM, skew, clip, eps, ratio), arm(pooled, "global", skew, clip, eps)], [1.0, -1.0])
     return claims._claim(f"cda-vs-global/{eps:g}",
-                         f"CDA (ratio {ratios[-1]:g}) under DP-Adam leaves less association than DPSGD-Global "
-                         f"({_where(eps, skew, clip)})", POOLED, f"association of CDA {ratios[-1]:g} under dp-adam - of global",
+                         f"CDA (ratio {ratio:g}) under DP-Adam leaves less association than DPSGD-Global "
+                         f"({_where(eps, skew, clip)})", POOLED, f"association of CDA {ratio:g} under dp-adam - of global",
                          res, -1, *_calibrated(cal, skew))
 
 
