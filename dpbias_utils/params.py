@@ -166,14 +166,29 @@ class TrainParams(Section):
     global_z_lr: PositiveFloat = 0.2
     global_count_noise: Optional[PositiveFloat] = None
 
-    def for_run(self, dp: bool, method: str | None = None) -> dict:
+    def for_run(self, dp: bool, method: str | None = None, n_scale: float = 1.0) -> dict:
         """epochs, lr, logical and physical batch of one run: DP runs (every method but nondp: they all
-        draw Poisson batches) take `dp`'s values where set; dp-sgd's lr is `sgd_lr`."""
+        draw Poisson batches) take `dp`'s values where set; dp-sgd's lr is `sgd_lr`.
+
+        ``n_scale`` = N / N_ref, a grid `n_units` over the data section's N (`n_scale_of`). The rule that
+        keeps "how far a run gets" comparable across N: a Poisson-sampled run's logical batch is scaled by
+        N / N_ref, so its sampling rate q = B / N and its step count (epochs x N / B) stay those of the
+        reference (at a fixed epsilon, sigma depends only on q, steps and delta, and delta = 1/N^1.1 moves
+        it little); its physical batch is capped at the new logical batch. A non-DP run keeps its batch and
+        scales its epochs by N_ref / N, so it takes the reference's number of steps (the calibration rule
+        checks it still learns the data). Learning rates are unchanged."""
         out = {k: getattr(self, k) for k in ("epochs", "lr", "logical_batch_size", "physical_batch_size")}
-        if dp or (method is not None and method != "nondp"):
+        poisson = dp or (method is not None and method != "nondp")
+        if poisson:
             out.update({k: v for k, v in self.dp.model_dump().items() if v is not None})
         if method is not None and METHODS[method].optimizer == "sgd":
             out["lr"] = self.sgd_lr
+        if n_scale != 1.0:
+            if poisson:
+                out["logical_batch_size"] = max(1, int(round(out["logical_batch_size"] * n_scale)))
+                out["physical_batch_size"] = min(out["physical_batch_size"], out["logical_batch_size"])
+            else:
+                out["epochs"] = out["epochs"] / n_scale
         return out
 
     @field_validator("progress_points")
@@ -243,8 +258,17 @@ class GridBlock(Section):
     # skew (optional): the planted skew of every family of the controlled corpus (occupation, sentiment,
     # toxicity) for these points' stage 01 and everything downstream; absent: the `data` section's skews.
     skew: Optional[list[UnitFloat]] = None
+    # The regime map (`params/regimes.yaml`, `results.regimes`). base_skew (optional): the built-in base's own
+    # association, as the skew of its pretraining and settle corpora (`model.builtin.pretrain_skew`); each
+    # value is its own base, built by the same phases and cached by its parameters. n_units (optional): the
+    # number of privacy units N (the controlled corpus's training sentences), with the training rule scaled
+    # so DP keeps its sampling rate q and step count and non-DP its step count (`TrainParams.for_run`).
+    # Absent: the model and data sections' values (today's ids stay).
+    base_skew: Optional[list[UnitFloat]] = None
+    n_units: Optional[list[PositiveInt]] = None
 
-    @field_validator("epsilon", "mixing_ratio", "cda_mode", "seed", "max_grad_norm", "method", "skew")
+    @field_validator("epsilon", "mixing_ratio", "cda_mode", "seed", "max_grad_norm", "method", "skew", "base_skew",
+                     "n_units")
     @classmethod
     def _nonempty(cls, v):
         if v is not None and len(v) == 0:
@@ -294,9 +318,9 @@ class Profile(Section):
         seen, out = set(), []
         for block in self.grid:
             clips = block.max_grad_norm or [self.train.max_grad_norm]
-            for eps, ratio, mode, seed, clip, method, skew in itertools.product(
+            for eps, ratio, mode, seed, clip, method, skew, base_skew, n_units in itertools.product(
                 block.epsilon, block.mixing_ratio, block.cda_mode, block.seed, clips, block.method or [None],
-                block.skew or [None],
+                block.skew or [None], block.base_skew or [None], block.n_units or [None],
             ):
                 point = {
                     "epsilon": eps,
@@ -309,6 +333,10 @@ class Profile(Section):
                     point["method"] = method  # the default method is left implicit: today's ids stay
                 if skew is not None:
                     point["skew"] = float(skew)  # absent: the data section's skews (today's ids stay)
+                if base_skew is not None:
+                    point["base_skew"] = float(base_skew)  # absent: model.builtin.pretrain_skew
+                if n_units is not None:
+                    point["n_units"] = int(n_units)  # absent: data.controlled.n_train_sentences
                 key = tuple(point.values())
                 if key not in seen:
                     seen.add(key)
@@ -342,6 +370,29 @@ def planted_skews(data: DataParams, point: dict) -> dict[str, float]:
     if point.get("skew") is not None:
         return {f: float(point["skew"]) for f in families}
     return {f: getattr(data.controlled, f"skew_{f}") for f in families}
+
+
+def n_scale_of(data: DataParams, point: dict) -> float:
+    """N / N_ref of a grid point: its `n_units` over the data section's `controlled.n_train_sentences`
+    (1.0 where the grid sets no `n_units`)."""
+    if point.get("n_units") is None:
+        return 1.0
+    return float(point["n_units"]) / float(data.controlled.n_train_sentences)
+
+
+def profile_at(profile: "Profile", point: dict) -> "Profile":
+    """The profile as one grid point sees it: a grid `base_skew` sets `model.builtin.pretrain_skew` (its own
+    base model, same phases, cached by its parameters), a grid `n_units` sets
+    `data.controlled.n_train_sentences`. Without either, the profile itself."""
+    if point.get("base_skew") is None and point.get("n_units") is None:
+        return profile
+    model, data = profile.model, profile.data
+    if point.get("base_skew") is not None:
+        model = model.model_copy(update={"builtin": model.builtin.model_copy(update={"pretrain_skew": float(point["base_skew"])})})
+    if point.get("n_units") is not None:
+        data = data.model_copy(update={"controlled": data.controlled.model_copy(
+            update={"n_train_sentences": int(point["n_units"])})})
+    return profile.model_copy(update={"model": model, "data": data})
 
 
 def method_of(point: dict) -> str:
@@ -467,7 +518,7 @@ def _check_paths(profile: Profile) -> list[tuple[str, Any, str]]:
     if profile.train.physical_batch_size > profile.train.logical_batch_size:
         problems.append(("train.physical_batch_size", profile.train.physical_batch_size,
                          f"must be <= train.logical_batch_size ({profile.train.logical_batch_size})"))
-    return problems + _check_methods(profile) + _check_skews(profile)
+    return problems + _check_methods(profile) + _check_skews(profile) + _check_regime_axes(profile)
 
 
 def _check_skews(profile: Profile) -> list[tuple[str, Any, str]]:
@@ -477,6 +528,21 @@ def _check_skews(profile: Profile) -> list[tuple[str, Any, str]]:
     return [(f"grid[{i}].skew", block.skew, f"sets the planted skew of the controlled corpus, but data.corpus is "
              f"{profile.data.corpus!r}; allowed: drop `skew`, or data.corpus: controlled")
             for i, block in enumerate(profile.grid) if block.skew is not None]
+
+
+def _check_regime_axes(profile: Profile) -> list[tuple[str, Any, str]]:
+    """(field, value, problem) for a grid `base_skew` without the built-in base (only it has a pretraining
+    skew) or a grid `n_units` on a corpus whose size the profile does not set (only the controlled one)."""
+    problems = []
+    for i, block in enumerate(profile.grid):
+        if block.base_skew is not None and profile.model.base != BUILTIN:
+            problems.append((f"grid[{i}].base_skew", block.base_skew, f"sets the built-in base's pretraining skew, but "
+                             f"model.base is {profile.model.base!r}; allowed: drop `base_skew`, or model.base: {BUILTIN}"))
+        if block.n_units is not None and profile.data.corpus != "controlled":
+            problems.append((f"grid[{i}].n_units", block.n_units, f"sets the controlled corpus's size, but data.corpus is "
+                             f"{profile.data.corpus!r}; allowed: drop `n_units` (use data.max_train_units), or "
+                             "data.corpus: controlled"))
+    return problems
 
 
 def _check_methods(profile: Profile) -> list[tuple[str, Any, str]]:

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from .. import paths
-from ..params import SECTIONS, Profile, load_profile, parse_profile, privacy_label
+from ..params import SECTIONS, Profile, load_profile, parse_profile, privacy_label, profile_at
 from .graph import find_node, plan
 
 
@@ -49,6 +49,12 @@ class StageContext:
         return point_label(self.point, self.run_id, self.stage)
 
     @property
+    def point_profile(self) -> Profile:
+        """The profile as this node's point sees it (`params.profile_at`: a grid `base_skew` or `n_units`
+        set in the model and data sections)."""
+        return profile_at(self.profile, self.point)
+
+    @property
     def is_base(self) -> bool:
         return self.run_id == "base"
 
@@ -66,7 +72,8 @@ class StageContext:
 def point_label(point: dict, run_id: Optional[str] = None, stage: str = "02") -> str:
     """A node's condition in words: `DP ε=8 (C=0.1) · CDA 0 · seed 0`, `non-DP · ...`, `base model`."""
     if run_id == "base":
-        return "base model (not fine-tuned)"
+        own = (point or {}).get("base_skew")
+        return "base model (not fine-tuned)" + ("" if own is None else f", pretraining skew {own:g}")
     point = point or {}
     cda = f"CDA {point.get('mixing_ratio', 0.0):g}"
     if point.get("cda_mode", "substitute") != "substitute":
@@ -74,6 +81,10 @@ def point_label(point: dict, run_id: Optional[str] = None, stage: str = "02") ->
     seed = f"seed {point.get('seed', 0)}"
     if point.get("skew") is not None:
         seed = f"skew {point['skew']:g} · {seed}"
+    if point.get("n_units") is not None:
+        seed = f"N {point['n_units']} · {seed}"
+    if point.get("base_skew") is not None:
+        seed = f"base {point['base_skew']:g} · {seed}"
     if stage == "01":
         return f"data · {cda} · {seed}"
     if stage == "05":

@@ -19,7 +19,9 @@ from ..params import Profile, train_keys_of
 
 STAGES = ("01", "02", "03", "04", "05")
 DATA_KEYS = ("mixing_ratio", "cda_mode", "seed")
-OPTIONAL_DATA_KEYS = ("skew",)  # in a stage-01 point only when the grid sets them (absent: today's ids)
+# In a stage-01 point only when the grid sets them (absent: today's ids). base_skew enters stage 01: each
+# base has its own tokenizer, which tokenizes the data.
+OPTIONAL_DATA_KEYS = ("skew", "base_skew", "n_units")
 
 
 @dataclass
@@ -56,7 +58,9 @@ def _fmt(x: float) -> str:
 def data_label(point: dict) -> str:
     mode = "sub" if point["cda_mode"] == "substitute" else "aug"
     skew = f"skew{_fmt(point['skew'])}_" if point.get("skew") is not None else ""
-    return f"{skew}cda{_fmt(point['mixing_ratio'])}-{mode}_s{point['seed']}"
+    base = f"base{_fmt(point['base_skew'])}_" if point.get("base_skew") is not None else ""
+    n = f"N{point['n_units']}_" if point.get("n_units") is not None else ""
+    return f"{base}{n}{skew}cda{_fmt(point['mixing_ratio'])}-{mode}_s{point['seed']}"
 
 
 def train_label(point: dict) -> str:
@@ -95,11 +99,11 @@ def plan(profile: Profile) -> list[Node]:
         add(Node("03", f"{train_label(point)}-{_hash(['03', dump['gradnorms'], up])}", point, up, n02.run_id))
         add(Node("04", f"{train_label(point)}-{_hash(['04', dump['evaluation'], up])}", point, up, n02.run_id))
     if profile.include_base:
-        base_point = {"epsilon": None, "mixing_ratio": 0.0, "cda_mode": "substitute",
-                      "seed": points[0]["seed"], "max_grad_norm": profile.train.max_grad_norm}
-        n01 = data_node(base_point)
-        up = {"01": [n01.node_id]}
-        add(Node("04", f"base-{_hash(['04', dump['evaluation'], dump['model'], up])}", base_point, up, "base"))
+        for base_point in base_points(profile, points):
+            n01 = data_node(base_point)
+            up = {"01": [n01.node_id]}
+            tag = "" if base_point.get("base_skew") is None else _fmt(base_point["base_skew"])
+            add(Node("04", f"base{tag}-{_hash(['04', dump['evaluation'], dump['model'], up])}", base_point, up, "base"))
     ups: dict[str, list[str]] = {}
     for n in nodes.values():
         if n.stage in ("02", "03", "04"):
@@ -107,6 +111,24 @@ def plan(profile: Profile) -> list[Node]:
     add(Node("05", f"report-{_hash(['05', ups])}", {}, ups))
     order = {s: i for i, s in enumerate(STAGES)}
     return sorted(nodes.values(), key=lambda n: order[n.stage])  # stable: grid order within a stage
+
+
+def base_points(profile: Profile, points: list[dict]) -> list[dict]:
+    """The point of each base model the grid fine-tunes, for its stage-04 node (`run_id` base): the
+    profile's base (when a point has no `base_skew`; the first point's seed, today's id) and one per grid
+    `base_skew`, on the data of the first point with that base (its tokenizer; the base is evaluated on
+    the profile's prompts, whatever the data's skew or size)."""
+    out = []
+    if any(p.get("base_skew") is None for p in points):
+        out.append({"epsilon": None, "mixing_ratio": 0.0, "cda_mode": "substitute",
+                    "seed": points[0]["seed"], "max_grad_norm": profile.train.max_grad_norm})
+    for b in dict.fromkeys(p["base_skew"] for p in points if p.get("base_skew") is not None):
+        first = next(p for p in points if p.get("base_skew") == b)
+        point = {"epsilon": None, "mixing_ratio": 0.0, "cda_mode": "substitute", "seed": first["seed"],
+                 "max_grad_norm": profile.train.max_grad_norm}
+        point.update({k: first[k] for k in OPTIONAL_DATA_KEYS if first.get(k) is not None})
+        out.append(point)
+    return out
 
 
 def find_node(nodes: Iterable[Node], stage: str, point: Optional[dict] = None, run_id: Optional[str] = None) -> Node:

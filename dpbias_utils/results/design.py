@@ -14,7 +14,7 @@ BASE_METHOD = "none"  # the base model's `method` (it was not trained by the stu
 
 def main_design(df: pd.DataFrame) -> pd.DataFrame:
     """The rows of the study's main design, which the paper's claims, figures and tables use: the base
-    and the nondp / dp-adam runs on the profile's own corpus (no grid `skew`). Ablation methods and skew
+    and the nondp / dp-adam runs on the profile's own corpus and base (no grid `skew`, `base_skew` or `n_units`). Ablation methods and skew
     sweeps (`results.sweep`) are never pooled into them. Tables written before these columns existed
     hold only such rows."""
     if df is None or df.empty:
@@ -24,4 +24,7 @@ def main_design(df: pd.DataFrame) -> pd.DataFrame:
         keep &= df["method"].isna() | df["method"].isin(MAIN_METHODS + (BASE_METHOD,))
     if "skew" in df:
         keep &= df["skew"].isna()
+    for column in ("base_skew", "n_units"):  # the regime map's other bases and corpus sizes (`results.regimes`)
+        if column in df:
+            keep &= df[column].isna()
     return df[keep]

@@ -18,6 +18,18 @@ TOXICITY_SCORES = {"profanity": "alt-profanity-check profanity probability", "de
 SEED_INTERVAL = ("bars: 95 % percentile bootstrap over seeds (with one seed, that run's bootstrap over its "
                  "prompts or items), which stays inside a metric's range")
 FIGURE_CAPTIONS = {
+    # the regime map (`regimes`; only for a profile whose grid names `base_skew`), first: it is the answer
+    "regime_map": "When DP amplifies: DP-Adam's learned association (the three families pooled) minus non-DP's, "
+    "CDA ratio 0, per base (rows: its pretraining skew and, in brackets, its own measured association) and data "
+    "(columns: the planted skew and the pooled planted value), one panel per ε and N. Red (> 0): DP amplifies; "
+    "blue (< 0): DP attenuates. Cell: mean over seeds and prompt pairs with its 95 % two-way bootstrap interval; "
+    "grey text: the non-DP model did not cover 90 % of the distance from the base to the planted value (no claim).",
+    "regime_pull": "Pull toward the base, (DP − non-DP) / (base − non-DP), against ε (left) and the number of "
+    "privacy units N at the same q and step count (right, where the map has several N): 1 = DP stayed at the "
+    "base, 0 = DP went as far as non-DP. Calibrated cells of either sign; 95 % two-way bootstrap intervals.",
+    "regime_trajectories": "From the base toward the data: pooled learned association against test perplexity "
+    "over training (mean over seeds per checkpoint; right to left), non-DP and each ε, in one cell of each regime; "
+    "dotted: the base's association, dashed: the planted one.",
     "learned_association": "Learned association per attribute family and privacy condition (CDA ratio 0): the "
     "probability mass on stereotype-consistent attributes after paired female / male prompts. 0.5 (dotted) = none; "
     "dashed = the skew the corpus plants. Points: mean over seeds and prompt pairs; bars: 95 % two-way bootstrap "

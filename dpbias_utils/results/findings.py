@@ -14,7 +14,7 @@ from ..bias.perplexity import CORPUS as PPL
 from ..params import NON_DP, privacy_label
 from ..seeds import NOISE_LABEL
 from ..training.methods import DP_ADAM, default_method
-from . import claims, nonbinary, sweep
+from . import claims, nonbinary, regimes, sweep
 from .figures import TOXICITY_SCORES, figure_list
 from .tables import ci_text, md_table, association_summary, condition_order, epsilon_of, seed_summary, table1
 
@@ -24,7 +24,8 @@ def study_claims(tables: dict[str, pd.DataFrame]) -> pd.DataFrame:
 
     if tables["items"].empty:
         return pd.DataFrame()
-    extra = (sweep.sweep_claims(tables["items"], tables.get("gradnorms"))
+    extra = (regimes.regime_claims(tables["items"], tables["results"], tables.get("trajectory"), tables.get("privacy"))
+             + sweep.sweep_claims(tables["items"], tables.get("gradnorms"))
              + nonbinary.nonbinary_claims(tables["items"], tables["results"]))
     return claims.study_claims(tables["items"], tables["results"], tables.get("trajectory"), extra=extra)
 
@@ -43,7 +44,8 @@ def claims_display(judged: pd.DataFrame):
 
 
 # The paper's claims by kind (the part of a claim id before the first "/"), in reading order.
-CLAIM_KINDS = {"amplify": "DP amplifies the learned association",
+CLAIM_KINDS = {"regime": "The regime map: when DP amplifies or attenuates (`regimes`)",
+               "amplify": "DP amplifies the learned association",
                "amplify-output": "DP amplifies the toxicity gap of continuations",
                "matched": "At equal perplexity, DP carries more association",
                "cda": "CDA reduces the learned association",
@@ -235,7 +237,8 @@ def findings_markdown(tables: dict[str, pd.DataFrame], judged: pd.DataFrame, tox
     findings are both rendered from this text."""
     summary = verdict_summary(judged)
     lines = (["### Summary of verdicts", "", *summary, ""] if summary else [])
-    for part in (_calibration_md(tables), _association_md(tables), _utility_md(tables), _sweep_md(tables),
+    for part in (regimes.regime_md(tables, judged), _calibration_md(tables), _association_md(tables), _utility_md(tables),
+                 _sweep_md(tables),
                  nonbinary.nonbinary_md(tables),
                  _claims_md(judged), _table1_md(tables, toxicity_backend), _privacy_md(tables)):
         lines += part
@@ -280,6 +283,9 @@ def privacy_table(privacy: pd.DataFrame, results: pd.DataFrame) -> pd.DataFrame:
         if method != default_method(r["epsilon_target"] if dp else None):
             label = f"{method} · {label}"
         if c is not None:
+            if pd.notna(c.get("base_skew")):  # a regime-map run (`regimes`): its base and N tell it apart
+                label += f" · base {float(c['base_skew']):g}"
+                label += f" · N {int(c['n_units'])}" if pd.notna(c.get("n_units")) else ""
             if pd.notna(c.get("skew")):  # a sweep run (`sweep`): its C and planted skew tell it apart
                 label += f" · C={float(c['max_grad_norm']):g}" if pd.notna(c["max_grad_norm"]) else ""
                 label += f" · skew {float(c['skew']):g}"

@@ -68,7 +68,8 @@ def sweep_rows(df: pd.DataFrame) -> pd.DataFrame:
     """The trained runs with a grid `skew` (empty for a profile without a sweep, or old tables)."""
     if df is None or df.empty or "skew" not in df or "method" not in df:
         return pd.DataFrame()
-    return df[(df["run_id"] != "base") & df["skew"].notna()]
+    own_base = df["base_skew"].isna() if "base_skew" in df else True  # other bases: the regime map's
+    return df[(df["run_id"] != "base") & df["skew"].notna() & own_base]
 
 
 def pooled_association(items: pd.DataFrame) -> pd.DataFrame:

@@ -31,8 +31,10 @@ from .design import BASE_METHOD, MAIN_METHODS, main_design
 
 # `method`: the way of training (`training.methods`; "none" for the base); `skew`: the planted skew the grid
 # set for the run's corpus (NaN: the profile's data section, as in every profile without a grid `skew`).
+# `base_skew`, `n_units`: the regime map's base (its pretraining skew) and number of privacy units, where the
+# grid sets them (NaN: the profile's model and data sections; `results.regimes`).
 CONDITION_COLUMNS = ["run_id", "model", "dp", "epsilon", "max_grad_norm", "mixing_ratio", "cda_mode", "seed",
-                     "method", "skew"]
+                     "method", "skew", "base_skew", "n_units"]
 RESULT_COLUMNS = CONDITION_COLUMNS + ["metric", "group", "value", "ci_low", "ci_high", "n"]
 PRIVACY_COLUMNS = ["run_id", "method", "private", "epsilon_target", "epsilon_spent", "delta", "noise_multiplier",
                    "sample_rate", "steps", "n_units", "accountant", "noise_mode"]
@@ -65,7 +67,9 @@ def condition_of(point: dict, run_id: str, model: str) -> dict:
             "max_grad_norm": point.get("max_grad_norm") if method != NONDP else math.nan,
             "mixing_ratio": point.get("mixing_ratio", 0.0), "cda_mode": point.get("cda_mode", "substitute"),
             "seed": point.get("seed", 0), "method": method,
-            "skew": float(point["skew"]) if point.get("skew") is not None else math.nan}
+            "skew": float(point["skew"]) if point.get("skew") is not None else math.nan,
+            "base_skew": float(point["base_skew"]) if point.get("base_skew") is not None else math.nan,
+            "n_units": float(point["n_units"]) if point.get("n_units") is not None else math.nan}
 
 
 
@@ -106,7 +110,7 @@ def collect_tables(upstream: dict[str, list[str]], model_name: str) -> dict[str,
         cond = condition_of(params["point"], params["run_id"], model_name)
         if params["run_id"] == "base":
             cond.update(dp=False, epsilon=math.nan, max_grad_norm=math.nan, mixing_ratio=math.nan, cda_mode="none",
-                        method=BASE_METHOD, skew=math.nan)
+                        method=BASE_METHOD, skew=math.nan, n_units=math.nan)  # base_skew: which base it is
         metrics = pd.read_csv(folder / "metrics.csv")
         rows.append(metrics.assign(**cond))
         items.append(node_items(folder).assign(**cond))

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Optional
 
 from .. import paths, seeds
-from ..params import BUILTIN, Profile, planted_skews
+from ..params import BUILTIN, Profile, planted_skews, profile_at
 from ..pipeline import context as pipeline_context
 from ..pipeline.context import StageContext
 
@@ -28,16 +28,21 @@ def prebuild_base(profile: Profile, runs_dir: Optional[Path] = None, progress: b
     from .. import basemodel
 
     cache = paths.cache_dir(runs_dir)
-    if progress:
-        print(f"{profile.name}: built-in base model (built once, then cached under {cache})", flush=True)
-    basemodel.base_for_profile(profile, cache)
+    # one base per grid `base_skew` (and the profile's own where a point sets none), in grid order
+    variants = list({p.get("base_skew"): profile_at(profile, {"base_skew": p.get("base_skew")})
+                     for p in profile.points()}.items())
+    for own, variant in variants:
+        if progress:
+            which = "" if own is None else f" (pretraining skew {own:g})"
+            print(f"{profile.name}: built-in base model{which} (built once, then cached under {cache})", flush=True)
+        basemodel.base_for_profile(variant, cache)
 
 
 def base_model(ctx: StageContext) -> str:
     """The base model every stage starts from (`basemodel.base_for_profile`)."""
     from .. import basemodel
 
-    return basemodel.base_for_profile(ctx.profile)
+    return basemodel.base_for_profile(ctx.point_profile)
 
 
 def load_texts(ctx: StageContext) -> dict:
@@ -48,7 +53,7 @@ def load_texts(ctx: StageContext) -> dict:
 
     from ..data import corpus
 
-    d = ctx.profile.data
+    d = ctx.point_profile.data  # a grid `n_units` sets the training sentences
     if d.corpus == "controlled":
         c = d.controlled
         kw = {f"skew_{f}": v for f, v in planted_skews(d, ctx.point).items()}  # a grid `skew` overrides the data's
@@ -76,7 +81,7 @@ def _chunks_with_rows(ctx: StageContext, frame, tokenizer) -> tuple[list[str], l
     (chunks, labels or None, index of each chunk's row in ``frame``)."""
     from ..data import units
 
-    d = ctx.profile.data
+    d = ctx.point_profile.data  # a grid `n_units` sets the training sentences
     if d.corpus == "controlled":
         return frame["text"].tolist(), frame["label"].tolist(), list(range(len(frame)))
     indexed = units.chunk_texts_indexed(frame["text"].tolist(), tokenizer, d.block_size)
@@ -141,7 +146,7 @@ def _privacy_unit(ctx: StageContext, frame, chunks: list[str], rows: list[int]) 
     """`units.privacy_unit_record` of the training chunks (text corpora: with their documents)."""
     from ..data import units
 
-    d = ctx.profile.data
+    d = ctx.point_profile.data  # a grid `n_units` sets the training sentences
     if d.corpus == "controlled":
         return units.privacy_unit_record(d.corpus, d.block_size, ctx.point["cda_mode"], chunks)
     document_of_row, document = units.document_ids(frame["text"].tolist())
@@ -157,7 +162,7 @@ def text_overlap(ctx: StageContext, originals: dict[str, list[str]]) -> dict:
     from ..params import BUILTIN
 
     if ctx.profile.model.base == BUILTIN:
-        pretraining = basemodel.builtin_pretraining_text(ctx.profile)
+        pretraining = basemodel.builtin_pretraining_text(ctx.point_profile)
         source = "the built-in base's pretraining sentences (block corpus and sentence phases)"
     else:
         pretraining, source = None, f"{ctx.profile.model.base}: its pretraining corpus is not available to the project"

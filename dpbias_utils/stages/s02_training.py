@@ -2,7 +2,7 @@
 DP when the grid point has an ε (`training.train`)."""
 from __future__ import annotations
 
-from ..params import method_of
+from ..params import method_of, n_scale_of
 from ..pipeline import context as pipeline_context
 from ..pipeline.context import StageContext
 
@@ -26,7 +26,7 @@ def train_run(ctx: StageContext) -> dict:
     return training.train(
         meta["base_model"], frames["train"], ctx.out_dir, epsilon=ctx.point["epsilon"],
         max_grad_norm=ctx.point["max_grad_norm"], delta=t.delta, accountant=t.accountant,
-        **t.for_run(dp, method_of(ctx.point)),
+        **t.for_run(dp, method_of(ctx.point), n_scale_of(ctx.profile.data, ctx.point)),
         seed=ctx.point["seed"], checkpoint_every=t.checkpoint_every, device=t.device,
         clipping=t.clipping if dp else "opacus",  # clipping is a DP-only choice
         progress_points=tuple(t.progress_points), freeze=tuple(t.freeze), noise=t.noise,

@@ -40,7 +40,7 @@ def association_trajectory(ctx: StageContext, tokenizer, splits, metrics):
     the one point at 0 % of training that every run starts from; the finished model's point (100 %,
     or the base's 0 %) is taken from this node's `metrics` rather than computed twice. The
     matched-utility comparison needs the whole path of the non-DP runs only, so DP runs record their
-    finished model alone (the time budget of the default study). Columns: pct, metric, group,
+    finished model alone (the time budget of the default study), except in the regime map. Columns: pct, metric, group,
     value, ci_low, ci_high, n."""
     import pandas as pd
 
@@ -57,11 +57,16 @@ def association_trajectory(ctx: StageContext, tokenizer, splits, metrics):
     rows = [{"pct": 0.0 if ctx.is_base else 100.0, **r} for r in final[["metric", "group", "value", "ci_low", "ci_high", "n"]]
             .to_dict("records")]
     points = {}
-    if not ctx.is_base and ctx.point.get("epsilon") is None:  # DP runs: the finished model only
+    # A regime-map run (a grid `base_skew`) records its whole path, DP runs too (their curve in the
+    # association-perplexity plane is then not a chord), and its own 0 % point: the base on this run's test
+    # text, which differs from the base node's where the data's skew or size does.
+    regime = ctx.point.get("base_skew") is not None
+    if not ctx.is_base and (regime or ctx.point.get("epsilon") is None):  # else DP runs: the finished model only
         progress = ctx.upstream_dir("02") / "progress"
         # 0 % of training is the base model (the base node's point); 100 % is this node's own metrics
+        skip = ("pct_100",) if regime else ("pct_0", "pct_100")
         points = {float(p.name.split("_")[-1]): p for p in progress.iterdir()
-                  if p.is_dir() and p.name.startswith("pct_") and p.name not in ("pct_0", "pct_100")}
+                  if p.is_dir() and p.name.startswith("pct_") and p.name not in skip}
     seed = evaluation_seed(ctx)
     for pct in sorted(points):
         model, _ = basemodel.load_base(str(points[pct]))
