@@ -7,7 +7,7 @@ from .figures import (fig_association_vs_perplexity, fig_bias_vs_epsilon, fig_bi
                       fig_gradnorm_gap, fig_learned_association, fig_perplexity, fig_table1, figure_list)
 from .findings import (claims_display, findings_markdown, markdown_to_html, privacy_table, study_claims,
                        verdict_summary, write_findings)
-from .regimes import regime_figures, regime_table
+from .regimes import regime_cells, regime_figures, regime_map, regime_pull, regime_table, regime_trajectories
 from .sweep import cda_vs_global, fig_amplification_heatmap, fig_method_bars, fig_misalignment
 from .tables import (ITEM_COLUMNS, PAPER_TABLE1, PRIVACY_COLUMNS, RESULT_COLUMNS, collect_tables, load_tables,
                      seed_summary, study_overview, table1, write_tables)
@@ -19,5 +19,5 @@ __all__ = [
     "ITEM_COLUMNS", "PAPER_TABLE1", "PRIVACY_COLUMNS", "RESULT_COLUMNS", "collect_tables", "load_tables",
     "seed_summary", "study_overview", "table1", "write_tables",
     "cda_vs_global", "fig_amplification_heatmap", "fig_method_bars", "fig_misalignment",
-    "regime_figures", "regime_table",
+    "regime_cells", "regime_figures", "regime_map", "regime_pull", "regime_table", "regime_trajectories",
 ]

@@ -84,11 +84,10 @@ def _key(value) -> float | None:
 
 
 def pooled(items: pd.DataFrame, metric_prefix: str = _ASSOC_PREFIX) -> pd.DataFrame:
-    """Learned-association items of the nondp / dp-adam runs at CDA ratio 0 and of every base, the families
+    """Learned-association items of the runs at CDA ratio 0 (every way of training) and of every base, the families
     pooled (metric `POOLED`, item ``family:pair``), with the cell keys as columns (NaN: the profile's)."""
     s = items[items["metric"].str.startswith(metric_prefix) & (items["group"] == "all")].copy()
-    s = s[(s["run_id"] == "base") | (s["method"].isin([NONDP, DP_ADAM])
-                                      & np.isclose(s["mixing_ratio"].astype(float).fillna(0.0), 0.0))]
+    s = s[(s["run_id"] == "base") | np.isclose(s["mixing_ratio"].astype(float).fillna(0.0), 0.0)]
     s["item"] = s["metric"].str[len(metric_prefix):] + ":" + s["item"].astype(str)
     s["metric"] = POOLED
     for column in CELL_KEYS:
@@ -302,13 +301,36 @@ def _regime_table(items, results, trajectory, privacy) -> pd.DataFrame:
             pull = _contrast_fn([arm["dp"], a["nondp"], a["base"]], pull_fn) if base else None
             m = matched(paths, eps, clip) if len(paths) else None
             mres = inference.two_way_bootstrap([m[0], m[1]], n_boot=claims.N_BOOT, seed=0) if m else None
-            rows.append({**common, "epsilon": eps, "max_grad_norm": clip,
+            rows.append({**common, "method": DP_ADAM, "epsilon": eps, "max_grad_norm": clip,
                          "dp": dp.point, "dp_low": dp.low, "dp_high": dp.high, "n_seeds_dp": dp.n_seeds[0],
                          **_iv("amplification", amp), **_iv("pull", pull), **_iv("matched", mres),
                          "matched_perplexity": m[2] if m else math.nan, "matched_spans": bool(m[3]) if m else False,
                          **_iv("toxicity_gap", _toxicity_diff(items, dp_ids, nd_ids)),
                          "perplexity_dp": _ppl(results, dp_ids)})
+        rows += _method_rows(p, cell, a, common, clip)
     return pd.DataFrame(rows)
+
+
+def _method_rows(p, cell, a, common, clip) -> list[dict]:
+    """The cell's other ways of training (clip-only, noise-only, ...; `training.methods`) against its non-DP
+    arm: the ablations that help tell "DP learns less" from "clipping removes the under-represented
+    association" (column ``method``; the dp-adam rows have ``dp-adam``)."""
+    base_skew, skew, n_units = cell
+    runs = _select(p[p["run_id"] != "base"], base_skew=base_skew, skew=skew, n_units=n_units)
+    runs = runs[~runs["method"].isin([NONDP, DP_ADAM])]
+    rows = []
+    for (method, eps), g in runs.groupby([runs["method"], runs["epsilon"].astype(float)]):
+        if clip is not None and g["max_grad_norm"].notna().any():
+            g = g[np.isclose(g["max_grad_norm"].astype(float), clip)]
+        own = claims.arm_summary(g, POOLED, lower=0, upper=1)
+        if own is None:
+            continue
+        rows.append({**common, "method": method, "epsilon": eps, "max_grad_norm": clip, "dp": own.point, "dp_low": own.low,
+                     "dp_high": own.high, "n_seeds_dp": own.n_seeds[0],
+                     **_iv("amplification", contrast([g, a["nondp"]], [1.0, -1.0])),
+                     **_iv("pull", _contrast_fn([g, a["nondp"], a["base"]], pull_fn) if len(a["base"]) else None),
+                     "perplexity_dp": math.nan})
+    return rows
 
 
 def _contrast_fn(frames: list[pd.DataFrame], fn):
@@ -365,7 +387,8 @@ def regime_claims(items: pd.DataFrame, results: pd.DataFrame, trajectory: pd.Dat
         return []
     p = pooled(items)
     clip = reference_clip(p)
-    out = []
+    out = _method_claims(p, table, clip)
+    table = dp_rows(table)
     for eps in sorted(set(table["epsilon"].dropna())):
         t = table[table["epsilon"] == eps]
         for sign, (word, text) in _CLAIM_TEXT.items():
@@ -388,6 +411,43 @@ def regime_claims(items: pd.DataFrame, results: pd.DataFrame, trajectory: pd.Dat
         out.append(_pull_n_claim(p, t, clip, eps))
     out.append(_pull_eps_claim(p, table, clip))
     return [c for c in out if c]
+
+
+def dp_rows(table: pd.DataFrame) -> pd.DataFrame:
+    """The dp-adam rows of the map (the other ways of training are its ablations)."""
+    return table[table["method"] == DP_ADAM] if "method" in table else table
+
+
+# The ablations' claims: the paper's reading ("clipping removes the under-represented association") predicts
+# each of them above non-DP in every regime; "DP learns less" predicts the sign of base - data.
+METHOD_TEXT = {"clip-only": "Clipping alone (clip-only, not private) leaves more association than non-DP",
+               "noise-only": "Noise alone (noise-only, not private) leaves more association than non-DP"}
+
+
+def _method_claims(p, table: pd.DataFrame, clip) -> list[dict]:
+    """`regime/method/<m>/<regime>`: each other way of training minus non-DP, mean over the calibrated cells of
+    one sign (+ in both regimes: the paper's reading)."""
+    out = []
+    others = table[table["method"] != DP_ADAM] if "method" in table else table.iloc[0:0]
+    for (method, eps), t in others.groupby([others["method"], others["epsilon"].astype(float)], dropna=False):
+        for sign, (word, _) in _CLAIM_TEXT.items():
+            cal, why = _usable(t, sign)
+            frames, weights = [], []
+            for _, r in cal.iterrows():
+                runs = _select(p[(p["run_id"] != "base") & (p["method"] == method)], base_skew=_key(r["base_skew"]),
+                               skew=_key(r["skew"]))
+                nd = _cell_arms(p, r, clip)["nondp"]
+                if len(runs) and len(nd):
+                    frames += [runs, nd]
+                    weights += [1.0 / len(cal), -1.0 / len(cal)]
+            res = contrast(frames, weights) if frames else None
+            if res is None:
+                continue
+            label = privacy_label(eps if math.isfinite(eps) else None)
+            out.append(claims._claim(f"regime/method/{method}/{word}", f"{METHOD_TEXT.get(method, method + ' leaves more association than non-DP')} "
+                                     f"where the base is {'more' if sign > 0 else 'less'} biased than the data ({label})",
+                                     POOLED, f"{method} - non-DP, mean over cells with {SIGNS[sign]}", res, +1, why is None, why))
+    return out
 
 
 def _placeholder(p, t, clip):
@@ -517,7 +577,8 @@ def regime_md(tables: dict[str, pd.DataFrame], judged: pd.DataFrame | None = Non
     table = regime_table(tables["items"], tables["results"], tables.get("trajectory"), tables.get("privacy"))
     if table.empty:
         return []
-    lines = ["### When does DP amplify? The regime map", "", answer_sentence(table, judged), "",
+    lines = ["### When does DP amplify? The regime map", "", answer_sentence(dp_rows(table), judged), "",
+             *([explanation(judged), ""] if explanation(judged) else []),
              "Per cell (base, data, N) and ε: the base's and the non-DP model's pooled learned association, the "
              "share of the distance from the base to the planted value non-DP covered (calibrated: >= 90 %), DP minus "
              "non-DP (the amplification), the pull toward the base (DP - non-DP) / (base - non-DP), the same contrast "
@@ -525,7 +586,8 @@ def regime_md(tables: dict[str, pd.DataFrame], judged: pd.DataFrame | None = Non
              "resample seeds and prompt pairs.", ""]
     rows = []
     for _, r in table.iterrows():
-        rows.append([_cell_label(r), r["regime"], privacy_label(r["epsilon"]),
+        way = privacy_label(r["epsilon"] if math.isfinite(r["epsilon"]) else None)
+        rows.append([_cell_label(r), r["regime"], way if r["method"] == DP_ADAM else f"{r['method']} · {way}",
                      f"{r['learned_fraction']:.0%}" + ("" if r["calibrated"] else " (not calibrated)"),
                      ci_text(r["nondp"], r["nondp_low"], r["nondp_high"], ".3f"), ci_text(r["dp"], r["dp_low"], r["dp_high"], ".3f"),
                      ci_text(r["amplification"], r["amplification_low"], r["amplification_high"]),
@@ -533,10 +595,41 @@ def regime_md(tables: dict[str, pd.DataFrame], judged: pd.DataFrame | None = Non
                      ci_text(r["matched"], r["matched_low"], r["matched_high"]),
                      ci_text(r["toxicity_gap"], r["toxicity_gap_low"], r["toxicity_gap_high"], "+.4f"),
                      f"{r['perplexity_nondp']:.3f} / {r['perplexity_dp']:.3f}"])
-    lines += md_table(["cell: base (its association) · data (planted) · N", "regime", "DP", "non-DP covered", "non-DP",
+    lines += md_table(["cell: base (its association) · data (planted) · N", "regime", "training", "non-DP covered", "non-DP",
                        "DP", "DP − non-DP", "pull to base", "at equal perplexity", "toxicity gap, DP − non-DP",
                        "test ppl non-DP / DP"], rows)
     return lines + [""]
+
+
+def headline_md(tables: dict[str, pd.DataFrame], judged: pd.DataFrame | None, profile: str = "default") -> str:
+    """The README's headline (its `regimes` block): the answer in plain words and one short table, DP - non-DP
+    per regime and ε with its interval and the verdict of its claim (empty without a map)."""
+    table = regime_table(tables["items"], tables["results"], tables.get("trajectory"), tables.get("privacy"))
+    if table.empty:
+        return ""
+    t = dp_rows(table)
+    verdicts = judged.set_index("id")["verdict"].astype(str) if judged is not None and not judged.empty else pd.Series(dtype=str)
+    rows = []
+    for sign, (word, _) in _CLAIM_TEXT.items():
+        for eps in sorted(set(t["epsilon"])):
+            g = t[(t["sign"] == sign) & (t["epsilon"] == eps)]
+            if g.empty:
+                continue
+            r = g.iloc[0] if len(g) == 1 else None
+            amp = ci_text(r["amplification"], r["amplification_low"], r["amplification_high"]) if r is not None else \
+                f"{g['amplification'].mean():+.3f} (mean of {len(g)} cells)"
+            pull = f"{g['pull'].mean():+.2f}"
+            cell = _cell_label(g.iloc[0]) if r is not None else f"{len(g)} cells"
+            verdict = verdicts.get(f"regime/{word}/{eps:g}", "–").split(" (could")[0]
+            rows.append([SIGNS[sign], cell, privacy_label(eps), amp, pull, verdict])
+    lines = [f"**When does DP amplify bias?** {answer_sentence(t, judged)}", ""]
+    if explanation(judged):
+        lines += [explanation(judged), ""]
+    lines += md_table(["regime", "cell: base (its association) · data (planted) · N", "DP", "DP − non-DP [95% CI]",
+                       "pull to base", "verdict"], rows)
+    lines += ["", f"(`{profile}` profile; the whole map: [docs/regimes.md](docs/regimes.md); every number: "
+              f"[docs/results/{profile}.md](docs/results/{profile}.md).)"]
+    return "\n".join(lines) + "\n"
 
 
 def answer_sentence(table: pd.DataFrame, judged: pd.DataFrame | None = None) -> str:
@@ -562,6 +655,35 @@ def answer_sentence(table: pd.DataFrame, judged: pd.DataFrame | None = None) -> 
             verdicts = " Verdicts on \"the sign of DP - non-DP follows the sign of base - data\": " + "; ".join(
                 f"{privacy_label(float(r['id'].split('/')[-1]))} {r['verdict'].split(' (')[0]}" for _, r in j.iterrows()) + "."
     return ("DP stayed nearer its base than non-DP did: " + "; ".join(parts) + "." + verdicts)
+
+
+def explanation(judged: pd.DataFrame | None) -> str:
+    """Which reading the judged claims support. "DP learns less, so it stays at the base" predicts DP - non-DP
+    with the sign of base - data in every cell, a pull toward the base in (0, 1] that shrinks as DP learns
+    more, and no difference at equal perplexity. The paper's "clipping removes the under-represented
+    associations" predicts DP above non-DP whatever the base, so a positive matched contrast in *both*
+    regimes. Stated only from verdicts, never from point estimates."""
+    if judged is None or judged.empty:
+        return ""
+    v = judged.set_index("id")["verdict"].astype(str).map(lambda x: x.split(":")[0].split(" (")[0])
+    def kind(prefix):
+        return [w for i, w in v.items() if i.startswith(prefix)]
+    sign, m_amp, m_att = kind("regime/sign/"), kind("regime/matched-amplify/"), kind("regime/matched-attenuate/")
+    if not sign or all(w == "uninformative" for w in sign):
+        return "The map cannot yet tell the two readings apart (its sign claims are uninformative)."
+    follows = sum(w == "reproduced" for w in sign)
+    clipping = sum(w == "reproduced" for w in m_amp) and sum(w == "contradicted" for w in m_att)
+    if clipping:
+        return (f"At equal perplexity DP carries more association than non-DP in both regimes: beyond learning less, "
+                f"something in DP (the paper's reading: clipping removes the under-represented associations) adds to it "
+                f"(sign claims reproduced at {follows} of {len(sign)} ε).")
+    matched_effect = [w for w in m_amp + m_att if w in ("reproduced", "contradicted")]
+    if follows and not matched_effect:
+        return (f"The cells follow \"DP learns less, so it stays at the base\": the sign of DP - non-DP followed the sign "
+                f"of base - data (reproduced at {follows} of {len(sign)} ε), and at equal perplexity no matched contrast "
+                "was non-zero, so the clipping reading is not needed to explain them.")
+    return (f"Mixed: the sign claim was reproduced at {follows} of {len(sign)} ε; matched-utility verdicts: "
+            + ", ".join(f"{w}" for w in m_amp + m_att) + ".")
 
 
 # --------------------------------------------------------------------------- figures
@@ -688,11 +810,43 @@ def fig_regime_trajectories(table: pd.DataFrame, trajectory: pd.DataFrame, figur
                     "From the base toward the data: association against perplexity over training, one regime of each sign")
 
 
+def _table_of(tables: dict[str, pd.DataFrame]) -> pd.DataFrame:
+    """The map's dp-adam rows (what its figures draw)."""
+    return dp_rows(regime_table(tables["items"], tables["results"], tables.get("trajectory"), tables.get("privacy")))
+
+
+def regime_map(tables: dict[str, pd.DataFrame], figures_dir: Path):
+    """Notebook 05: the map (`fig_regime_map`; None for a profile without one)."""
+    return fig_regime_map(_table_of(tables), figures_dir)
+
+
+def regime_pull(tables: dict[str, pd.DataFrame], figures_dir: Path):
+    """Notebook 05: the pull curves (`fig_regime_pull`)."""
+    return fig_regime_pull(_table_of(tables), figures_dir)
+
+
+def regime_trajectories(tables: dict[str, pd.DataFrame], figures_dir: Path):
+    """Notebook 05: the paths in the association-perplexity plane (`fig_regime_trajectories`)."""
+    return fig_regime_trajectories(_table_of(tables), tables.get("trajectory"), figures_dir)
+
+
+def regime_cells(tables: dict[str, pd.DataFrame]):
+    """Notebook 05: the map's table as a reader sees it (the findings' regime section)."""
+    from ..plots import Table
+
+    lines = regime_md(tables)
+    if not lines:
+        return None  # a profile without a map (its grid names no `base_skew`): nothing to show
+    rows = [ln for ln in lines if ln.startswith("|")]
+    header = [c.strip() for c in rows[0].strip("|").split("|")]
+    body = [[c.strip() for c in r.strip("|").split("|")] for r in rows[2:]]
+    return Table(pd.DataFrame(body, columns=header), index=False)
+
+
 def regime_figures(tables: dict[str, pd.DataFrame], figures_dir: Path) -> list:
     """Every figure of the map (none without one)."""
-    table = regime_table(tables["items"], tables["results"], tables.get("trajectory"), tables.get("privacy"))
+    table = _table_of(tables)
     if table.empty:
         return []
     return [f for f in (fig_regime_map(table, figures_dir), fig_regime_pull(table, figures_dir),
                         fig_regime_trajectories(table, tables.get("trajectory"), figures_dir)) if f is not None]
-

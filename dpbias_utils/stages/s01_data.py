@@ -42,7 +42,7 @@ def base_model(ctx: StageContext) -> str:
     """The base model every stage starts from (`basemodel.base_for_profile`)."""
     from .. import basemodel
 
-    return basemodel.base_for_profile(ctx.point_profile)
+    return basemodel.base_for_profile(profile_at(ctx.profile, ctx.point))
 
 
 def load_texts(ctx: StageContext) -> dict:
@@ -53,7 +53,7 @@ def load_texts(ctx: StageContext) -> dict:
 
     from ..data import corpus
 
-    d = ctx.point_profile.data  # a grid `n_units` sets the training sentences
+    d = profile_at(ctx.profile, ctx.point).data  # a grid `n_units` sets the training sentences
     if d.corpus == "controlled":
         c = d.controlled
         kw = {f"skew_{f}": v for f, v in planted_skews(d, ctx.point).items()}  # a grid `skew` overrides the data's
@@ -81,7 +81,7 @@ def _chunks_with_rows(ctx: StageContext, frame, tokenizer) -> tuple[list[str], l
     (chunks, labels or None, index of each chunk's row in ``frame``)."""
     from ..data import units
 
-    d = ctx.point_profile.data  # a grid `n_units` sets the training sentences
+    d = profile_at(ctx.profile, ctx.point).data  # a grid `n_units` sets the training sentences
     if d.corpus == "controlled":
         return frame["text"].tolist(), frame["label"].tolist(), list(range(len(frame)))
     indexed = units.chunk_texts_indexed(frame["text"].tolist(), tokenizer, d.block_size)
@@ -146,7 +146,7 @@ def _privacy_unit(ctx: StageContext, frame, chunks: list[str], rows: list[int]) 
     """`units.privacy_unit_record` of the training chunks (text corpora: with their documents)."""
     from ..data import units
 
-    d = ctx.point_profile.data  # a grid `n_units` sets the training sentences
+    d = profile_at(ctx.profile, ctx.point).data  # a grid `n_units` sets the training sentences
     if d.corpus == "controlled":
         return units.privacy_unit_record(d.corpus, d.block_size, ctx.point["cda_mode"], chunks)
     document_of_row, document = units.document_ids(frame["text"].tolist())
@@ -162,7 +162,7 @@ def text_overlap(ctx: StageContext, originals: dict[str, list[str]]) -> dict:
     from ..params import BUILTIN
 
     if ctx.profile.model.base == BUILTIN:
-        pretraining = basemodel.builtin_pretraining_text(ctx.point_profile)
+        pretraining = basemodel.builtin_pretraining_text(profile_at(ctx.profile, ctx.point))
         source = "the built-in base's pretraining sentences (block corpus and sentence phases)"
     else:
         pretraining, source = None, f"{ctx.profile.model.base}: its pretraining corpus is not available to the project"

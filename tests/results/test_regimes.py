@@ -41,10 +41,12 @@ def _cond(run, method, eps, base_skew, skew, n, seed):
                 method=method, skew=skew, base_skew=base_skew, n_units=n)
 
 
-def build(cells=CELLS, dp_extra: float = 0.0):
+def build(cells=CELLS, dp_extra: float = 0.0, clip_extra: float = 0.0, ablation: bool = False):
     """Synthetic tables of the cells. ``dp_extra``: association a DP run carries beyond its share of the way,
     at the same perplexity, toward the base (0: DP only learns less; > 0: something besides learning less,
-    e.g. clipping removing the under-represented pattern, keeps it nearer the base)."""
+    e.g. something keeps it nearer the base); ``clip_extra``: association a DP run carries above its share
+    in every cell, whatever the base (the paper's reading: clipping removes the anti-stereotypical pattern).
+    ``ablation``: clip-only runs (not private) in the calibrated cells, going as far as DP at ε 10."""
     rng = np.random.default_rng(1)
     item_fx = rng.normal(0, 0.01, (len(FAMS), N_ITEMS))
     items, results, privacy, traj = [], [], [], []
@@ -67,11 +69,16 @@ def build(cells=CELLS, dp_extra: float = 0.0):
             traj.append({**cond, "pct": pct, "metric": PPL, "group": "test", "value": 4.0, "ci_low": 4, "ci_high": 4, "n": 9})
     for (b, s, n), (own, planted, nd_share) in cells.items():
         arms = [("nondp", None, nd_share)] + [("dp-adam", e, dp_share(e, n)) for e in EPSILONS]
+        if ablation and nd_share > 0.9:
+            arms.append(("clip-only", None, dp_share(10.0, n)))
         for method, eps, share in arms:
             for seed in SEEDS:
                 run = f"{method}_{eps}_{b}_{s}_{n}_{seed}"
                 cond = _cond(run, method, eps, b, s, n, seed)
-                shift = rng.normal(0, 0.004) + (dp_extra * np.sign(own - np.mean(planted)) if eps else 0.0)
+                if method == "clip-only":
+                    cond["max_grad_norm"] = 0.1
+                trained_like_dp = eps is not None or method == "clip-only"
+                shift = rng.normal(0, 0.004) + ((dp_extra * np.sign(own - np.mean(planted)) + clip_extra) if trained_like_dp else 0.0)
                 values = [own + share * (p - own) + shift for p in planted]
                 add_assoc(cond, values)
                 for f, fam in enumerate(FAMS):
@@ -175,6 +182,20 @@ def test_matched_utility_sees_more_than_learning_less():
     assert judged.loc["regime/matched-attenuate/10", "verdict"] == "reproduced"
 
 
+def test_clipping_reading_is_told_apart():
+    """DP 0.05 above its share in every cell: amplification in both regimes at equal perplexity."""
+    judged = findings.study_claims(build(clip_extra=0.05))
+    assert regimes.explanation(judged).startswith("At equal perplexity DP carries more association than non-DP in both")
+
+
+def test_clip_only_ablation_follows_learning_less():
+    """clip-only going only part of the way: above non-DP where base > data (the paper's reading reproduced
+    there) and below where base < data (contradicted): the ablation sides with "DP learns less"."""
+    judged = findings.study_claims(build(ablation=True)).set_index("id")
+    assert judged.loc["regime/method/clip-only/amplify", "verdict"] == "reproduced"
+    assert judged.loc["regime/method/clip-only/attenuate", "verdict"] == "contradicted"
+
+
 def test_one_sign_only_is_uninformative():
     only = {k: v for k, v in CELLS.items() if k[0] == 0.9}
     t = build(only)
@@ -201,6 +222,10 @@ def test_findings_and_figures(tables, judged, tmp_path):
     md = findings.findings_markdown(tables, judged.reset_index())
     assert md.index("When does DP amplify?") < md.index("### Calibration")
     assert "DP stayed nearer its base than non-DP did" in md
+    assert "follow \"DP learns less, so it stays at the base\"" in md
+    head = regimes.headline_md(tables, judged.reset_index())
+    assert head.startswith("**When does DP amplify bias?**")
+    assert "| base > data |" in head and "| base < data |" in head and "| reproduced |" in head
     made = regimes.regime_figures(tables, tmp_path)
     assert {p.stem for p in tmp_path.glob("*.png")} == {"regime_map", "regime_pull", "regime_trajectories"}
     assert len(made) == 3
