@@ -58,8 +58,10 @@ def test_regime_run_scaled_and_recorded_its_path(study):
 @pytest.mark.slow
 def test_stage05_map_figures_and_findings(study):
     pdir = study / "runs" / "regimes-tiny"
-    for name in ("regime_map", "regime_pull", "regime_trajectories"):
+    for name in ("regime_map", "regime_trajectories"):
         assert (pdir / "figures" / f"{name}.png").is_file(), name
+    # the pull curves draw calibrated cells only; a tiny model learns no association, so none is drawn
+    assert not (pdir / "figures" / "regime_pull.png").exists()
     md = (pdir / "findings.md").read_text()
     assert "### When does DP amplify? The regime map" in md
     claims = pd.read_csv(pdir / "claims.csv")

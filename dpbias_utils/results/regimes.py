@@ -175,15 +175,17 @@ def _wide_trajectory(trajectory: pd.DataFrame) -> pd.DataFrame:
     for column in CELL_KEYS:
         if column not in t:
             t[column] = math.nan
+    # every base is run "base": its pretraining skew tells them apart
+    t["key"] = t["run_id"].where(t["run_id"] != "base", "base@" + t["base_skew"].astype(str))
     assoc = t[t["metric"].str.startswith(_ASSOC_PREFIX) & (t["group"] == "all")]
     ppl = t[(t["metric"] == PPL) & (t["group"] == "test")]
-    keys = ["run_id", "pct"]
+    keys = ["key", "pct"]
     a = assoc.groupby(keys)["value"].mean().rename("association")
     q = ppl.groupby(keys)["value"].mean().rename("perplexity")
-    cond = t.drop_duplicates("run_id").set_index("run_id")[["method", "epsilon", "max_grad_norm", "seed", "mixing_ratio",
-                                                             *CELL_KEYS]]
+    cond = t.drop_duplicates("key").set_index("key")[["run_id", "method", "epsilon", "max_grad_norm", "seed",
+                                                      "mixing_ratio", *CELL_KEYS]]
     wide = pd.concat([a, q], axis=1).dropna().reset_index()
-    return wide.join(cond, on="run_id")
+    return wide.join(cond, on="key").drop(columns="key")
 
 
 def cell_paths(trajectory: pd.DataFrame, cell: tuple) -> pd.DataFrame:
