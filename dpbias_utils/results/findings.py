@@ -1,5 +1,5 @@
 """Stage 05's findings: every claim judged (`claims`), the findings text (markdown, the single source
-of index.html's findings and the README's results block) and its HTML.
+of index.html's findings and the docs/results page's generated block) and its HTML.
 """
 from __future__ import annotations
 
@@ -231,7 +231,7 @@ def _cda_vs_global_md(table: pd.DataFrame) -> list[str]:
 
 def findings_markdown(tables: dict[str, pd.DataFrame], judged: pd.DataFrame, toxicity_backend: str = "profanity") -> str:
     """The study's findings as markdown: verdict summary, calibration, association, utility, every
-    claim with its interval and verdict, Table 1. The README's results block and the report's
+    claim with its interval and verdict, Table 1. The docs/results page's block and the report's
     findings are both rendered from this text."""
     summary = verdict_summary(judged)
     lines = (["### Summary of verdicts", "", *summary, ""] if summary else [])
@@ -317,7 +317,7 @@ def write_findings(profile_dir: Path, tables: dict[str, pd.DataFrame], figures_d
                    toxicity_backend: str = "profanity") -> pd.DataFrame:
     """Write `claims.csv`, `findings.md` and `findings.html` (shown in index.html); for a published
     profile (`readme.PUBLISHED`) in the repository's runs folder also copy the figures and findings.md to
-    its figures folder and regenerate its README block from that findings.md."""
+    its figures folder and regenerate its docs/results page's block (and the README's verdicts) from it."""
     profile_dir, figures_dir = Path(profile_dir), Path(figures_dir)
     judged = study_claims(tables)
     paths.atomic_write_text(profile_dir / "claims.csv", judged.to_csv(index=False))
@@ -332,8 +332,9 @@ def write_findings(profile_dir: Path, tables: dict[str, pd.DataFrame], figures_d
 
 
 def publish(profile_dir: Path, figures_dir: Path) -> None:
-    """A published profile's figures and findings.md into its figures folder, and its README block
-    rewritten from them (nothing for a profile `readme.PUBLISHED` does not name)."""
+    """A published profile's figures and findings.md into its figures folder, its block in
+    docs/results/<profile>.md and the README's verdict table rewritten from them (nothing for a profile
+    `readme.PUBLISHED` does not name)."""
     import shutil
 
     from . import readme
@@ -345,7 +346,8 @@ def publish(profile_dir: Path, figures_dir: Path) -> None:
     for f in sorted(Path(figures_dir).glob("*.png")) + sorted(Path(figures_dir).glob("*.svg")):
         shutil.copy2(f, which.folder / f.name)
     shutil.copy2(Path(profile_dir) / "findings.md", which.findings)
-    try:
-        readme.update_readme(which=which)
-    except ValueError as exc:  # a README without the block: the report and the copies stand
-        print(f"README block not rewritten: {exc}", file=sys.stderr)
+    for block in (which, readme.VERDICTS):  # its findings page, then the README's verdict table
+        try:
+            readme.update_block(block)
+        except (ValueError, OSError) as exc:  # a page without the block: the report and the copies stand
+            print(f"generated block {block.name} not rewritten: {exc}", file=sys.stderr)

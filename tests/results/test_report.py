@@ -163,31 +163,54 @@ def test_verdict_summary_counts_the_rule_s_verdicts_only():
     assert "reproduced" not in table and "|effect|" in table and table.count("<td>") == 5
 
 
-@pytest.mark.parametrize("profile", sorted(readme.PUBLISHED))
-def test_readme_results_blocks_are_the_committed_findings(profile):
-    """Each README results block is generated from its profile's committed findings.md (stage 05 rewrites
-    both); the default study's is figures/findings.md."""
-    which = readme.PUBLISHED[profile]
+@pytest.mark.parametrize("which", readme.BLOCKS, ids=lambda b: b.name)
+def test_generated_blocks_are_their_committed_sources(which):
+    """Each generated block (the README's headline and verdicts, each published profile's findings in
+    docs/results/<profile>.md) equals what its committed source generates; stage 05 rewrites them."""
     assert readme.is_current(which)
     assert readme.DEFAULT.findings == paths.FIGURES / "findings.md"
+    assert readme.DEFAULT.doc == paths.DOCS / "results" / "default.md"
 
 
-def test_publish_copies_a_published_profile_and_rewrites_only_its_block(tmp_path, monkeypatch):
-    which = readme.Block("mechanism-findings", tmp_path / "figures" / "mechanism")
+def test_publish_copies_a_published_profile_and_rewrites_its_page_and_the_verdicts(tmp_path, monkeypatch):
+    page, rd = tmp_path / "docs" / "results" / "mechanism.md", tmp_path / "README.md"
+    page.parent.mkdir(parents=True)
+    which = readme.Block("mechanism-findings", tmp_path / "figures" / "mechanism" / "findings.md", page)
     monkeypatch.setitem(readme.PUBLISHED, "mechanism", which)
-    rd = tmp_path / "README.md"
-    rd.write_text(f"# t\n\n{readme.START}\nkept\n{readme.END}\n\n{which.start}\nold\n{which.end}\n")
-    monkeypatch.setattr(readme, "README", rd)
+    verdicts = readme.VerdictBlock("verdicts", which.findings, rd)
+    monkeypatch.setattr(readme, "VERDICTS", verdicts)
+    page.write_text(f"# t\n\n{which.start}\nold\n{which.end}\n")
+    rd.write_text(f"# r\n\n{verdicts.start}\nstale\n{verdicts.end}\n\nkept\n")
     prof = tmp_path / "runs" / "mechanism"
     (prof / "figures").mkdir(parents=True)
     (prof / "figures" / "a.png").write_bytes(b"png")
-    (prof / "findings.md").write_text("### Summary of verdicts\n\n- y\n")
+    (prof / "findings.md").write_text("### Summary of verdicts\n\n- **C helps** (2 contrasts): reproduced 2.\n")
     findings.publish(prof, prof / "figures")
-    assert (which.folder / "a.png").read_bytes() == b"png" and readme.is_current(which, rd)
-    text = rd.read_text()
-    assert "- y" in text and "old" not in text and "kept" in text
+    assert (which.folder / "a.png").read_bytes() == b"png" and readme.is_current(which, page)
+    text = page.read_text()
+    assert "C helps" in text and "old" not in text
+    assert "| [mechanism](docs/results/mechanism.md) | C helps | 2 | reproduced 2 |" in rd.read_text()
+    assert "kept" in rd.read_text() and "stale" not in rd.read_text()
     findings.publish(tmp_path / "runs" / "other", prof / "figures")  # a profile not published: nothing
-    assert rd.read_text() == text
+    assert page.read_text() == text
+
+
+def test_write_block_fills_the_readme_headline_from_its_text(tmp_path):
+    rd = tmp_path / "README.md"
+    rd.write_text(f"# q\n\n<!-- regimes:start -->\nplaceholder\n<!-- regimes:end -->\n\n## The answer\n")
+    regimes = readme.Block("regimes", tmp_path / "figures" / "regimes.md", rd, writer="the regime map")
+    assert readme.write_block(regimes, "DP amplifies where the base is more biased than the data.") is True
+    text = rd.read_text()
+    assert "DP amplifies where" in text and "placeholder" not in text and text.endswith("## The answer\n")
+    assert regimes.findings.read_text() == "DP amplifies where the base is more biased than the data.\n"
+    assert readme.is_current(regimes, rd) and readme.write_block(regimes, "DP amplifies where the base is more biased than the data.") is False
+
+
+def test_verdict_table_takes_each_profile_s_summary_only():
+    md = ("### Summary of verdicts\n\n- **A** (1 contrast): reproduced 1.\n- **B** (3 contrasts): contradicted 2, "
+          "inconclusive 1.\n\n### Claims\n\n- **not a summary** (9 contrasts): reproduced 9.\n")
+    assert readme.verdict_table({"p": md}).splitlines()[2:] == [
+        "| [p](docs/results/p.md) | A | 1 | reproduced 1 |", "| [p](docs/results/p.md) | B | 3 | contradicted 2, inconclusive 1 |"]
 
 
 def test_readme_update_rewrites_only_the_block(tmp_path):
