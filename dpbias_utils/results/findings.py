@@ -100,7 +100,7 @@ def _calibration_md(tables) -> list[str]:
 
 def _association_md(tables) -> list[str]:
     s = association_summary(tables["items"])
-    if s.empty:
+    if s.empty or set(s["condition"]) <= {"base"}:  # never a table of the base model alone
         return []
     wide = s.assign(cell=[f"{v:.3f} [{lo:.3f}, {hi:.3f}]" for v, lo, hi in zip(s["value"], s["ci_low"], s["ci_high"])])
     wide = wide.pivot(index="condition", columns="family", values="cell")
@@ -113,7 +113,7 @@ def _association_md(tables) -> list[str]:
 def _utility_md(tables) -> list[str]:
     ppl = seed_summary(tables["results"])
     ppl = ppl[(ppl["metric"] == PPL) & (ppl["group"] == "test") & (ppl["mixing_ratio"] == 0.0)]
-    if ppl.empty:
+    if ppl.empty or set(ppl["condition"]) <= {"base"}:  # never a table of the base model alone
         return []
     ppl = ppl.set_index("condition").reindex(condition_order(ppl))
     rows = [[c, f"{r['value']:.3f} [{r['ci_low']:.3f}, {r['ci_high']:.3f}]", int(r["n_seeds"])] for c, r in ppl.iterrows()]
@@ -314,12 +314,12 @@ def findings_html(markdown_text: str, privacy: pd.DataFrame, figures: list[tuple
 
 
 def write_findings(profile_dir: Path, tables: dict[str, pd.DataFrame], figures_dir: Path,
-                   toxicity_backend: str = "profanity") -> pd.DataFrame:
+                   toxicity_backend: str = "profanity", judged: pd.DataFrame | None = None) -> pd.DataFrame:
     """Write `claims.csv`, `findings.md` and `findings.html` (shown in index.html); for a published
     profile (`readme.PUBLISHED`) in the repository's runs folder also copy the figures and findings.md to
     its figures folder and regenerate its docs/results page's block (and the README's verdicts) from it."""
     profile_dir, figures_dir = Path(profile_dir), Path(figures_dir)
-    judged = study_claims(tables)
+    judged = study_claims(tables) if judged is None else judged  # notebook 05 judges first, shows the verdicts
     paths.atomic_write_text(profile_dir / "claims.csv", judged.to_csv(index=False))
     md = findings_markdown(tables, judged, toxicity_backend)
     paths.atomic_write_text(profile_dir / "findings.md", md)

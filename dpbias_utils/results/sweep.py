@@ -45,6 +45,7 @@ from ..bias.perplexity import CORPUS as PPL
 from ..params import privacy_label
 from ..training.methods import DP_ADAM, METHODS, NONDP
 from . import claims, inference
+from .. import plots
 from .figures import _dodge, _err, _errorbar_points, _publish
 from .tables import seed_interval
 
@@ -506,7 +507,6 @@ def fig_misalignment(grads: pd.DataFrame, figures_dir: Path, measure: str = "mis
     and C at the reference skew; mean over seeds with 95 % bootstrap intervals over seeds."""
     import matplotlib.pyplot as plt
 
-
     s = misalignment_summary(grads, measure)
     if s.empty:
         return None
@@ -518,11 +518,12 @@ def fig_misalignment(grads: pd.DataFrame, figures_dir: Path, measure: str = "mis
     for ax in axes.flat[len(splits):]:
         ax.remove()
     span = float(s["pct"].max() - s["pct"].min()) or 1.0
+    colors = plots.condition_colors(arms)
     for ax, split in zip(axes.flat, splits):
         for i, a in enumerate(arms):
             sub = s[(s["split"] == split) & (s["arm"] == a)].sort_values("pct")
             if len(sub):
-                _errorbar_points(ax, sub, "pct", None, color=f"C{i % 10}", label=a, offset=_dodge(i, len(arms), 0.04 * span),
+                _errorbar_points(ax, sub, "pct", None, color=colors[a], label=a, offset=_dodge(i, len(arms), 0.04 * span),
                                  fmt="o-", ms=3)
         ax.axhline(1.0, color="grey", lw=0.8, ls=":")
         ax.set(xlabel="% of training", title=f"{split} units")
