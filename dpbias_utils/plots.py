@@ -29,7 +29,7 @@ CONDITION_COLORS = {
     "non-DP": "#000000",        # black: the reference every DP arm is compared with
     "DP ε=1": "#9ecae1", "DP ε=3": "#4292c6", "DP ε=10": "#d94801", "DP ε=20": "#8c2d04", "DP ε=100": "#fdae6b",
     "CDA": "#6a3d9a",           # dark purple: a CDA arm (any ratio > 0); the markers tell arms apart
-    "female": "#c51b7d", "male": "#2166ac", "nonbinary": "#e6ab02", "binary": "#5e3c99",
+    "female": "#c51b7d", "male": "#2166ac", "nonbinary": "#e6ab02", "binary": "#4d4d4d",
     "stereotypical": "#d73027", "anti-stereotypical": "#4575b4",
 }
 EXTRA_COLORS = ("#1b9e77", "#e7298a", "#66a61e", "#a6761d", "#17becf", "#bcbd22", "#8c564b", "#e377c2",
@@ -158,9 +158,13 @@ def save_figure(fig, figures_dir: Path, name: str) -> list[Path]:
 
 
 def legend_below(fig, ax=None, ncol: int | None = None, title: str | None = None):
-    """One legend for the figure, under the panels, so it never covers data."""
-    ax = ax if ax is not None else fig.axes[0]
-    handles, labels = ax.get_legend_handles_labels()
+    """One legend for the figure, under the panels, so it never covers data: the entries of ``ax``, else
+    of every panel (each label once, in panel order)."""
+    entries = {}
+    for a in ([ax] if ax is not None else fig.axes):
+        for h, lab in zip(*a.get_legend_handles_labels()):
+            entries.setdefault(lab, h)
+    handles, labels = list(entries.values()), list(entries)
     if not handles:
         return None
     for a in fig.axes:

@@ -170,7 +170,7 @@ def fig_nonbinary(items: pd.DataFrame, results: pd.DataFrame, figures_dir):
                          offset=_dodge(i, len(order), 0.5))
     ax.axhline(0, color="grey", lw=0.8, ls=":")
     ax.set_xticks(range(len(families)), [FAMILY_LABELS.get(f, f) for f in families], fontsize=8)
-    ax.set(ylabel="lean: a_n − midpoint of female and male", title="Where non-binary subjects are placed")
+    ax.set(ylabel="lean (a_n − female/male midpoint)", title="Where non-binary subjects are placed")
     plots.direction_note(ax, "> 0: nearer the female subjects; away from 0: off the midpoint")
     if ncols == 2:
         ax = axes[0, 1]
@@ -181,8 +181,8 @@ def fig_nonbinary(items: pd.DataFrame, results: pd.DataFrame, figures_dir):
                              offset=_dodge(i, len(GRAD_SPLITS), 0.3))
         ax.set_xticks(range(len(gorder)), gorder)
         ax.set_xlim(-0.5, len(gorder) - 0.5)
-        ax.set(ylabel="per-example gradient L2 norm (final checkpoint)", title="Gradient size: non-binary vs binary")
-        plots.direction_note(ax, "gap ↑: the group the model fits least")
+        ax.set(ylabel="per-example ‖g‖₂, final checkpoint", title="Gradient size: non-binary vs binary units")
+        plots.direction_note(ax, "larger ‖g‖: the group the model fits least")
     return _publish(fig, figures_dir, "nonbinary", "Non-binary subjects (nothing planted for them)", legend=True)
 
 
