@@ -35,7 +35,7 @@ setup: $(STAMP) ## Create .venv (torch first, then the package with the lab and 
 study: setup ## Run the whole study on $(PARAMS) (default: embedded CPU profile) -> runs/<profile>/index.html
 	$(BIN)/dpbias run $(PARAMS) --jobs $(JOBS)
 
-demo: setup ## The whole chain on tests/profiles/tiny.yaml in about two minutes -> runs/tiny/index.html
+demo: setup ## The whole chain at toy size (tests/profiles/tiny.yaml), a few minutes -> runs/tiny/index.html
 	$(BIN)/dpbias run tests/profiles/tiny.yaml --jobs $(JOBS)
 
 test: setup ## Run the test suite; installs nothing (Slurm tests skip without a cluster: docs/running.md)
