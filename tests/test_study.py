@@ -56,7 +56,7 @@ def test_tables_schema_and_completeness(tiny_study):
 @pytest.mark.slow
 def test_report_and_figures(tiny_study):
     index = (tiny_study / "index.html").read_text()
-    order = [index.index(h) for h in ("<h2>Question", "<h2>Methods", "<h2>Findings", "<h2>Node reports")]
+    order = [index.index(h) for h in ("<h2>Question", "<h2>Findings", "<h2>Methods", "<h2>Node reports")]
     assert order == sorted(order)
     for stage in paths.STAGE_NOTEBOOKS:
         assert f"Stage {stage}" in index
