@@ -6,7 +6,7 @@ The names notebook 05 and the stage adapters use are re-exported here.
 from . import sections
 from .figures import (fig_association_vs_perplexity, fig_bias_vs_epsilon, fig_bias_vs_mixing_ratio, fig_claims_forest,
                       fig_gradnorm_gap, fig_learned_association, fig_likelihood_bias_vs_epsilon, fig_perplexity,
-                      fig_table1, figure_list)
+                      fig_table1, figure_list, fresh_figures_dir)
 from .findings import (claims_display, findings_markdown, markdown_to_html, privacy_table, study_claims,
                        verdict_summary, write_findings)
 from .sweep import cda_vs_global, fig_amplification_heatmap, fig_method_bars, fig_misalignment
@@ -15,7 +15,7 @@ from .tables import (ITEM_COLUMNS, PAPER_TABLE1, PRIVACY_COLUMNS, RESULT_COLUMNS
 
 __all__ = [
     "fig_association_vs_perplexity", "fig_bias_vs_epsilon", "fig_bias_vs_mixing_ratio", "fig_gradnorm_gap",
-    "fig_learned_association", "fig_perplexity", "fig_claims_forest", "fig_likelihood_bias_vs_epsilon", "sections", "fig_table1", "figure_list", "claims_display",
+    "fig_learned_association", "fig_perplexity", "fig_claims_forest", "fig_likelihood_bias_vs_epsilon", "sections", "fresh_figures_dir", "fig_table1", "figure_list", "claims_display",
     "findings_markdown", "markdown_to_html", "privacy_table", "study_claims", "verdict_summary", "write_findings",
     "ITEM_COLUMNS", "PAPER_TABLE1", "PRIVACY_COLUMNS", "RESULT_COLUMNS", "collect_tables", "load_tables",
     "seed_summary", "study_overview", "table1", "write_tables",

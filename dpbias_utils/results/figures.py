@@ -501,6 +501,17 @@ def _err(value, low, high) -> np.ndarray:
     return np.where(np.isfinite(err), np.clip(err, 0, None), 0)
 
 
+def fresh_figures_dir(profile_dir: Path) -> Path:
+    """The profile's figures folder, emptied of the figures a previous stage 05 drew (PNG and SVG), so
+    the report and the published copy show only what this run drew (a section a profile no longer has
+    leaves no stale figure behind)."""
+    folder = Path(profile_dir) / "figures"
+    folder.mkdir(parents=True, exist_ok=True)
+    for f in [*folder.glob("*.png"), *folder.glob("*.svg")]:
+        f.unlink()
+    return folder
+
+
 def figure_list(figures_dir: Path, profile_dir: Path, toxicity_backend: str = "profanity") -> list[tuple[str, str]]:
     """(path relative to the profile folder, caption) of each stage-05 figure that exists, in reading order."""
     import os

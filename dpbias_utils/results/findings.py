@@ -343,7 +343,11 @@ def publish(profile_dir: Path, figures_dir: Path) -> None:
     if which is None:
         return
     which.folder.mkdir(parents=True, exist_ok=True)
-    for f in sorted(Path(figures_dir).glob("*.png")) + sorted(Path(figures_dir).glob("*.svg")):
+    drawn = sorted(Path(figures_dir).glob("*.png")) + sorted(Path(figures_dir).glob("*.svg"))
+    for f in sorted(which.folder.glob("*.png")) + sorted(which.folder.glob("*.svg")):
+        if f.name not in {d.name for d in drawn}:
+            f.unlink()  # a figure this run did not draw (e.g. one of the base alone) is no longer published
+    for f in drawn:
         shutil.copy2(f, which.folder / f.name)
     shutil.copy2(Path(profile_dir) / "findings.md", which.findings)
     for block in (which, readme.VERDICTS):  # its findings page, then the README's verdict table

@@ -48,3 +48,13 @@ def test_forest_plot_draws_every_claim_signed_by_its_prediction(tmp_path):
     assert tuple(np.round(matplotlib.colors.to_rgba(figures.VERDICT_COLORS["contradicted"]), 3)) in colours
     assert figures.fig_claims_forest(pd.DataFrame(), tmp_path) is None
     assert next(iter(figures.FIGURE_CAPTIONS)) == "claims_forest"  # the report's first figure
+
+
+def test_stage05_draws_into_a_figures_folder_cleared_of_the_last_run_s_figures(tmp_path):
+    old = tmp_path / "figures"
+    old.mkdir()
+    (old / "learned_association.png").write_bytes(b"a base-only figure of an earlier run")
+    (old / "learned_association.svg").write_text("<svg/>")
+    (old / "notes.txt").write_text("kept")
+    assert figures.fresh_figures_dir(tmp_path) == old
+    assert sorted(p.name for p in old.iterdir()) == ["notes.txt"]

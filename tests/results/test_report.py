@@ -184,9 +184,12 @@ def test_publish_copies_a_published_profile_and_rewrites_its_page_and_the_verdic
     prof = tmp_path / "runs" / "mechanism"
     (prof / "figures").mkdir(parents=True)
     (prof / "figures" / "a.png").write_bytes(b"png")
+    which.folder.mkdir(parents=True)
+    (which.folder / "base_only.png").write_bytes(b"stale")  # published before, not drawn by this run
     (prof / "findings.md").write_text("### Summary of verdicts\n\n- **C helps** (2 contrasts): reproduced 2.\n")
     findings.publish(prof, prof / "figures")
     assert (which.folder / "a.png").read_bytes() == b"png" and readme.is_current(which, page)
+    assert not (which.folder / "base_only.png").exists()
     text = page.read_text()
     assert "C helps" in text and "old" not in text
     assert "| [mechanism](docs/results/mechanism.md) | C helps | 2 | reproduced 2 |" in rd.read_text()
