@@ -4,7 +4,7 @@ A block is the text between ``<!-- NAME:start -->`` and ``<!-- NAME:end -->`` in
 generated, never edited by hand, and a test checks that it equals its source. The blocks:
 
 * ``findings``, ``mechanism-findings``, ``nonbinary-findings`` (`PUBLISHED`): each published
-  profile's findings, in ``docs/results/<profile>.md``. Stage 05 writes ``findings.md`` once, renders
+  profile's findings and the figures published beside them, in ``docs/results/<profile>.md``. Stage 05 writes ``findings.md`` once, renders
   the report's findings (``findings.html``, shown in ``index.html``) from it and, for a published
   profile run into the repository's ``runs/``, copies its figures and findings.md to the profile's
   figures folder and rewrites the block from it; so the docs and the report cannot disagree.
@@ -79,8 +79,29 @@ class VerdictBlock(Block):
         return verdict_table({name: b.findings.read_text(encoding="utf-8") for name, b in PUBLISHED.items()})
 
 
+@dataclass(frozen=True)
+class FindingsBlock(Block):
+    """A published profile's findings, followed by every figure stage 05 published beside them (in the
+    report's order, each with its caption), so the page shows exactly the figures of the last run."""
+
+    def render(self, source_text: str) -> str:
+        import os
+
+        from .figures import FIGURE_CAPTIONS, TOXICITY_SCORES
+
+        figs = [(name, caption) for name, caption in FIGURE_CAPTIONS.items() if (self.folder / f"{name}.png").is_file()]
+        if not figs:
+            return source_text.strip()
+        lines = [source_text.strip(), "", "### Figures"]
+        for i, (name, caption) in enumerate(figs, 1):
+            src = os.path.relpath(self.folder / f"{name}.png", self.doc.parent)
+            text = caption.replace("{score}", TOXICITY_SCORES["profanity"] + " or Detoxify toxicity")
+            lines += ["", f"![{name.replace('_', ' ')}]({Path(src).as_posix()})", "", f"*Figure {i}.* {text}"]
+        return "\n".join(lines)
+
+
 # profile name -> its findings block (in docs/results/<profile>.md)
-PUBLISHED = {name: Block(marker, folder / "findings.md", paths.DOCS / "results" / f"{name}.md")
+PUBLISHED = {name: FindingsBlock(marker, folder / "findings.md", paths.DOCS / "results" / f"{name}.md")
              for name, marker, folder in (("default", "findings", paths.FIGURES),
                                           ("mechanism", "mechanism-findings", paths.FIGURES / "mechanism"),
                                           ("nonbinary", "nonbinary-findings", paths.FIGURES / "nonbinary"))}

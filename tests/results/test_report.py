@@ -252,3 +252,13 @@ def test_methods_state_the_privacy_unit_and_the_overlaps_from_stage01(tmp_path):
     assert "60 documents (a WikiText article), 102.2 units each on average, at most 509" in text
     assert "(kε, k e<sup>(k−1)ε</sup>δ)" in text and "valid in train 2.3 %" in text
     assert "overlap with the base's pretraining corpus unknown (gpt2: not available)" in text
+
+
+def test_a_findings_page_shows_the_published_figures_in_the_report_s_order(tmp_path):
+    folder, page = tmp_path / "figures" / "p", tmp_path / "docs" / "results" / "p.md"
+    folder.mkdir(parents=True)
+    for name in ("gradnorm_gap", "claims_forest"):
+        (folder / f"{name}.png").write_bytes(b"png")
+    body = readme.FindingsBlock("p-findings", folder / "findings.md", page).render("### Summary of verdicts\n")
+    assert body.index("(../../figures/p/claims_forest.png)") < body.index("(../../figures/p/gradnorm_gap.png)")
+    assert "*Figure 1.* Every claim of the study" in body and "learned_association" not in body
