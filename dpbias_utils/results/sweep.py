@@ -494,6 +494,7 @@ def fig_method_bars(items: pd.DataFrame, privacy: pd.DataFrame, figures_dir: Pat
         handles, labels = ax.get_legend_handles_labels()
         uniq = dict(zip(labels, handles))
         ax.legend(uniq.values(), uniq.keys(), fontsize=8)
+        plots.direction_note(ax, "↑ more biased than non-DP (DP amplifies); ↓ less (attenuates)")
     return _publish(fig, figures_dir, "method_bars", "Amplification by way of training")
 
 
@@ -527,6 +528,7 @@ def fig_misalignment(grads: pd.DataFrame, figures_dir: Path, measure: str = "mis
                                  fmt="o-", ms=3)
         ax.axhline(1.0, color="grey", lw=0.8, ls=":")
         ax.set(xlabel="% of training", title=f"{split} units")
+        plots.direction_note(ax, "1 = clipping keeps the direction; ↓ turns the group's update more")
     for row in axes:
         row[0].set_ylabel("cos(Σ clipped g, Σ g)")
     return _publish(fig, figures_dir, "misalignment_curves", "Gradient misalignment by group over training", legend=True)
