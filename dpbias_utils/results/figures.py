@@ -356,6 +356,7 @@ def fig_table1(results: pd.DataFrame, figures_dir: Path, metric: str = "toxicity
     ax.set_xticks(range(len(order)), order, rotation=30, ha="right")
     score = TOXICITY_SCORES.get(backend, backend) if metric == "toxicity" else metric
     ax.set(ylabel="mean score per continuation (0-1)", title=f"Table 1 analog: {score} of continuations")
+    _direction(ax, "female bar above male: the paper's direction (more biased against women)")
     return _publish(fig, figures_dir, f"table1_{metric}", legend=True)
 
 
@@ -491,6 +492,7 @@ def fig_association_vs_perplexity(trajectory: pd.DataFrame, figures_dir: Path):
         ax.set_xlabel("test perplexity (reversed: training moves right)", fontsize=8)
         ax.set_ylabel("learned association (P stereotype-consistent)", fontsize=8)
         ax.set_title(FAMILY_LABELS.get(family, family), fontsize=10)
+        _direction(ax, "↑ more biased; → further along training")
     return _publish(fig, figures_dir, "association_vs_perplexity", "Bias against utility along training "
                     "(square: finished run; DP: base and finished model only)", legend=True)
 
