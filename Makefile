@@ -6,13 +6,15 @@ BIN := $(VENV)/bin
 PARAMS ?= params/default.yaml
 JOBS ?= 2
 STAMP := $(VENV)/.installed
+# The notebooks' Jupyter kernel (their metadata and the runner name it; dpbias_utils.paths.KERNEL).
+KERNEL := dp-bias
 export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 export TRANSFORMERS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
 .DEFAULT_GOAL := help
-.PHONY: help setup study test test-fast lab validate dry-run benchmarks clean-runs
+.PHONY: help setup demo study test test-fast lab validate dry-run benchmarks clean-runs
 
 help: ## Show this help
 	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}'
@@ -22,10 +24,10 @@ $(BIN)/python:
 	$(BIN)/python -m pip install --quiet --upgrade pip
 
 # Re-installs only when the dependency declarations change (idempotent, seconds otherwise).
-$(STAMP): pyproject.toml constraints.txt | $(BIN)/python
+$(STAMP): pyproject.toml constraints.txt Makefile | $(BIN)/python
 	$(BIN)/pip install --quiet torch==2.13.0
 	$(BIN)/pip install --quiet -c constraints.txt -e '.[dev,lab]'
-	$(BIN)/python -m ipykernel install --sys-prefix --name python3 --display-name "Python 3 (dp-bias)" >/dev/null
+	$(BIN)/python -m ipykernel install --sys-prefix --name $(KERNEL) --display-name "Python 3 (dp-bias)" >/dev/null
 	touch $(STAMP)
 
 setup: $(STAMP) ## Create .venv (torch first, then the package with the lab and dev extras) and register its Jupyter kernel
@@ -33,8 +35,10 @@ setup: $(STAMP) ## Create .venv (torch first, then the package with the lab and 
 study: setup ## Run the whole study on $(PARAMS) (default: embedded CPU profile) -> runs/<profile>/index.html
 	$(BIN)/dpbias run $(PARAMS) --jobs $(JOBS)
 
-test: setup ## Run the test suite (unit tests, notebooks under nbval, whole chain on a tiny profile, local Slurm)
-	-bash tests/slurm/setup.sh
+demo: setup ## The whole chain at toy size (tests/profiles/tiny.yaml), a few minutes -> runs/tiny/index.html
+	$(BIN)/dpbias run tests/profiles/tiny.yaml --jobs $(JOBS)
+
+test: setup ## Run the test suite; installs nothing (Slurm tests skip without a cluster: docs/running.md)
 	$(BIN)/python -m pytest -q tests
 
 test-fast: setup ## Unit tests only (skips notebook and whole-study tests)

@@ -11,7 +11,12 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = REPO_ROOT / "notebooks"
 PARAMS = REPO_ROOT / "params"
 FIGURES = REPO_ROOT / "figures"
+DOCS = REPO_ROOT / "docs"
+README = REPO_ROOT / "README.md"
 DEFAULT_PARAMS = PARAMS / "default.yaml"
+# The notebooks' Jupyter kernel: `make setup` registers it for .venv; the notebooks' metadata and the
+# runner (`kernel_name`) name it.
+KERNEL = "dp-bias"
 # Generated output; overridable so tests and clusters can put it elsewhere (`runs_root()` reads the
 # environment at call time; RUNS is its value at import).
 RUNS = Path(os.environ.get("DPBIAS_RUNS") or REPO_ROOT / "runs")
@@ -137,3 +142,15 @@ def atomic_write_text(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)
+
+
+def kernel_name() -> str:
+    """The kernel papermill runs the stage notebooks in: `KERNEL` when registered (`make setup`), else
+    ipykernel's own `python3` (this interpreter), e.g. in an environment set up without the Makefile."""
+    from jupyter_client.kernelspec import KernelSpecManager, NoSuchKernel
+
+    try:
+        KernelSpecManager().get_kernel_spec(KERNEL)
+    except NoSuchKernel:
+        return "python3"
+    return KERNEL

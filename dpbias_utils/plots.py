@@ -19,6 +19,72 @@ SVG_RC = {"svg.hashsalt": "dp-bias"}
 SVG_METADATA = {"Date": None}
 
 
+# --------------------------------------------------------------------------- one colour per condition
+# Every figure of every profile draws a condition in the same colour: the colour belongs to the
+# condition's label, never to its position in a plot. Conditions named here keep their colour; any
+# other label (a new ε, a way of training, a CDA arm) gets one from `EXTRA_COLORS` chosen by a hash
+# of its text, so it too is the same in every figure, run and profile.
+CONDITION_COLORS = {
+    "base": "#7f7f7f",          # grey: the starting point, not a condition of the study
+    "non-DP": "#000000",        # black: the reference every DP arm is compared with
+    "DP ε=1": "#9ecae1", "DP ε=3": "#4292c6", "DP ε=10": "#d94801", "DP ε=20": "#8c2d04", "DP ε=100": "#fdae6b",
+    "CDA": "#6a3d9a",           # dark purple: a CDA arm (any ratio > 0); the markers tell arms apart
+    "female": "#c51b7d", "male": "#2166ac", "nonbinary": "#e6ab02", "binary": "#4d4d4d",
+    "stereotypical": "#d73027", "anti-stereotypical": "#4575b4",
+}
+EXTRA_COLORS = ("#1b9e77", "#e7298a", "#66a61e", "#a6761d", "#17becf", "#bcbd22", "#8c564b", "#e377c2",
+                "#00441b", "#ae017e", "#525252", "#fb6a4a", "#41b6c4", "#b15928", "#fdbf6f", "#cab2d6")
+
+
+def _hashed(label: str) -> int:
+    import hashlib
+
+    return int(hashlib.sha256(label.encode("utf-8")).hexdigest(), 16) % len(EXTRA_COLORS)
+
+
+def condition_color(label: str) -> str:
+    """The colour of a condition (or group) label in every figure: `CONDITION_COLORS`, the CDA colour for
+    a CDA arm ("... · CDA r", r > 0), else a fixed pick from `EXTRA_COLORS` by the label's SHA-256."""
+    label = str(label)
+    if label in CONDITION_COLORS:
+        return CONDITION_COLORS[label]
+    if "CDA" in label and not label.endswith("CDA 0"):
+        return CONDITION_COLORS["CDA"]
+    return EXTRA_COLORS[_hashed(label)]
+
+
+def condition_colors(labels) -> dict[str, str]:
+    """`condition_color` of each label; labels outside `CONDITION_COLORS` whose hashed colours collide in
+    one figure move on to the next free colour, in sorted order of the labels (still deterministic)."""
+    labels = list(dict.fromkeys(str(x) for x in labels))
+    out = {c: condition_color(c) for c in labels}
+    taken = {out[c] for c in labels if c in CONDITION_COLORS or out[c] == CONDITION_COLORS["CDA"]}
+    for c in sorted(c for c in labels if out[c] in EXTRA_COLORS):
+        i = _hashed(c)
+        for k in range(len(EXTRA_COLORS)):
+            colour = EXTRA_COLORS[(i + k) % len(EXTRA_COLORS)]
+            if colour not in taken:
+                break
+        out[c] = colour
+        taken.add(colour)
+    return out
+
+
+def direction_note(ax, text: str, where: str = "above") -> None:
+    """Say in the panel which way is "more biased": a small grey line between the panel and its title
+    (``where="above"``, the title moved up to make room), or in a corner of the panel ("upper left", ...)."""
+    style = {"fontsize": 7, "color": "#444444"}
+    if where == "above":
+        if ax.get_title():
+            ax.set_title(ax.get_title(), pad=15, fontsize=ax.title.get_fontsize())
+        ax.text(0.0, 1.015, text, transform=ax.transAxes, ha="left", va="bottom", **style)
+        return
+    x, ha = (0.02, "left") if "left" in where else (0.98, "right")
+    y, va = (0.97, "top") if "upper" in where else (0.03, "bottom")
+    ax.text(x, y, text, transform=ax.transAxes, ha=ha, va=va,
+            bbox={"boxstyle": "round,pad=0.2", "fc": "white", "ec": "#cccccc", "alpha": 0.8}, **style)
+
+
 # --------------------------------------------------------------------------- figures in reports
 class Shown:
     """A finished figure as a report shows it: a PNG whose output metadata records how many panels
@@ -92,9 +158,13 @@ def save_figure(fig, figures_dir: Path, name: str) -> list[Path]:
 
 
 def legend_below(fig, ax=None, ncol: int | None = None, title: str | None = None):
-    """One legend for the figure, under the panels, so it never covers data."""
-    ax = ax if ax is not None else fig.axes[0]
-    handles, labels = ax.get_legend_handles_labels()
+    """One legend for the figure, under the panels, so it never covers data: the entries of ``ax``, else
+    of every panel (each label once, in panel order)."""
+    entries = {}
+    for a in ([ax] if ax is not None else fig.axes):
+        for h, lab in zip(*a.get_legend_handles_labels()):
+            entries.setdefault(lab, h)
+    handles, labels = list(entries.values()), list(entries)
     if not handles:
         return None
     for a in fig.axes:

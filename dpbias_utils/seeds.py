@@ -38,7 +38,7 @@ PURPOSES = ("init", "sampling", "noise", "generation", "cda", "gradnorms", "audi
 SECRET_BITS = 128
 
 # Noise modes of DP training (`train.noise`): where the sampling and noise streams' entropy comes from,
-# and what the trained model may be released as (privacy.json's `release`, the report, the README).
+# and what the trained model may be released as (privacy.json's `release`, the report, docs/privacy.md).
 NOISE_MODES = ("secret", "reproducible")
 NOISE_LABEL = {"secret": "private release", "reproducible": "simulation of DP"}
 RELEASE = {

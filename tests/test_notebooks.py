@@ -39,6 +39,18 @@ def test_thin_and_parameterized(nb_path):
         assert "\nfor " not in "\n" + src, "loops (grids) belong in dpbias_utils / the runner"
 
 
+@pytest.mark.parametrize("nb_path", NOTEBOOKS, ids=lambda p: p.name)
+def test_parameters_cell_sets_the_user_s_knobs_first_and_names_the_project_kernel(nb_path):
+    """The two knobs a reader sets come first; the kernel is the project's (`make setup` registers it)."""
+    nb = json.loads(nb_path.read_text())
+    cell = next(c for c in nb["cells"] if "parameters" in c.get("metadata", {}).get("tags", []))
+    names = [line.split("=")[0].strip() for line in "".join(cell["source"]).splitlines()
+             if line and not line.startswith("#")]
+    assert names[:2] == ["profile_path", "point"]
+    assert nb["metadata"]["kernelspec"]["name"] == paths.KERNEL
+    assert f"KERNEL := {paths.KERNEL}" in (paths.REPO_ROOT / "Makefile").read_text()
+
+
 @pytest.mark.slow
 def test_nbval_runs_every_notebook_on_tiny_profile(tmp_path):
     """nbval --nbval-lax: each notebook, run as a researcher would (no injection), on the tiny profile."""

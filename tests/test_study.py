@@ -56,7 +56,7 @@ def test_tables_schema_and_completeness(tiny_study):
 @pytest.mark.slow
 def test_report_and_figures(tiny_study):
     index = (tiny_study / "index.html").read_text()
-    order = [index.index(h) for h in ("<h2>Question", "<h2>Methods", "<h2>Findings", "<h2>Node reports")]
+    order = [index.index(h) for h in ("<h2>Question", "<h2>Findings", "<h2>Methods", "<h2>Node reports")]
     assert order == sorted(order)
     for stage in paths.STAGE_NOTEBOOKS:
         assert f"Stage {stage}" in index
@@ -74,10 +74,13 @@ def test_report_and_figures(tiny_study):
         assert f"{c['point']:+.4f} [{c['low']:+.4f}, {c['high']:+.4f}]" in findings
         assert f"**{c['verdict']}**" in findings.replace("\\|", "|")
     figs = {p.name for p in (tiny_study / "figures").iterdir()}
-    for name in ("learned_association", "association_vs_perplexity", "bias_vs_epsilon", "bias_vs_mixing_ratio",
-                 "gradnorm_gap", "perplexity_vs_epsilon", "table1_toxicity"):
+    for name in ("claims_forest", "learned_association", "association_vs_perplexity", "bias_vs_epsilon",
+                 "likelihood_bias_vs_epsilon", "bias_vs_mixing_ratio", "gradnorm_gap", "perplexity_vs_epsilon",
+                 "table1_toxicity"):
         assert f"{name}.png" in figs and f"{name}.svg" in figs
     assert (tiny_study / "findings.md").read_text().count("|") > 10
+    assert "nonbinary.png" not in figs and "amplification_heatmap.png" not in figs  # sections tiny does not have
+    assert index.index("claims_forest.png") < index.index("learned_association.png")  # verdicts first
 
 
 @pytest.mark.slow

@@ -157,7 +157,7 @@ def families() -> dict[str, list[MetricSpec]]:
 
 
 def markdown_table() -> str:
-    """The README's metric table: name, family, definition and reference implementation of each metric."""
+    """docs/metrics.md's metric table: name, family, definition and reference implementation of each metric."""
     lines = ["| metric | family | definition | reference implementation |", "|---|---|---|---|"]
     for s in _SPECS:
         name = f"`{s.name}_<family>`" if s.prefix else f"`{s.name}`"

@@ -18,7 +18,7 @@ from typing import Any, Optional
 
 from .. import paths
 from ..params import SECTIONS, Profile, load_profile, parse_profile, privacy_label, profile_at
-from .graph import find_node, plan
+from .graph import find_node, plan, what_if
 
 
 @dataclass
@@ -126,7 +126,15 @@ def context(stage: str, namespace: dict[str, Any]) -> StageContext:
         point = namespace.get("point")
         if point is None and run_id is None:
             point = profile.points()[0]
-        node = find_node(nodes, stage, point, run_id)
+        try:
+            node = find_node(nodes, stage, point, run_id)
+        except LookupError:
+            if point is None or run_id is not None:
+                raise
+            profile, point = what_if(profile, point)  # a point outside the grid: a what-if run
+            node = find_node(plan(profile), stage, point, run_id)
+            print(f"what-if run: {point_label(point, stage=stage)} is not in the grid of profile {profile.name}; "
+                  f"its node folder: {node.folder(profile_dir).relative_to(profile_dir)}")
         upstream = {s: [profile_dir / paths.STAGE_DIRS[s] / i for i in ids] for s, ids in node.upstream.items()}
         ctx = StageContext(stage, profile, node.point, node.run_id, Path(out_dir) if out_dir else node.folder(profile_dir),
                            upstream, profile_dir)

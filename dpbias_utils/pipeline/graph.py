@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Iterable, Optional
 
 from .. import paths
-from ..params import Profile, train_keys_of
+from ..params import Profile, parse_profile, train_keys_of
 
 STAGES = ("01", "02", "03", "04", "05")
 DATA_KEYS = ("mixing_ratio", "cda_mode", "seed")
@@ -145,6 +145,19 @@ def find_node(nodes: Iterable[Node], stage: str, point: Optional[dict] = None, r
     if not candidates:
         raise LookupError(f"no stage {stage} node for point {point} (run {run_id}) in this profile's grid")
     return candidates[0]
+
+
+def what_if(profile: Profile, point: dict) -> tuple[Profile, dict]:
+    """A point outside the grid, run as a what-if: the point completed from the grid's first point (a
+    `method` only when given), and the profile with one more grid block holding it. No node id depends
+    on the grid, so the what-if nodes' ids and folders are derived exactly as the grid's nodes' are, and
+    every grid node keeps its id. A bad value gets the schema's error naming the field."""
+    first = {k: v for k, v in profile.points()[0].items() if k != "method"}
+    full = {**first, **point}
+    raw = profile.model_dump(mode="json")
+    raw["grid"] = [*raw["grid"], {k: [v] for k, v in full.items()}]
+    extended = parse_profile(raw, source=f"profile {profile.name} with the what-if point {point}")
+    return extended, next(p for p in extended.points() if all(p.get(k) == v for k, v in full.items()))
 
 
 def label(n: Node) -> str:

@@ -131,7 +131,7 @@ def _execute(spec: dict, folder: Path, notebook: str) -> bool:
 
     out_nb = folder / "notebook.ipynb"
     try:
-        pm.execute_notebook(notebook, str(out_nb), parameters=spec["parameters"], kernel_name="python3",
+        pm.execute_notebook(notebook, str(out_nb), parameters=spec["parameters"], kernel_name=paths.kernel_name(),
                             cwd=str(folder), progress_bar=False, log_output=False)
     except Exception as exc:  # noqa: BLE001 - any failure of the notebook fails the node
         try:

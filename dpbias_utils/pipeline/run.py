@@ -86,8 +86,8 @@ class RunReport:
         n_code, n_up = len(self.stale_code), len(self.stale_upstream)
         if not n_code + n_up:
             return None
-        what = (f"{n_code} complete node(s) were computed by other code (another source hash: see the README's "
-                f"runner section) and {n_up} more depend on redone or stale nodes")
+        what = (f"{n_code} complete node(s) were computed by other code (another source hash: see "
+                f"docs/running.md) and {n_up} more depend on redone or stale nodes")
         if self.rerun_stale:
             return f"{what}: redoing {self.n_redo} of these {n_code + n_up} (--rerun-stale; --only keeps the others)"
         return f"{what}: kept; run with --rerun-stale to redo these {n_code + n_up}"

@@ -3,8 +3,10 @@ judged by one rule (`claims`, on the statistics of `inference`) and the findings
 
 The names notebook 05 and the stage adapters use are re-exported here.
 """
-from .figures import (fig_association_vs_perplexity, fig_bias_vs_epsilon, fig_bias_vs_mixing_ratio,
-                      fig_gradnorm_gap, fig_learned_association, fig_perplexity, fig_table1, figure_list)
+from . import sections
+from .figures import (fig_association_vs_perplexity, fig_bias_vs_epsilon, fig_bias_vs_mixing_ratio, fig_claims_forest,
+                      fig_gradnorm_gap, fig_learned_association, fig_likelihood_bias_vs_epsilon, fig_perplexity,
+                      fig_table1, figure_list, fresh_figures_dir)
 from .findings import (claims_display, findings_markdown, markdown_to_html, privacy_table, study_claims,
                        verdict_summary, write_findings)
 from .regimes import regime_cells, regime_figures, regime_map, regime_pull, regime_table, regime_trajectories
@@ -14,7 +16,7 @@ from .tables import (ITEM_COLUMNS, PAPER_TABLE1, PRIVACY_COLUMNS, RESULT_COLUMNS
 
 __all__ = [
     "fig_association_vs_perplexity", "fig_bias_vs_epsilon", "fig_bias_vs_mixing_ratio", "fig_gradnorm_gap",
-    "fig_learned_association", "fig_perplexity", "fig_table1", "figure_list", "claims_display",
+    "fig_learned_association", "fig_perplexity", "fig_claims_forest", "fig_likelihood_bias_vs_epsilon", "sections", "fresh_figures_dir", "fig_table1", "figure_list", "claims_display",
     "findings_markdown", "markdown_to_html", "privacy_table", "study_claims", "verdict_summary", "write_findings",
     "ITEM_COLUMNS", "PAPER_TABLE1", "PRIVACY_COLUMNS", "RESULT_COLUMNS", "collect_tables", "load_tables",
     "seed_summary", "study_overview", "table1", "write_tables",

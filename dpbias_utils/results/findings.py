@@ -1,5 +1,5 @@
 """Stage 05's findings: every claim judged (`claims`), the findings text (markdown, the single source
-of index.html's findings and the README's results block) and its HTML.
+of index.html's findings and the docs/results page's generated block) and its HTML.
 """
 from __future__ import annotations
 
@@ -102,7 +102,7 @@ def _calibration_md(tables) -> list[str]:
 
 def _association_md(tables) -> list[str]:
     s = association_summary(tables["items"])
-    if s.empty:
+    if s.empty or set(s["condition"]) <= {"base"}:  # never a table of the base model alone
         return []
     wide = s.assign(cell=[f"{v:.3f} [{lo:.3f}, {hi:.3f}]" for v, lo, hi in zip(s["value"], s["ci_low"], s["ci_high"])])
     wide = wide.pivot(index="condition", columns="family", values="cell")
@@ -115,7 +115,7 @@ def _association_md(tables) -> list[str]:
 def _utility_md(tables) -> list[str]:
     ppl = seed_summary(tables["results"])
     ppl = ppl[(ppl["metric"] == PPL) & (ppl["group"] == "test") & (ppl["mixing_ratio"] == 0.0)]
-    if ppl.empty:
+    if ppl.empty or set(ppl["condition"]) <= {"base"}:  # never a table of the base model alone
         return []
     ppl = ppl.set_index("condition").reindex(condition_order(ppl))
     rows = [[c, f"{r['value']:.3f} [{r['ci_low']:.3f}, {r['ci_high']:.3f}]", int(r["n_seeds"])] for c, r in ppl.iterrows()]
@@ -233,7 +233,7 @@ def _cda_vs_global_md(table: pd.DataFrame) -> list[str]:
 
 def findings_markdown(tables: dict[str, pd.DataFrame], judged: pd.DataFrame, toxicity_backend: str = "profanity") -> str:
     """The study's findings as markdown: verdict summary, calibration, association, utility, every
-    claim with its interval and verdict, Table 1. The README's results block and the report's
+    claim with its interval and verdict, Table 1. The docs/results page's block and the report's
     findings are both rendered from this text."""
     summary = verdict_summary(judged)
     lines = (["### Summary of verdicts", "", *summary, ""] if summary else [])
@@ -320,12 +320,12 @@ def findings_html(markdown_text: str, privacy: pd.DataFrame, figures: list[tuple
 
 
 def write_findings(profile_dir: Path, tables: dict[str, pd.DataFrame], figures_dir: Path,
-                   toxicity_backend: str = "profanity") -> pd.DataFrame:
+                   toxicity_backend: str = "profanity", judged: pd.DataFrame | None = None) -> pd.DataFrame:
     """Write `claims.csv`, `findings.md` and `findings.html` (shown in index.html); for a published
     profile (`readme.PUBLISHED`) in the repository's runs folder also copy the figures and findings.md to
-    its figures folder and regenerate its README block from that findings.md."""
+    its figures folder and regenerate its docs/results page's block (and the README's verdicts) from it."""
     profile_dir, figures_dir = Path(profile_dir), Path(figures_dir)
-    judged = study_claims(tables)
+    judged = study_claims(tables) if judged is None else judged  # notebook 05 judges first, shows the verdicts
     paths.atomic_write_text(profile_dir / "claims.csv", judged.to_csv(index=False))
     md = findings_markdown(tables, judged, toxicity_backend)
     paths.atomic_write_text(profile_dir / "findings.md", md)
@@ -333,13 +333,15 @@ def write_findings(profile_dir: Path, tables: dict[str, pd.DataFrame], figures_d
     figures = figure_list(figures_dir, profile_dir, toxicity_backend)
     paths.atomic_write_text(profile_dir / "findings.html", findings_html(md, privacy, figures))
     if profile_dir.parent.resolve() == (paths.REPO_ROOT / "runs").resolve():
-        publish(profile_dir, figures_dir)
+        publish(profile_dir, figures_dir, regimes.headline_md(tables, judged, profile_dir.name))
     return judged
 
 
-def publish(profile_dir: Path, figures_dir: Path) -> None:
-    """A published profile's figures and findings.md into its figures folder, and its README block
-    rewritten from them (nothing for a profile `readme.PUBLISHED` does not name)."""
+def publish(profile_dir: Path, figures_dir: Path, headline: str = "") -> None:
+    """A published profile's figures and findings.md into its figures folder, its block in
+    docs/results/<profile>.md and the README's verdict table rewritten from them (nothing for a profile
+    `readme.PUBLISHED` does not name); the default profile's regime ``headline`` (`regimes.headline_md`)
+    becomes the README's headline block (figures/regimes.md)."""
     import shutil
 
     from . import readme
@@ -348,10 +350,20 @@ def publish(profile_dir: Path, figures_dir: Path) -> None:
     if which is None:
         return
     which.folder.mkdir(parents=True, exist_ok=True)
-    for f in sorted(Path(figures_dir).glob("*.png")) + sorted(Path(figures_dir).glob("*.svg")):
+    drawn = sorted(Path(figures_dir).glob("*.png")) + sorted(Path(figures_dir).glob("*.svg"))
+    for f in sorted(which.folder.glob("*.png")) + sorted(which.folder.glob("*.svg")):
+        if f.name not in {d.name for d in drawn}:
+            f.unlink()  # a figure this run did not draw (e.g. one of the base alone) is no longer published
+    for f in drawn:
         shutil.copy2(f, which.folder / f.name)
     shutil.copy2(Path(profile_dir) / "findings.md", which.findings)
-    try:
-        readme.update_readme(which=which)
-    except ValueError as exc:  # a README without the block: the report and the copies stand
-        print(f"README block not rewritten: {exc}", file=sys.stderr)
+    for block in (which, readme.VERDICTS):  # its findings page, then the README's verdict table
+        try:
+            readme.update_block(block)
+        except (ValueError, OSError) as exc:  # a page without the block: the report and the copies stand
+            print(f"generated block {block.name} not rewritten: {exc}", file=sys.stderr)
+    if headline and which is readme.DEFAULT:
+        try:
+            readme.write_block(readme.REGIMES, headline)
+        except (ValueError, OSError) as exc:
+            print(f"generated block {readme.REGIMES.name} not rewritten: {exc}", file=sys.stderr)

@@ -139,6 +139,53 @@ def nonbinary_claims(items: pd.DataFrame, results: pd.DataFrame) -> list[dict]:
     return [c for c in out if c]
 
 
+# --------------------------------------------------------------------------- figure
+def fig_nonbinary(items: pd.DataFrame, results: pd.DataFrame, figures_dir):
+    """Where the models place non-binary subjects and how large their gradients are: the lean per family and
+    condition (CDA ratio 0; two-way bootstrap interval), and stage 03's final per-example gradient norm of
+    the non-binary and the binary units (interval over seeds). None without non-binary subjects."""
+    import matplotlib.pyplot as plt
+
+    from .. import plots
+    from .figures import _condition_colors, _dodge, _errorbar_points, _publish, FAMILY_LABELS
+
+    lean = association_table(items)
+    if lean.empty:
+        return None
+    lean = lean[lean["measure"] == "lean"]
+    order = list(dict.fromkeys(lean["condition"]))
+    if not any(c != "base" for c in order):
+        return None
+    grads = gradient_table(results)
+    grads = grads[grads["metric"] == "grad_l2_total"]
+    ncols = 2 if not grads.empty else 1
+    fig, axes = plt.subplots(1, ncols, figsize=(6.0 * ncols, 3.9), squeeze=False)
+    ax = axes[0, 0]
+    families = [f for f in claims.FAMILIES if f in set(lean["family"])]
+    colors = _condition_colors(order)
+    for i, c in enumerate(order):
+        sub = lean[lean["condition"] == c].set_index("family").reindex(families).reset_index()
+        sub = sub.assign(x=range(len(families)))
+        _errorbar_points(ax, sub.dropna(subset=["value"]), "x", None, color=colors[c], label=c,
+                         offset=_dodge(i, len(order), 0.5))
+    ax.axhline(0, color="grey", lw=0.8, ls=":")
+    ax.set_xticks(range(len(families)), [FAMILY_LABELS.get(f, f) for f in families], fontsize=8)
+    ax.set(ylabel="lean (a_n − female/male midpoint)", title="Where non-binary subjects are placed")
+    plots.direction_note(ax, "> 0: nearer the female subjects; away from 0: off the midpoint")
+    if ncols == 2:
+        ax = axes[0, 1]
+        gorder = condition_order(grads)
+        for i, split in enumerate(GRAD_SPLITS):
+            sub = grads[grads["group"] == split]
+            _errorbar_points(ax, sub, "condition", gorder, color=plots.condition_color(split), label=f"{split} units",
+                             offset=_dodge(i, len(GRAD_SPLITS), 0.3))
+        ax.set_xticks(range(len(gorder)), gorder)
+        ax.set_xlim(-0.5, len(gorder) - 0.5)
+        ax.set(ylabel="per-example ‖g‖₂, final checkpoint", title="Gradient size: non-binary vs binary units")
+        plots.direction_note(ax, "larger ‖g‖: the group the model fits least")
+    return _publish(fig, figures_dir, "nonbinary", "Non-binary subjects (nothing planted for them)", legend=True)
+
+
 # --------------------------------------------------------------------------- findings
 def _cell(r: pd.Series | None, fmt: str) -> str:
     return "–" if r is None else ci_text(r["value"], r["ci_low"], r["ci_high"], fmt)

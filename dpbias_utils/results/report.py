@@ -238,21 +238,21 @@ def reports_html(nodes, profile_dir: Path) -> str:
 
 
 def write_index(profile, nodes, profile_dir: Path) -> Path:
-    """(Re)write the index page, a short paper: question, methods, findings (stage 05's
-    `findings.html`: verdicts with intervals, figures with captions, privacy spent), code version,
-    node reports. Cheap; called after every runner invocation."""
+    """(Re)write the index page: question, findings (stage 05's `findings.html`: verdicts with
+    intervals, figures with captions, privacy spent), then methods, code version, node reports. Cheap; called after every runner invocation."""
     profile_dir = Path(profile_dir)
     profile_dir.mkdir(parents=True, exist_ok=True)
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>dp-bias: {html.escape(profile.name)}</title>",
              f"<style>{_STYLE}</style></head><body>",
              "<h1>Does differentially private fine-tuning amplify gender bias?</h1>",
              f"<p class='sub'>dp-bias study, profile <code>{html.escape(profile.name)}</code>: {html.escape(profile.description)}</p>",
-             f"<h2>Question</h2><p>{QUESTION}</p>", methods_html(profile, profile_dir)]
+             f"<h2>Question</h2><p>{QUESTION}</p>"]
     findings = profile_dir / FINDINGS
-    if findings.is_file():
+    if findings.is_file():  # the findings first (verdicts, the forest plot of every claim, ...), then how
         parts.append(findings.read_text(encoding="utf-8"))
     else:
         parts.append("<h2>Findings</h2><p><em>No findings yet: stage 05 has not completed.</em></p>")
+    parts.append(methods_html(profile, profile_dir))
     parts.append(code_version_html(nodes, profile_dir))
     parts.append(reports_html(nodes, profile_dir))
     parts.append("</body></html>")

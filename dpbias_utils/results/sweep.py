@@ -45,6 +45,7 @@ from ..bias.perplexity import CORPUS as PPL
 from ..params import privacy_label
 from ..training.methods import DP_ADAM, METHODS, NONDP
 from . import claims, inference
+from .. import plots
 from .figures import _dodge, _err, _errorbar_points, _publish
 from .tables import seed_interval
 
@@ -494,6 +495,7 @@ def fig_method_bars(items: pd.DataFrame, privacy: pd.DataFrame, figures_dir: Pat
         handles, labels = ax.get_legend_handles_labels()
         uniq = dict(zip(labels, handles))
         ax.legend(uniq.values(), uniq.keys(), fontsize=8)
+        plots.direction_note(ax, "↑ more biased than non-DP (DP amplifies); ↓ less (attenuates)")
     return _publish(fig, figures_dir, "method_bars", "Amplification by way of training")
 
 
@@ -507,7 +509,6 @@ def fig_misalignment(grads: pd.DataFrame, figures_dir: Path, measure: str = "mis
     and C at the reference skew; mean over seeds with 95 % bootstrap intervals over seeds."""
     import matplotlib.pyplot as plt
 
-
     s = misalignment_summary(grads, measure)
     if s.empty:
         return None
@@ -519,14 +520,16 @@ def fig_misalignment(grads: pd.DataFrame, figures_dir: Path, measure: str = "mis
     for ax in axes.flat[len(splits):]:
         ax.remove()
     span = float(s["pct"].max() - s["pct"].min()) or 1.0
+    colors = plots.condition_colors(arms)
     for ax, split in zip(axes.flat, splits):
         for i, a in enumerate(arms):
             sub = s[(s["split"] == split) & (s["arm"] == a)].sort_values("pct")
             if len(sub):
-                _errorbar_points(ax, sub, "pct", None, color=f"C{i % 10}", label=a, offset=_dodge(i, len(arms), 0.04 * span),
+                _errorbar_points(ax, sub, "pct", None, color=colors[a], label=a, offset=_dodge(i, len(arms), 0.04 * span),
                                  fmt="o-", ms=3)
         ax.axhline(1.0, color="grey", lw=0.8, ls=":")
         ax.set(xlabel="% of training", title=f"{split} units")
+        plots.direction_note(ax, "1 = clipping keeps the direction; ↓ turns the group's update more")
     for row in axes:
         row[0].set_ylabel("cos(Σ clipped g, Σ g)")
     return _publish(fig, figures_dir, "misalignment_curves", "Gradient misalignment by group over training", legend=True)

@@ -338,19 +338,28 @@ def gradnorm_summary(grads: pd.DataFrame, measure: str, split: str = "diff") -> 
     return pd.DataFrame(rows)
 
 
-def association_summary(items: pd.DataFrame, group: str = "all", bounds: tuple[float, float] = (0, 1)) -> pd.DataFrame:
+def association_summary(items: pd.DataFrame, group: str = "all", bounds: tuple[float, float] = (0, 1),
+                        cda: bool = False) -> pd.DataFrame:
     """Learned association per family x condition (CDA ratio 0 and the base): the two-way bootstrap
     mean over seeds and prompt pairs, clipped to ``bounds``; ``group`` another of the probe's per-pair
-    values (``nonbinary``, ``nonbinary_lean``: `nonbinary`)."""
+    values (``nonbinary``, ``nonbinary_lean``: `nonbinary`). ``cda``: also each CDA arm (ratio > 0),
+    labelled ``<condition> · CDA <ratio>``, after the ratio-0 conditions."""
 
     items = main_design(items)
     if items.empty:
         return pd.DataFrame()
     df = with_condition(items)
-    df = df[(df["run_id"] == "base") | np.isclose(df["mixing_ratio"].astype(float).fillna(-1), 0.0)]
+    ratio = df["mixing_ratio"].astype(float).fillna(0.0)
+    arms = df[(df["run_id"] == "base") | np.isclose(ratio, 0.0)]
+    order = [(c, arms[arms["condition"] == c]) for c in condition_order(arms)]
+    if cda:
+        treated = df[(df["run_id"] != "base") & (ratio > 0)]
+        for cond in condition_order(treated):
+            for r in sorted(set(treated.loc[treated["condition"] == cond, "mixing_ratio"].astype(float))):
+                order.append((f"{cond} · CDA {r:g}", treated[(treated["condition"] == cond)
+                                                            & np.isclose(treated["mixing_ratio"].astype(float), r)]))
     rows = []
-    for cond in condition_order(df):
-        sub = df[df["condition"] == cond]
+    for cond, sub in order:
         for family in claims.FAMILIES:
             res = claims.arm_summary(sub, f"learned_association_{family}", group, *bounds)
             if res is not None:

@@ -32,7 +32,7 @@ class Method:
     optimizer: str          # "adam" | "sgd"
     needs_epsilon: bool     # True: the grid point must give epsilon (sigma is calibrated to it); False: null
     private: bool           # the run earns (epsilon, delta)-DP
-    what: str               # one line for the README's "Ways of training" table
+    what: str               # one line for docs/methods.md's "Ways of training" table
 
 
 METHODS: dict[str, Method] = {m.name: m for m in (

@@ -1,7 +1,7 @@
 """Slurm execution (dpbias_utils.pipeline.slurm) against a real single-node Slurm cluster on this machine.
 
-`tests/slurm/setup.sh` installs and starts the cluster once per session (seconds when it is up);
-the tests skip, with the set-up's message, where it cannot (not root, no apt, no daemons).
+The tests never install anything: CI (`.ci/run`) starts the cluster with `tests/slurm/setup.sh` before
+`make test`; where no cluster answers (`sinfo` missing or no usable node) they skip saying how to start one.
 The main test runs a shrunk tiny profile through `--executor slurm` and through local execution
 into separate run folders, at the same time, and requires identical results tables (the runs are
 CPU-deterministic: same seeds, one BLAS thread in both, same notebooks).
@@ -22,7 +22,6 @@ from dpbias_utils.pipeline import graph
 from dpbias_utils.pipeline import node as pipeline_node
 from dpbias_utils.params import parse_profile
 
-SETUP = paths.REPO_ROOT / "tests" / "slurm" / "setup.sh"
 
 
 def _tiny_slurm_profile(name: str) -> dict:
@@ -90,17 +89,35 @@ def test_driver_prints_progress_of_running_jobs_from_their_progress_files(tmp_pa
 
 
 # --------------------------------------------------------------------------- the cluster
+SKIP_HINT = ("`make test` installs nothing; start a single-node cluster first with `sudo bash tests/slurm/setup.sh` "
+             "(CI's .ci/run does), see docs/running.md")
+
+
+def slurm_state() -> str | None:
+    """None when a Slurm cluster with an idle or mixed node answers here; else why not."""
+    for tool in ("sbatch", "sinfo", "squeue"):
+        if shutil.which(tool) is None:
+            return f"`{tool}` not found"
+    try:
+        out = subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True, timeout=20)
+    except subprocess.TimeoutExpired:
+        return "`sinfo` did not answer within 20 s"
+    states = set(out.stdout.split())
+    if out.returncode != 0 or not states & {"idle", "mixed", "allocated"}:
+        return f"`sinfo` shows no usable node (exit {out.returncode}: {(out.stdout + out.stderr).strip()[:200]!r})"
+    return None
+
+
+def require_slurm() -> None:
+    why = slurm_state()
+    if why is not None:
+        pytest.skip(f"no Slurm cluster: {why}; {SKIP_HINT}")
+
+
 @pytest.fixture(scope="session")
 def slurm_cluster():
-    if shutil.which("bash") is None:
-        pytest.skip("bash not available")
-    try:
-        out = subprocess.run(["bash", str(SETUP)], capture_output=True, text=True, timeout=900)
-    except subprocess.TimeoutExpired:
-        pytest.skip("tests/slurm/setup.sh took more than 15 min")
-    if out.returncode != 0:
-        tail = "\n".join((out.stderr or out.stdout).strip().splitlines()[-8:])
-        pytest.skip(f"no local Slurm cluster (tests/slurm/setup.sh exit {out.returncode}):\n{tail}")
+    """A running Slurm cluster, never installed by the tests themselves."""
+    require_slurm()
     return True
 
 
@@ -177,3 +194,11 @@ def test_slurm_matches_local_and_is_idempotent(slurm_cluster, tmp_path, monkeypa
     third = cli.run(profile, runs_dir=slurm_runs, progress=False, executor="slurm")
     assert third.ok and [n.key for n in third.completed] == [n05.key]
     assert _tables(slurm_dir)["results.csv"].equals(a["results.csv"])
+
+
+def test_without_slurm_the_tests_skip_with_the_way_to_start_it(monkeypatch):
+    """`make test` installs nothing: no sbatch here means a skip that names the set-up script."""
+    monkeypatch.setattr(shutil, "which", lambda tool: None)
+    assert slurm_state() == "`sbatch` not found"
+    with pytest.raises(pytest.skip.Exception, match="tests/slurm/setup.sh"):
+        require_slurm()

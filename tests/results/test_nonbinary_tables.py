@@ -69,6 +69,14 @@ def test_stage05_tables_carry_the_nonbinary_rows_and_items(tmp_path):
     summary = tables.seed_summary(res)
     assert {"nonbinary", "nonbinary_lean"} <= set(summary["group"])
     assert not tables.association_summary(items).empty  # the figure's summary still reads group "all" only
+    # the non-binary figure: the lean per family, the gradient norms of the two splits; never the base alone
+    import matplotlib
+
+    matplotlib.use("Agg")
+    shown = nonbinary.fig_nonbinary(items, res, tmp_path / "figures")
+    assert len(shown.panels) == 2 and shown.empty == [] and (tmp_path / "figures" / "nonbinary.png").is_file()
+    base_only = items.assign(run_id="base")
+    assert nonbinary.fig_nonbinary(base_only, res.iloc[:0], tmp_path / "f2") is None
 
 
 def test_the_nonbinary_profile_switches_the_probe_on_and_the_default_does_not():

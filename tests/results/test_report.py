@@ -163,31 +163,57 @@ def test_verdict_summary_counts_the_rule_s_verdicts_only():
     assert "reproduced" not in table and "|effect|" in table and table.count("<td>") == 5
 
 
-@pytest.mark.parametrize("profile", sorted(readme.PUBLISHED))
-def test_readme_results_blocks_are_the_committed_findings(profile):
-    """Each README results block is generated from its profile's committed findings.md (stage 05 rewrites
-    both); the default study's is figures/findings.md."""
-    which = readme.PUBLISHED[profile]
+@pytest.mark.parametrize("which", readme.BLOCKS, ids=lambda b: b.name)
+def test_generated_blocks_are_their_committed_sources(which):
+    """Each generated block (the README's headline and verdicts, each published profile's findings in
+    docs/results/<profile>.md) equals what its committed source generates; stage 05 rewrites them."""
     assert readme.is_current(which)
     assert readme.DEFAULT.findings == paths.FIGURES / "findings.md"
+    assert readme.DEFAULT.doc == paths.DOCS / "results" / "default.md"
 
 
-def test_publish_copies_a_published_profile_and_rewrites_only_its_block(tmp_path, monkeypatch):
-    which = readme.Block("mechanism-findings", tmp_path / "figures" / "mechanism")
+def test_publish_copies_a_published_profile_and_rewrites_its_page_and_the_verdicts(tmp_path, monkeypatch):
+    page, rd = tmp_path / "docs" / "results" / "mechanism.md", tmp_path / "README.md"
+    page.parent.mkdir(parents=True)
+    which = readme.Block("mechanism-findings", tmp_path / "figures" / "mechanism" / "findings.md", page)
     monkeypatch.setitem(readme.PUBLISHED, "mechanism", which)
-    rd = tmp_path / "README.md"
-    rd.write_text(f"# t\n\n{readme.START}\nkept\n{readme.END}\n\n{which.start}\nold\n{which.end}\n")
-    monkeypatch.setattr(readme, "README", rd)
+    verdicts = readme.VerdictBlock("verdicts", which.findings, rd)
+    monkeypatch.setattr(readme, "VERDICTS", verdicts)
+    page.write_text(f"# t\n\n{which.start}\nold\n{which.end}\n")
+    rd.write_text(f"# r\n\n{verdicts.start}\nstale\n{verdicts.end}\n\nkept\n")
     prof = tmp_path / "runs" / "mechanism"
     (prof / "figures").mkdir(parents=True)
     (prof / "figures" / "a.png").write_bytes(b"png")
-    (prof / "findings.md").write_text("### Summary of verdicts\n\n- y\n")
+    which.folder.mkdir(parents=True)
+    (which.folder / "base_only.png").write_bytes(b"stale")  # published before, not drawn by this run
+    (prof / "findings.md").write_text("### Summary of verdicts\n\n- **C helps** (2 contrasts): reproduced 2.\n")
     findings.publish(prof, prof / "figures")
-    assert (which.folder / "a.png").read_bytes() == b"png" and readme.is_current(which, rd)
-    text = rd.read_text()
-    assert "- y" in text and "old" not in text and "kept" in text
+    assert (which.folder / "a.png").read_bytes() == b"png" and readme.is_current(which, page)
+    assert not (which.folder / "base_only.png").exists()
+    text = page.read_text()
+    assert "C helps" in text and "old" not in text
+    assert "| [mechanism](docs/results/mechanism.md) | C helps | 2 | reproduced 2 |" in rd.read_text()
+    assert "kept" in rd.read_text() and "stale" not in rd.read_text()
     findings.publish(tmp_path / "runs" / "other", prof / "figures")  # a profile not published: nothing
-    assert rd.read_text() == text
+    assert page.read_text() == text
+
+
+def test_write_block_fills_the_readme_headline_from_its_text(tmp_path):
+    rd = tmp_path / "README.md"
+    rd.write_text(f"# q\n\n<!-- regimes:start -->\nplaceholder\n<!-- regimes:end -->\n\n## The answer\n")
+    regimes = readme.Block("regimes", tmp_path / "figures" / "regimes.md", rd, writer="the regime map")
+    assert readme.write_block(regimes, "DP amplifies where the base is more biased than the data.") is True
+    text = rd.read_text()
+    assert "DP amplifies where" in text and "placeholder" not in text and text.endswith("## The answer\n")
+    assert regimes.findings.read_text() == "DP amplifies where the base is more biased than the data.\n"
+    assert readme.is_current(regimes, rd) and readme.write_block(regimes, "DP amplifies where the base is more biased than the data.") is False
+
+
+def test_verdict_table_takes_each_profile_s_summary_only():
+    md = ("### Summary of verdicts\n\n- **A** (1 contrast): reproduced 1.\n- **B** (3 contrasts): contradicted 2, "
+          "inconclusive 1.\n\n### Claims\n\n- **not a summary** (9 contrasts): reproduced 9.\n")
+    assert readme.verdict_table({"p": md}).splitlines()[2:] == [
+        "| [p](docs/results/p.md) | A | 1 | reproduced 1 |", "| [p](docs/results/p.md) | B | 3 | contradicted 2, inconclusive 1 |"]
 
 
 def test_readme_update_rewrites_only_the_block(tmp_path):
@@ -226,3 +252,13 @@ def test_methods_state_the_privacy_unit_and_the_overlaps_from_stage01(tmp_path):
     assert "60 documents (a WikiText article), 102.2 units each on average, at most 509" in text
     assert "(kε, k e<sup>(k−1)ε</sup>δ)" in text and "valid in train 2.3 %" in text
     assert "overlap with the base's pretraining corpus unknown (gpt2: not available)" in text
+
+
+def test_a_findings_page_shows_the_published_figures_in_the_report_s_order(tmp_path):
+    folder, page = tmp_path / "figures" / "p", tmp_path / "docs" / "results" / "p.md"
+    folder.mkdir(parents=True)
+    for name in ("gradnorm_gap", "claims_forest"):
+        (folder / f"{name}.png").write_bytes(b"png")
+    body = readme.FindingsBlock("p-findings", folder / "findings.md", page).render("### Summary of verdicts\n")
+    assert body.index("(../../figures/p/claims_forest.png)") < body.index("(../../figures/p/gradnorm_gap.png)")
+    assert "*Figure 1.* Every claim of the study" in body and "learned_association" not in body
