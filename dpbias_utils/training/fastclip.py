@@ -482,7 +482,9 @@ def _bookkeep(cap: _Capture, units: _Units, c_row: Tensor, timer: _Timer) -> Non
 # --------------------------------------------------------------------------- API
 
 
-def _run(model: nn.Module, batch: dict, factor: Optional[Callable[[Tensor], Tensor]], timer: _Timer) -> Tensor:
+def _run(model: nn.Module, batch: dict, factor: Optional[Callable[[Tensor], Tensor]],
+         timer: _Timer) -> Tuple[Tensor, Tensor]:
+    """(per-unit gradient norms (U,), per-unit losses (U,) of the same forward, detached)."""
     cap = _Capture(model)
     units = _Units.from_batch(batch)
     if units.unit_index.numel() != batch["input_ids"].shape[0]:
@@ -490,7 +492,8 @@ def _run(model: nn.Module, batch: dict, factor: Optional[Callable[[Tensor], Tens
     with torch.enable_grad(), cap.active():
         with timer("forward"):
             logits = _model_logits(model, batch)
-            loss = row_lm_losses(logits, batch).sum()
+            rows = row_lm_losses(logits, batch)
+            loss = rows.sum()
             del logits
         with timer("backward (input grads only)"):
             loss.backward()
@@ -501,7 +504,7 @@ def _run(model: nn.Module, batch: dict, factor: Optional[Callable[[Tensor], Tens
         c_row = factor(norms)[units.unit_index]
         _bookkeep(cap, units, c_row, timer)
     dtype = cap.params[0].dtype if cap.params else torch.float32
-    return norms.to(dtype)
+    return norms.to(dtype), units.to_units(rows.detach())
 
 
 def per_unit_grad_norms(model: nn.Module, batch: dict) -> Tensor:
@@ -510,7 +513,7 @@ def per_unit_grad_norms(model: nn.Module, batch: dict) -> Tensor:
     Does not touch ``p.grad``. Exact (no per-example gradient is materialised unless that is the
     cheaper way for a layer).
     """
-    return _run(model, batch, None, _Timer(False))
+    return _run(model, batch, None, _Timer(False))[0]
 
 
 def clip_factor(max_grad_norm: float) -> Callable[[Tensor], Tensor]:
@@ -536,17 +539,19 @@ def unit_factor_one(norms: Tensor) -> Tensor:
 
 
 def scaled_grad_sum(model: nn.Module, batch: dict, factor: Callable[[Tensor], Tensor], *,
-                    timings: Optional[dict] = None) -> Tensor:
+                    timings: Optional[dict] = None, with_losses: bool = False):
     """One forward + one backward; returns the per-unit norms ``(U,)`` and sets, for every
     trainable parameter, ``p.grad = sum_u c_u g_u`` with ``c = factor(norms)`` ``(U,)`` (no noise, no
     averaging; any previous ``p.grad`` is overwritten). ``timings``: optional dict filled with
     seconds per phase (forward, backward, norms by layer type, book-keeping sum).
+    ``with_losses``: return ``(norms, losses)``, ``losses`` ``(U,)`` the per-unit losses (sum of the
+    unit's ``row_lm_losses``) of the very forward the gradient comes from (same dropout masks), detached.
     """
     timer = _Timer(timings is not None)
-    norms = _run(model, batch, factor, timer)
+    norms, losses = _run(model, batch, factor, timer)
     if timings is not None:
         timings.update(timer.t)
-    return norms
+    return (norms, losses) if with_losses else norms
 
 
 def clipped_grad_sum(model: nn.Module, batch: dict, max_grad_norm: float, *, timings: Optional[dict] = None) -> Tensor:
