@@ -559,14 +559,51 @@ def clipped_grad_sum(model: nn.Module, batch: dict, max_grad_norm: float, *, tim
     return scaled_grad_sum(model, batch, clip_factor(max_grad_norm), timings=timings)
 
 
+def _in_place_dp_optimizer():
+    """Opacus's ``DPOptimizerFastGradientClipping`` without its copies, bit-identical to it.
+
+    Opacus deep-copies the first physical batch's ``p.grad`` into ``p.summed_grad``, allocates and
+    fills a zero tensor per parameter before drawing the noise (used only when std is 0 or in secure
+    mode), and writes ``p.summed_grad + noise`` to a new tensor: three model-sized passes of memory
+    per step that a DP step pays over a non-DP one. Here the first ``p.grad`` becomes the running sum
+    itself (fastclip's ``p.grad`` is a fresh tensor every physical batch, nobody else holds it), and
+    the noise ``torch.normal(0, sigma C, shape)`` on the same generator (the same call as Opacus's
+    non-secure ``_generate_noise``) is added in place. Secure-mode noise and std 0 keep Opacus's own
+    ``_generate_noise``. Same draws, same additions, same division: the same bits."""
+    from opacus.optimizers import DPOptimizerFastGradientClipping
+    from opacus.optimizers.optimizer import _check_processed_flag, _generate_noise, _mark_as_processed
+
+    class InPlaceDPOptimizerFastGradientClipping(DPOptimizerFastGradientClipping):
+        def accumulate(self):
+            for p in self.params:
+                if p.summed_grad is not None:
+                    p.summed_grad.add_(p.grad.data)
+                else:
+                    p.summed_grad = p.grad.data
+
+        def add_noise(self):
+            std = getattr(self, "_adjusted_noise_multiplier", self.noise_multiplier) * self.max_grad_norm
+            for p in self.params:
+                _check_processed_flag(p.summed_grad)
+                s = p.summed_grad
+                if self.secure_mode or std == 0:
+                    s.add_(_generate_noise(std=std, reference=s, generator=self.generator, secure_mode=self.secure_mode))
+                else:
+                    s.add_(torch.normal(mean=0, std=std, size=s.shape, device=s.device, generator=self.generator,
+                                        dtype=s.dtype))
+                p.grad = s.view_as(p)
+                _mark_as_processed(p.summed_grad)
+
+    return InPlaceDPOptimizerFastGradientClipping
+
+
 def make_dp_optimizer(optimizer, *, noise_multiplier: float, max_grad_norm: float, expected_batch_size: float,
                       **kwargs):
-    """Opacus's ``DPOptimizerFastGradientClipping`` around ``optimizer``: its ``step`` takes the
-    clipped sum left in ``p.grad`` by ``clipped_grad_sum``, adds ``N(0, (sigma*C)^2)`` noise and
-    divides by ``expected_batch_size`` (expected number of units per Poisson batch)."""
-    from opacus.optimizers import DPOptimizerFastGradientClipping
-
-    return DPOptimizerFastGradientClipping(
+    """Opacus's ``DPOptimizerFastGradientClipping`` around ``optimizer`` (in its copy-free form,
+    ``_in_place_dp_optimizer``): its ``step`` takes the clipped sum left in ``p.grad`` by
+    ``clipped_grad_sum``, adds ``N(0, (sigma*C)^2)`` noise and divides by ``expected_batch_size``
+    (expected number of units per Poisson batch)."""
+    return _in_place_dp_optimizer()(
         optimizer,
         noise_multiplier=noise_multiplier,
         max_grad_norm=max_grad_norm,
