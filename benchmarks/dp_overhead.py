@@ -170,6 +170,7 @@ def main(argv=None) -> dict:
                     help="the DP steppers' noise mode (train's default: secret, Opacus secure_mode noise; the "
                          "study's replicates: reproducible)")
     ap.add_argument("--shapes", default="tiny,distilgpt2", help="comma-separated: " + ", ".join(SHAPES))
+    ap.add_argument("--modes", help="comma-separated DP modes to time against nondp (default: all)")
     ap.add_argument("--profile", metavar="MODE", help="instead of timing: cProfile one step of MODE "
                                                       "(nondp, hooks, fast) at the last of --shapes")
     args = ap.parse_args(argv)
@@ -189,6 +190,10 @@ def main(argv=None) -> dict:
     plan = {"tiny": ["nondp", "hooks", "hooks_functorch"] + (["fast"] if has_fast else []),
             "distilgpt2": ["nondp"] + dp_modes + ([] if args.quick else ["hooks_functorch"])}
     plan = {k: v for k, v in plan.items() if k in shapes}
+    if args.modes:
+        keep = set(args.modes.split(","))
+        dp_modes = [m for m in dp_modes if m in keep]
+        plan = {k: ["nondp"] + [m for m in v[1:] if m in keep] for k, v in plan.items()}
     results: dict = {}
     for shape_name, modes in plan.items():
         s = SHAPES[shape_name]
