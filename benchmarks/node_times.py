@@ -8,14 +8,14 @@ From a finished profile folder (``runs/<profile>``), with no re-running:
 * per stage, the mean split of a node from its executed ``notebook.ipynb`` (papermill's per-cell
   times): ``kernel`` (papermill start to the first cell: kernel start), ``imports`` (the first
   cell: torch / transformers / dpbias_utils), ``work`` (every other cell; model loads happen in
-  there), ``report`` (marker seconds minus papermill's own duration: the HTML rendering, notebook
-  writes);
+  there), ``other`` (marker seconds minus papermill's own duration: the node process importing
+  papermill before the notebook starts, the HTML report after it);
 
 and measured here, side by side on this machine (``--measure``, a few seconds each, the minimum of
-``--repeat`` tries): a fresh Python process that imports what a node's first cell imports, a
-fresh Jupyter kernel started and stopped, and loading the study's base model (from the folder's
-cache). The fixed cost per node is kernel + imports + one model load; its share of all node time is
-what a per-worker kernel reused across nodes could save at most.
+``--repeat`` tries): the node process's own imports (papermill, nbconvert), a fresh Python process
+that imports what a node's first cell imports, a fresh Jupyter kernel started and stopped, and
+loading the study's base model (from the folder's cache). The fixed cost per node is their sum; its
+share of all node time is what one process per worker reused across nodes could save at most.
 
 Usage: python benchmarks/node_times.py runs/<profile> [--measure] [--repeat 3]
 Prints one table per part and last a line ``fixed_cost_per_node=<s> s (<pct> % of node time)``.
@@ -60,7 +60,7 @@ def node_records(profile_dir: Path) -> list[dict]:
 
 
 def notebook_split(nb_path: Path, seconds: float) -> dict:
-    """kernel / imports / work / report seconds of one executed notebook (empty when unreadable)."""
+    """kernel / imports / work / other seconds of one executed notebook (empty when unreadable)."""
     try:
         nb = json.loads(nb_path.read_text())
         pm = nb["metadata"]["papermill"]
@@ -69,7 +69,7 @@ def notebook_split(nb_path: Path, seconds: float) -> dict:
         start, first = _t(pm["start_time"]), cells[0]
         return {"kernel": _t(first["start_time"]) - start, "imports": float(first["duration"]),
                 "work": sum(float(c["duration"] or 0) for c in cells[1:]),
-                "report": seconds - float(pm["duration"])}
+                "other": seconds - float(pm["duration"])}
     except (OSError, ValueError, KeyError, IndexError, TypeError):
         return {}
 
@@ -83,7 +83,7 @@ def stage_table(recs: list[dict]) -> list[dict]:
         rs = by[stage]
         s = [r["seconds"] for r in rs]
         row = {"stage": stage, "nodes": len(rs), "node_s": sum(s), "mean_s": statistics.mean(s), "max_s": max(s)}
-        for part in ("kernel", "imports", "work", "report"):
+        for part in ("kernel", "imports", "work", "other"):
             vals = [r[part] for r in rs if part in r]
             row[part] = statistics.mean(vals) if vals else float("nan")
         rows.append(row)
@@ -105,6 +105,17 @@ def measure_imports(repeat: int) -> float:
     bare = _min_time(lambda: subprocess.run([sys.executable, "-c", "pass"], check=True), repeat)
     full = _min_time(lambda: subprocess.run([sys.executable, "-c", FIRST_CELL_IMPORTS], check=True), repeat)
     return full - bare
+
+
+def measure_node_process_imports(repeat: int) -> tuple[float, float]:
+    """A node process's `import papermill` (and nbconvert, for the report), as a node imports it (without
+    jsonschema's optional iri checker, `node.skip_iri_format_checker`) and with it, minus a bare interpreter."""
+    bare = _min_time(lambda: subprocess.run([sys.executable, "-c", "pass"], check=True), repeat)
+    code = "import papermill, nbconvert"
+    skip = "from dpbias_utils.pipeline.node import skip_iri_format_checker; skip_iri_format_checker(); "
+    as_node = _min_time(lambda: subprocess.run([sys.executable, "-c", skip + code], check=True), repeat)
+    plain = _min_time(lambda: subprocess.run([sys.executable, "-c", code], check=True), repeat)
+    return as_node - bare, plain - bare
 
 
 def measure_kernel(repeat: int) -> float:
@@ -145,26 +156,29 @@ def main(argv=None) -> dict:
     print(f"{args.profile_dir}: {len(recs)} nodes, {total:.0f} node-seconds, span {span:.0f} s "
           f"(first node start to last node end)")
     print(f"{'stage':5s} {'nodes':>5s} {'node-s':>8s} {'share':>6s} {'mean':>7s} {'max':>7s} | mean split: "
-          f"{'kernel':>7s} {'imports':>7s} {'work':>7s} {'report':>7s}")
+          f"{'kernel':>7s} {'imports':>7s} {'work':>7s} {'other':>7s}")
     for r in rows:
         print(f"{r['stage']:5s} {r['nodes']:5d} {r['node_s']:8.1f} {r['node_s'] / total:6.1%} {r['mean_s']:7.1f} "
-              f"{r['max_s']:7.1f} |             {r['kernel']:7.1f} {r['imports']:7.1f} {r['work']:7.1f} {r['report']:7.1f}")
+              f"{r['max_s']:7.1f} |             {r['kernel']:7.1f} {r['imports']:7.1f} {r['work']:7.1f} {r['other']:7.1f}")
     split = {p: statistics.mean([r[p] for r in recs if p in r] or [float("nan")])
-             for p in ("kernel", "imports", "work", "report")}
+             for p in ("kernel", "imports", "work", "other")}
     print(f"all   {len(recs):5d} {total:8.1f} {1:6.1%} {total / len(recs):7.1f} {max(r['seconds'] for r in recs):7.1f} |"
-          f"             {split['kernel']:7.1f} {split['imports']:7.1f} {split['work']:7.1f} {split['report']:7.1f}")
+          f"             {split['kernel']:7.1f} {split['imports']:7.1f} {split['work']:7.1f} {split['other']:7.1f}")
     result = {"nodes": len(recs), "node_seconds": total, "span": span, "stages": rows, "split": split}
-    fixed_logged = split["kernel"] + split["imports"]
+    fixed_logged = split["kernel"] + split["imports"] + split["other"]
     print(f"fixed cost from the notebooks: kernel {split['kernel']:.1f} s + imports {split['imports']:.1f} s "
-          f"+ report {split['report']:.1f} s per node (model loads are inside 'work')")
+          f"+ other (papermill import, HTML) {split['other']:.1f} s per node (model loads are inside 'work')")
     if args.measure:
+        node_imp, node_imp_iri = measure_node_process_imports(args.repeat)
         imp = measure_imports(args.repeat)
         ker = measure_kernel(args.repeat)
         load = measure_model_load(args.profile_dir, args.repeat)
-        print(f"measured here (min of {args.repeat}): imports {imp:.2f} s, kernel start+stop {ker:.2f} s, "
-              f"base model load {'n/a' if load is None else f'{load:.2f} s'}")
-        fixed = imp + ker + (load or 0.0)
-        result.update(measured={"imports": imp, "kernel": ker, "model_load": load})
+        print(f"measured here (min of {args.repeat}): node process imports papermill+nbconvert {node_imp:.2f} s "
+              f"(with jsonschema's iri checker {node_imp_iri:.2f} s), kernel start+stop {ker:.2f} s, "
+              f"first-cell imports {imp:.2f} s, base model load {'n/a' if load is None else f'{load:.2f} s'}")
+        fixed = node_imp + imp + ker + (load or 0.0)
+        result.update(measured={"node_process_imports": node_imp, "node_process_imports_with_iri": node_imp_iri,
+                                "imports": imp, "kernel": ker, "model_load": load})
     else:
         fixed = fixed_logged
     result["fixed_cost_per_node"] = fixed
