@@ -309,7 +309,8 @@ class OpacusDP(_DPOptimizerStepper):
 class FastDP(_DPOptimizerStepper):
     """Exact per-unit clipping in one forward and one backward (`fastclip.clipped_grad_sum`: ghost
     norms + book-keeping), Poisson sampling of units (Opacus's UniformWithReplacementSampler on the
-    sampling generator), and Opacus's `DPOptimizerFastGradientClipping` for the rest: it sums the
+    sampling generator), and Opacus's `DPOptimizerFastGradientClipping` (in its copy-free, bit-identical
+    form, `fastclip.make_dp_optimizer`) for the rest: it sums the
     physical batches' clipped sums, adds N(0, (sigma C)^2) from the noise generator, divides by the
     expected batch size and steps the accountant. That optimizer gives bit-identical parameters to the
     hand-written noise draw it replaced (same `torch.normal` call on the same generator, same
