@@ -1,11 +1,17 @@
 """DP vs non-DP training-step cost: time and peak memory, measured side by side in one run.
 
-Modes (one optimizer step each = forward + backward + clipping + noise + Adam on one batch):
-  nondp             plain per-unit loss, mean over units, torch Adam
-  hooks             Opacus hooks (our Conv1D grad sampler), per-unit clipping, DP-Adam (the OpacusDP stepper's path)
+Modes: one logical step (one physical batch) through the stepper that `training.train` builds, driven
+as `loop.run_steps` drives it (`stepper.backward(pb)`, the per-step log, `stepper.step()`), so the
+figure is what a run pays: forward, backward, clipping, noise, accounting hook and Adam.
+  nondp             the NonDP stepper (per-unit loss, mean over the logical batch, Adam)
+  hooks             the OpacusDP stepper (Opacus hooks with our Conv1D grad sampler, DPOptimizer)
   hooks_functorch   same, but Conv1D falls back to Opacus's functorch sampler (what you get without
                     dpbias_utils.training.grad_samplers), to show the registered sampler is faster
-  fast              dpbias_utils.training.fastclip.clipped_grad_sum + noise + Adam (only if fastclip exists)
+  fast              the FastDP stepper (fastclip ghost norms + book-keeping, Opacus's
+                    DPOptimizerFastGradientClipping for noise and accounting)
+DP steppers run on a plan of 4B units (Poisson rate 1/4, sigma 1, C 0.1) in `--noise` mode
+(default secret, train's default: Opacus secure_mode noise; the study's replicates use reproducible).
+`--profile MODE` prints a cProfile of one step instead of timing.
 
 Shapes: the tiny built-in default (2 layers, 64 wide, vocab 2000, 64 tokens, batch 32) and
 DistilGPT2's (6 layers, 768 wide, vocab 50257, 128 tokens, batch 8), random weights, tied embeddings.
@@ -21,6 +27,7 @@ DP mode / nondp for the same shape. The last lines are `<mode>: time_ratio=<x> m
 for each DP mode at DistilGPT2 shape.
 
 Usage: python benchmarks/dp_overhead.py [--quick] [--threads N] [--device auto|cpu|cuda]
+       [--noise secret|reproducible] [--shapes tiny,distilgpt2] [--profile nondp|hooks|fast]
 """
 from __future__ import annotations
 
@@ -46,13 +53,32 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
 
 
-def _child(shape: dict, mode: str, warmup: int, steps: int, threads: int, device: str, q) -> None:
+STEPPER_OF = {"nondp": "nondp", "hooks": "opacus", "hooks_functorch": "opacus", "fast": "fast"}
+
+
+def _profile_step(step, mode: str, shape: dict) -> None:
+    """One warm-up step, then cProfile of one step: the top functions by their own time."""
+    import cProfile
+    import pstats
+
+    step()
+    pr = cProfile.Profile()
+    pr.enable()
+    step()
+    pr.disable()
+    print(f"--- profile of one {mode} step (own time, top 25)", flush=True)
+    pstats.Stats(pr).sort_stats("tottime").print_stats(25)
+
+
+def _child(shape: dict, mode: str, warmup: int, steps: int, threads: int, device: str, q, noise: str = "secret",
+           profile: bool = False) -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
 
     from dpbias_utils import training
     from dpbias_utils.basemodel import resolve_device
+    from dpbias_utils.training.checkpoint import StepLog
 
     torch.set_num_threads(threads)
     warnings.filterwarnings("ignore")  # Opacus secure-RNG and hook notices, once per child
@@ -77,38 +103,31 @@ def _child(shape: dict, mode: str, warmup: int, steps: int, threads: int, device
         torch.cuda.reset_peak_memory_stats()
     base_rss = _peak_rss_mb()
     opt = torch.optim.Adam(model.parameters(), lr=1e-4)
-    sigma, C = 1.0, 0.1
+    if mode == "hooks_functorch":
+        from opacus.grad_sample.grad_sample_module import GradSampleHooks
+        from transformers.pytorch_utils import Conv1D
 
-    if mode.startswith("hooks"):
-        if mode == "hooks_functorch":
-            from opacus.grad_sample.grad_sample_module import GradSampleHooks
-            from transformers.pytorch_utils import Conv1D
+        GradSampleHooks.GRAD_SAMPLERS.pop(Conv1D, None)
+    # The stepper training.train builds for this mode, on a plan of 4B units (Poisson rate 1/4 for DP),
+    # driven as `loop.run_steps` drives it: one physical batch that ends its logical batch, backward,
+    # the per-step log, step (clipping, noise, accounting and Adam inside the stepper).
+    name = STEPPER_OF[mode]
+    plan = training.Plan(n_units=4 * B, steps=10**6, logical_batch_size=B, physical_batch_size=B, lr=1e-4, seed=0,
+                         device=dev, max_grad_norm=0.1, accountant="prv", noise=noise,
+                         **({} if name == "nondp" else {"sigma": 1.0, "delta": 1e-5}))
+    stepper = training.make_stepper(name, model, opt, ds, plan)
+    log = StepLog([])
+    pb = training.Physical(batch, True, B)
 
-            GradSampleHooks.GRAD_SAMPLERS.pop(Conv1D, None)
-        gsm, dp_opt, _, _ = training.prepare_dp(model, opt, ds, noise_multiplier=sigma, max_grad_norm=C,
-                                                sample_rate=0.25)
+    def step():
+        losses, norms = stepper.backward(pb)
+        log.add(B, losses, norms)
+        stepper.step()
 
-        def step():
-            training.dp_backward(gsm, batch, dp_opt.params)
-            dp_opt.step()
-            dp_opt.zero_grad(set_to_none=True)
-    elif mode == "fast":
-        from dpbias_utils.training import fastclip
-
-        params = [p for p in model.parameters() if p.requires_grad]
-
-        def step():
-            fastclip.clipped_grad_sum(model, batch, C)
-            with torch.no_grad():
-                for p in params:
-                    p.grad.add_(torch.normal(mean=0, std=sigma * C, size=p.shape, device=p.device)).div_(B)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-    else:
-        def step():
-            training.per_unit_loss(model, batch).mean().backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+    if profile:
+        _profile_step(step, mode, shape)
+        q.put({})
+        return
 
     times = []
     for i in range(warmup + steps):
@@ -127,10 +146,11 @@ def _child(shape: dict, mode: str, warmup: int, steps: int, threads: int, device
     q.put({"time": min(times), "median": statistics.median(times), "mem_mb": mem, "base_mb": base_rss})
 
 
-def measure(shape_name: str, mode: str, warmup: int, steps: int, threads: int, device: str) -> dict:
+def measure(shape_name: str, mode: str, warmup: int, steps: int, threads: int, device: str, noise: str = "secret",
+            profile: bool = False) -> dict:
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
-    p = ctx.Process(target=_child, args=(SHAPES[shape_name], mode, warmup, steps, threads, device, q))
+    p = ctx.Process(target=_child, args=(SHAPES[shape_name], mode, warmup, steps, threads, device, q, noise, profile))
     p.start()
     p.join()
     if p.exitcode != 0:
@@ -146,18 +166,34 @@ def main(argv=None) -> dict:
     ap.add_argument("--steps", type=int, default=2, help="timed steps per child")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--device", default="auto")
+    ap.add_argument("--noise", choices=("secret", "reproducible"), default="secret",
+                    help="the DP steppers' noise mode (train's default: secret, Opacus secure_mode noise; the "
+                         "study's replicates: reproducible)")
+    ap.add_argument("--shapes", default="tiny,distilgpt2", help="comma-separated: " + ", ".join(SHAPES))
+    ap.add_argument("--modes", help="comma-separated DP modes to time against nondp (default: all)")
+    ap.add_argument("--profile", metavar="MODE", help="instead of timing: cProfile one step of MODE "
+                                                      "(nondp, hooks, fast) at the last of --shapes")
     args = ap.parse_args(argv)
+    shapes = args.shapes.split(",")
+    if args.quick:
+        SHAPES["distilgpt2"] = {**SHAPES["distilgpt2"], "batch": 2, "tokens": 64}
+    if args.profile:
+        measure(shapes[-1], args.profile, 0, 0, args.threads, args.device, args.noise, profile=True)
+        return {}
     try:
         from dpbias_utils.training import fastclip  # noqa: F401
         has_fast = hasattr(fastclip, "clipped_grad_sum")
     except ImportError:
         has_fast = False
     warmup, steps, rounds = (1, 1, 1) if args.quick else (1, args.steps, args.rounds)
-    if args.quick:
-        SHAPES["distilgpt2"] = {**SHAPES["distilgpt2"], "batch": 2, "tokens": 64}
     dp_modes = ["hooks"] + (["fast"] if has_fast else [])
     plan = {"tiny": ["nondp", "hooks", "hooks_functorch"] + (["fast"] if has_fast else []),
             "distilgpt2": ["nondp"] + dp_modes + ([] if args.quick else ["hooks_functorch"])}
+    plan = {k: v for k, v in plan.items() if k in shapes}
+    if args.modes:
+        keep = set(args.modes.split(","))
+        dp_modes = [m for m in dp_modes if m in keep]
+        plan = {k: ["nondp"] + [m for m in v[1:] if m in keep] for k, v in plan.items()}
     results: dict = {}
     for shape_name, modes in plan.items():
         s = SHAPES[shape_name]
@@ -167,7 +203,7 @@ def main(argv=None) -> dict:
             for mode in modes:
                 # tiny steps are sub-second and dominated by scheduling noise: time more of them
                 n = steps if args.quick or shape_name != "tiny" else max(steps, 6)
-                r = measure(shape_name, mode, warmup, n, args.threads, args.device)
+                r = measure(shape_name, mode, warmup, n, args.threads, args.device, args.noise)
                 prev = results.get((shape_name, mode))
                 if prev is not None:  # keep the fastest time and the largest (most conservative) memory
                     r = {"time": min(r["time"], prev["time"]), "median": r["median"],
@@ -183,9 +219,10 @@ def main(argv=None) -> dict:
             a, b = results[(shape_name, "hooks")], results[(shape_name, "hooks_functorch")]
             print(f"  Conv1D grad sampler vs functorch fallback: {b['time'] / a['time']:.2f}x faster, "
                   f"{b['mem_mb'] / max(a['mem_mb'], 1e-9):.2f}x less peak memory")
-    ref = results[("distilgpt2", "nondp")]
+    last = list(plan)[-1]
+    ref = results[(last, "nondp")]
     for mode in dp_modes:
-        r = results[("distilgpt2", mode)]
+        r = results[(last, mode)]
         print(f"{mode}: time_ratio={r['time'] / ref['time']:.2f} memory_ratio={r['mem_mb'] / max(ref['mem_mb'], 1e-9):.2f}")
     return results
 

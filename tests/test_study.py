@@ -1,8 +1,5 @@
 """The whole chain on the tiny profile through `dpbias run`: tables' schema, every condition x metric."""
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pandas as pd
@@ -15,14 +12,7 @@ from dpbias_utils.params import load_profile
 TINY = Path(__file__).parent / "profiles" / "tiny.yaml"
 
 
-@pytest.fixture(scope="module")
-def tiny_study(tmp_path_factory):
-    root = tmp_path_factory.mktemp("study")
-    env = dict(os.environ, DPBIAS_CACHE=str(root / "cache"), HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
-    proc = subprocess.run([sys.executable, "-m", "dpbias_utils.cli", "run", str(TINY), "--runs-dir", str(root / "runs"),
-                           "--jobs", "2"], env=env, capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
-    return root / "runs" / "tiny"
+# `tiny_study` (tests/conftest.py): the tiny profile run once per test session, shared with other tests.
 
 
 @pytest.mark.slow

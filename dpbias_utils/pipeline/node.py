@@ -239,5 +239,18 @@ def progress_line(n: Node, folder: Path, started: float, holder: Optional[dict] 
     return f"{label(n)}{where}: {running}"
 
 
+def skip_iri_format_checker() -> None:
+    """Keep jsonschema from importing the optional `rfc3987_syntax` in this process.
+
+    nbformat (so papermill and nbconvert) imports jsonschema, which imports `rfc3987_syntax` when it is
+    installed (JupyterLab's dependencies bring it) only to check the "iri" string format, and that
+    import compiles a Lark grammar: most of `import papermill`, paid by every node process (measured by
+    `benchmarks/node_times.py --measure`). No notebook schema and nothing a node validates uses that
+    format; jsonschema without the package simply has no "iri" checker."""
+    if "jsonschema" not in sys.modules:
+        sys.modules.setdefault("rfc3987_syntax", None)
+
+
 if __name__ == "__main__":  # a node's child process: python -m dpbias_utils.pipeline.node NODE_JSON
+    skip_iri_format_checker()
     sys.exit(execute_node(Path(sys.argv[1])))

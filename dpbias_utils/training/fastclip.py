@@ -482,7 +482,9 @@ def _bookkeep(cap: _Capture, units: _Units, c_row: Tensor, timer: _Timer) -> Non
 # --------------------------------------------------------------------------- API
 
 
-def _run(model: nn.Module, batch: dict, factor: Optional[Callable[[Tensor], Tensor]], timer: _Timer) -> Tensor:
+def _run(model: nn.Module, batch: dict, factor: Optional[Callable[[Tensor], Tensor]],
+         timer: _Timer) -> Tuple[Tensor, Tensor]:
+    """(per-unit gradient norms (U,), per-unit losses (U,) of the same forward, detached)."""
     cap = _Capture(model)
     units = _Units.from_batch(batch)
     if units.unit_index.numel() != batch["input_ids"].shape[0]:
@@ -490,7 +492,8 @@ def _run(model: nn.Module, batch: dict, factor: Optional[Callable[[Tensor], Tens
     with torch.enable_grad(), cap.active():
         with timer("forward"):
             logits = _model_logits(model, batch)
-            loss = row_lm_losses(logits, batch).sum()
+            rows = row_lm_losses(logits, batch)
+            loss = rows.sum()
             del logits
         with timer("backward (input grads only)"):
             loss.backward()
@@ -501,7 +504,7 @@ def _run(model: nn.Module, batch: dict, factor: Optional[Callable[[Tensor], Tens
         c_row = factor(norms)[units.unit_index]
         _bookkeep(cap, units, c_row, timer)
     dtype = cap.params[0].dtype if cap.params else torch.float32
-    return norms.to(dtype)
+    return norms.to(dtype), units.to_units(rows.detach())
 
 
 def per_unit_grad_norms(model: nn.Module, batch: dict) -> Tensor:
@@ -510,7 +513,7 @@ def per_unit_grad_norms(model: nn.Module, batch: dict) -> Tensor:
     Does not touch ``p.grad``. Exact (no per-example gradient is materialised unless that is the
     cheaper way for a layer).
     """
-    return _run(model, batch, None, _Timer(False))
+    return _run(model, batch, None, _Timer(False))[0]
 
 
 def clip_factor(max_grad_norm: float) -> Callable[[Tensor], Tensor]:
@@ -536,17 +539,19 @@ def unit_factor_one(norms: Tensor) -> Tensor:
 
 
 def scaled_grad_sum(model: nn.Module, batch: dict, factor: Callable[[Tensor], Tensor], *,
-                    timings: Optional[dict] = None) -> Tensor:
+                    timings: Optional[dict] = None, with_losses: bool = False):
     """One forward + one backward; returns the per-unit norms ``(U,)`` and sets, for every
     trainable parameter, ``p.grad = sum_u c_u g_u`` with ``c = factor(norms)`` ``(U,)`` (no noise, no
     averaging; any previous ``p.grad`` is overwritten). ``timings``: optional dict filled with
     seconds per phase (forward, backward, norms by layer type, book-keeping sum).
+    ``with_losses``: return ``(norms, losses)``, ``losses`` ``(U,)`` the per-unit losses (sum of the
+    unit's ``row_lm_losses``) of the very forward the gradient comes from (same dropout masks), detached.
     """
     timer = _Timer(timings is not None)
-    norms = _run(model, batch, factor, timer)
+    norms, losses = _run(model, batch, factor, timer)
     if timings is not None:
         timings.update(timer.t)
-    return norms
+    return (norms, losses) if with_losses else norms
 
 
 def clipped_grad_sum(model: nn.Module, batch: dict, max_grad_norm: float, *, timings: Optional[dict] = None) -> Tensor:
@@ -554,14 +559,51 @@ def clipped_grad_sum(model: nn.Module, batch: dict, max_grad_norm: float, *, tim
     return scaled_grad_sum(model, batch, clip_factor(max_grad_norm), timings=timings)
 
 
+def _in_place_dp_optimizer():
+    """Opacus's ``DPOptimizerFastGradientClipping`` without its copies, bit-identical to it.
+
+    Opacus deep-copies the first physical batch's ``p.grad`` into ``p.summed_grad``, allocates and
+    fills a zero tensor per parameter before drawing the noise (used only when std is 0 or in secure
+    mode), and writes ``p.summed_grad + noise`` to a new tensor: three model-sized passes of memory
+    per step that a DP step pays over a non-DP one. Here the first ``p.grad`` becomes the running sum
+    itself (fastclip's ``p.grad`` is a fresh tensor every physical batch, nobody else holds it), and
+    the noise ``torch.normal(0, sigma C, shape)`` on the same generator (the same call as Opacus's
+    non-secure ``_generate_noise``) is added in place. Secure-mode noise and std 0 keep Opacus's own
+    ``_generate_noise``. Same draws, same additions, same division: the same bits."""
+    from opacus.optimizers import DPOptimizerFastGradientClipping
+    from opacus.optimizers.optimizer import _check_processed_flag, _generate_noise, _mark_as_processed
+
+    class InPlaceDPOptimizerFastGradientClipping(DPOptimizerFastGradientClipping):
+        def accumulate(self):
+            for p in self.params:
+                if p.summed_grad is not None:
+                    p.summed_grad.add_(p.grad.data)
+                else:
+                    p.summed_grad = p.grad.data
+
+        def add_noise(self):
+            std = getattr(self, "_adjusted_noise_multiplier", self.noise_multiplier) * self.max_grad_norm
+            for p in self.params:
+                _check_processed_flag(p.summed_grad)
+                s = p.summed_grad
+                if self.secure_mode or std == 0:
+                    s.add_(_generate_noise(std=std, reference=s, generator=self.generator, secure_mode=self.secure_mode))
+                else:
+                    s.add_(torch.normal(mean=0, std=std, size=s.shape, device=s.device, generator=self.generator,
+                                        dtype=s.dtype))
+                p.grad = s.view_as(p)
+                _mark_as_processed(p.summed_grad)
+
+    return InPlaceDPOptimizerFastGradientClipping
+
+
 def make_dp_optimizer(optimizer, *, noise_multiplier: float, max_grad_norm: float, expected_batch_size: float,
                       **kwargs):
-    """Opacus's ``DPOptimizerFastGradientClipping`` around ``optimizer``: its ``step`` takes the
-    clipped sum left in ``p.grad`` by ``clipped_grad_sum``, adds ``N(0, (sigma*C)^2)`` noise and
-    divides by ``expected_batch_size`` (expected number of units per Poisson batch)."""
-    from opacus.optimizers import DPOptimizerFastGradientClipping
-
-    return DPOptimizerFastGradientClipping(
+    """Opacus's ``DPOptimizerFastGradientClipping`` around ``optimizer`` (in its copy-free form,
+    ``_in_place_dp_optimizer``): its ``step`` takes the clipped sum left in ``p.grad`` by
+    ``clipped_grad_sum``, adds ``N(0, (sigma*C)^2)`` noise and divides by ``expected_batch_size``
+    (expected number of units per Poisson batch)."""
+    return _in_place_dp_optimizer()(
         optimizer,
         noise_multiplier=noise_multiplier,
         max_grad_norm=max_grad_norm,

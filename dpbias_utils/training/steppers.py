@@ -309,14 +309,15 @@ class OpacusDP(_DPOptimizerStepper):
 class FastDP(_DPOptimizerStepper):
     """Exact per-unit clipping in one forward and one backward (`fastclip.clipped_grad_sum`: ghost
     norms + book-keeping), Poisson sampling of units (Opacus's UniformWithReplacementSampler on the
-    sampling generator), and Opacus's `DPOptimizerFastGradientClipping` for the rest: it sums the
+    sampling generator), and Opacus's `DPOptimizerFastGradientClipping` (in its copy-free, bit-identical
+    form, `fastclip.make_dp_optimizer`) for the rest: it sums the
     physical batches' clipped sums, adds N(0, (sigma C)^2) from the noise generator, divides by the
     expected batch size and steps the accountant. That optimizer gives bit-identical parameters to the
     hand-written noise draw it replaced (same `torch.normal` call on the same generator, same
     division), which the project's bit-identity check showed on CPU runs.
 
-    The logged per-unit losses come from a second, gradient-free forward (its dropout draws are part
-    of the run's random stream).
+    The logged per-unit losses come from the clipping pass's own forward (the dropout masks of the
+    gradient; no second forward).
 
     Variants (issue 16): clip-only = `noise_multiplier` 0; noise-only = `clip` with C = inf and the
     noise at sigma C; global scaling = `clip` with its own clip factors.
@@ -350,17 +351,17 @@ class FastDP(_DPOptimizerStepper):
         """c(norms) -> (U,): the weight of each unit's gradient in the sum (here min(1, C/||g_u||))."""
         return fastclip.clip_factor(self.plan.max_grad_norm)
 
-    def clip(self, batch: dict) -> torch.Tensor:
-        """Set every trainable p.grad to sum_u c_u g_u (`unit_factor`); return the per-unit norms (U,)."""
+    def clip(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """Set every trainable p.grad to sum_u c_u g_u (`unit_factor`); return the per-unit norms and
+        the per-unit losses of the same forward, both (U,)."""
         for p in self.params:
             p.grad = None
-        return fastclip.scaled_grad_sum(self.model, batch, self.unit_factor())
+        return fastclip.scaled_grad_sum(self.model, batch, self.unit_factor(), with_losses=True)
 
     def backward(self, pb: Physical):
         if n_units(pb.batch):
-            norms = torch.as_tensor(self.clip(pb.batch)).detach().reshape(-1)
-            with torch.no_grad():
-                losses = per_unit_loss(self.model, pb.batch)
+            norms, losses = self.clip(pb.batch)
+            norms = torch.as_tensor(norms).detach().reshape(-1)
         else:  # an empty Poisson batch: nothing to add, the step still noises and is accounted
             for p in self.params:
                 p.grad = torch.zeros_like(p)
@@ -466,10 +467,10 @@ class GlobalAdapt(GlobalScaling):
     def _account(self, _optimizer) -> None:
         self.accountant.step(noise_multiplier=self.plan.sigma, sample_rate=self.plan.sample_rate)
 
-    def clip(self, batch: dict) -> torch.Tensor:
-        norms = super().clip(batch)
+    def clip(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        norms, losses = super().clip(batch)
         self.count += float(((norms.double() + 1e-6 <= self.z).double() - 0.5).sum())
-        return norms
+        return norms, losses
 
     def step(self) -> None:
         g = self.plan.global_z

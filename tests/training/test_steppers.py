@@ -103,3 +103,48 @@ def test_secret_mode_noise_is_opacus_secure_mode_with_the_same_std(name):
         stepper.step()  # (OpacusDP leaves splitting to Opacus's BatchMemoryManager)
         moved = (torch.cat([p.detach().reshape(-1) for p in stepper.module.parameters()]) - before)
         assert float(moved.std() * plan.expected_batch_size) == pytest.approx(sigma * C, rel=0.05)
+
+
+def test_fast_dp_backward_is_one_forward_and_its_losses_are_the_per_unit_losses():
+    """FastDP takes the logged per-unit losses from the clipping pass itself: one forward per physical
+    batch (no second, gradient-free forward), losses equal to `per_unit_loss` (float64, no dropout)."""
+    model = tiny_gpt2(dtype=torch.float64)
+    ds = UnitDataset(frame(12, seed=2), pad_token_id=0)
+    want = per_unit_loss(copy.deepcopy(model), ds.batch(UNITS)).detach()
+    stepper = make_stepper("fast", model, torch.optim.SGD(model.parameters(), lr=1.0), ds,
+                           _plan(sigma=0.0, delta=1e-3))
+    calls = []
+    handle = model.transformer.register_forward_hook(lambda *_: calls.append(1))
+    losses, norms = stepper.backward(Physical(ds.batch(UNITS), True, len(UNITS)))
+    handle.remove()
+    assert len(calls) == 1
+    assert losses.shape == norms.shape == (len(UNITS),) and not losses.requires_grad
+    torch.testing.assert_close(losses, want, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("secure", [False, True])
+def test_in_place_dp_optimizer_gives_opacus_bits(secure):
+    """fastclip.make_dp_optimizer (no copies, noise added in place) moves the parameters to exactly the
+    bits of Opacus's DPOptimizerFastGradientClipping: two physical batches accumulated, noise from
+    generators in the same state, Adam, two logical steps."""
+    from opacus.optimizers import DPOptimizerFastGradientClipping
+
+    ds = UnitDataset(frame(12, seed=2), pad_token_id=0)
+    moved = []
+    for cls in (DPOptimizerFastGradientClipping, None):
+        model = tiny_gpt2()
+        kw = dict(noise_multiplier=0.7, max_grad_norm=0.05, expected_batch_size=6.0,
+                  generator=torch.Generator().manual_seed(5), secure_mode=secure)
+        opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+        dp_opt = (cls(opt, loss_reduction="mean", **kw) if cls is not None else fastclip.make_dp_optimizer(opt, **kw))
+        for _ in range(2):
+            for j, part in enumerate((UNITS[:4], UNITS[4:])):
+                fastclip.clipped_grad_sum(model, ds.batch(part), 0.05)
+                if j == 0:
+                    dp_opt.signal_skip_step(do_skip=True)
+                dp_opt.step()
+                dp_opt.zero_grad(set_to_none=True)
+        moved.append([p.detach().clone() for p in model.parameters()])
+    assert type(dp_opt).__name__ != "DPOptimizerFastGradientClipping"
+    for a, b in zip(*moved):
+        assert torch.equal(a, b)
