@@ -63,6 +63,7 @@ from ..bias.perplexity import CORPUS as PPL
 from ..params import privacy_label
 from ..training.methods import DP_ADAM, NONDP
 from . import claims, inference
+from ..plots import condition_colors, direction_note
 from .figures import _publish
 from .sweep import POOLED, _ASSOC_PREFIX, contrast
 from .tables import ci_text, md_table
@@ -690,35 +691,44 @@ def explanation(judged: pd.DataFrame | None) -> str:
 
 # --------------------------------------------------------------------------- figures
 def fig_regime_map(table: pd.DataFrame, figures_dir: Path):
-    """The amplification over base (rows, its measured association) x data (columns), one panel per N x ε;
-    each cell with its interval; uncalibrated cells hatched and marked."""
+    """The amplification over base (rows, its measured association) x data (columns), one panel per ε (and one
+    row of panels per N where a (base, data) pair was run at several N); each cell with its interval and N;
+    uncalibrated cells in grey and marked. The colour scale is symmetric, at least ±0.05."""
     import matplotlib.pyplot as plt
 
     if table.empty:
         return None
-    ns = sorted(set(table["n_units"].fillna(0)))
+    pairs = table.groupby([table["base_skew"].fillna(-1.0), table["skew"].fillna(-1.0)])["n_units"].nunique()
+    by_n = bool((pairs > 1).any())
+    ns = sorted(set(table["n_units"].fillna(0))) if by_n else [None]
     eps = sorted(set(table["epsilon"]))
-    fig, axes = plt.subplots(len(ns), len(eps), figsize=(4.4 * len(eps), 3.6 * len(ns)), squeeze=False)
-    bound = float(np.nanmax(np.abs(table["amplification"]))) or 1.0
+    fig, axes = plt.subplots(len(ns), len(eps), figsize=(4.6 * len(eps), 3.8 * len(ns)), squeeze=False)
+    bound = max(0.05, float(np.nanmax(np.abs(table["amplification"]))) if table["amplification"].notna().any() else 0.05)
     bases = sorted({(_key(b) if _key(b) is not None else -1.0) for b in table["base_skew"]})
     datas = sorted({(_key(s) if _key(s) is not None else -1.0) for s in table["skew"]})
     for i, n in enumerate(ns):
         for j, e in enumerate(eps):
             ax = axes[i, j]
-            g = table[(table["n_units"].fillna(0) == n) & (table["epsilon"] == e)]
+            g = table[table["epsilon"] == e]
+            if n is not None:
+                g = g[g["n_units"].fillna(0) == n]
             mat = np.full((len(bases), len(datas)), np.nan)
             for _, r in g.iterrows():
                 bi = bases.index(_key(r["base_skew"]) if _key(r["base_skew"]) is not None else -1.0)
                 di = datas.index(_key(r["skew"]) if _key(r["skew"]) is not None else -1.0)
                 mat[bi, di] = r["amplification"]
+                size = f"\nN {int(r['n_units'])}" if n is None and math.isfinite(r["n_units"]) else ""
                 mark = "" if r["calibrated"] else "\n(not calibrated)"
+                strong = abs(r["amplification"]) > 0.6 * bound  # white on the darkest cells
+                colour = ("white" if strong else "black") if r["calibrated"] else "dimgrey"
                 ax.text(di, bi, f"{r['amplification']:+.3f}\n[{r['amplification_low']:+.3f}, {r['amplification_high']:+.3f}]"
-                        f"{mark}", ha="center", va="center", fontsize=7, color="black" if r["calibrated"] else "dimgrey")
+                        f"{size}{mark}", ha="center", va="center", fontsize=7, color=colour)
             im = ax.imshow(mat, cmap="RdBu_r", vmin=-bound, vmax=bound, origin="lower", aspect="auto")
             ax.set_xticks(range(len(datas)), [_data_tick(table, d) for d in datas], fontsize=8)
             ax.set_yticks(range(len(bases)), [_base_tick(table, b) for b in bases], fontsize=8)
-            ax.set(xlabel="data: planted association", ylabel="base: its own association",
-                   title=f"{privacy_label(e)} · N {int(n) if n else '?'}")
+            ax.set(xlabel="data: planted skew (pooled planted value)", ylabel="base: pretraining skew (its own association)",
+                   title=privacy_label(e) + ("" if n is None else f" · N {int(n) if n else '?'}"))
+            direction_note(ax, "red: DP more biased than non-DP; blue: less")
             fig.colorbar(im, ax=ax, label="DP − non-DP (> 0: DP amplifies)")
     return _publish(fig, figures_dir, "regime_map", "When DP amplifies: DP − non-DP learned association over base x data")
 
@@ -750,9 +760,12 @@ def fig_regime_pull(table: pd.DataFrame, figures_dir: Path):
         ax.errorbar(g["epsilon"], g["pull"], yerr=[g["pull"] - g["pull_low"], g["pull_high"] - g["pull"]], fmt="o-",
                     capsize=3, color=f"C{i % 10}", label=f"{r['regime']}: {_cell_label(r)}")
     ax.set_xscale("log")
+    ax.set_xticks(sorted(set(t["epsilon"])), [f"{e:g}" for e in sorted(set(t["epsilon"]))])
+    ax.minorticks_off()
     ax.axhline(0, color="grey", lw=0.8, ls=":")
     ax.axhline(1, color="grey", lw=0.8, ls=":")
     ax.set(xlabel="ε", ylabel="pull toward the base (DP − non-DP) / (base − non-DP)", title="pull against ε")
+    direction_note(ax, "1 = DP stayed at the base, 0 = as far as non-DP")
     ax.legend(fontsize=7)
     if by_n:
         ax = axes[0, 1]
@@ -763,6 +776,8 @@ def fig_regime_pull(table: pd.DataFrame, figures_dir: Path):
             ax.errorbar(g["n_units"], g["pull"], yerr=[g["pull"] - g["pull_low"], g["pull_high"] - g["pull"]], fmt="o-",
                         capsize=3, color=f"C{i % 10}", label=f"{g['regime'].iloc[0]}, {privacy_label(e)}")
         ax.set_xscale("log")
+        ax.set_xticks(sorted(set(t["n_units"])), [f"{int(n):,}" for n in sorted(set(t["n_units"]))])
+        ax.minorticks_off()
         ax.axhline(0, color="grey", lw=0.8, ls=":")
         ax.set(xlabel="privacy units N (DP: same q and steps)", title="pull against N")
         ax.legend(fontsize=7)
@@ -794,19 +809,20 @@ def fig_regime_trajectories(table: pd.DataFrame, trajectory: pd.DataFrame, figur
         if paths.empty:
             continue
         arms = [(NONDP, None)] + [(DP_ADAM, e) for e in sorted(set(paths.loc[paths["method"] == DP_ADAM, "epsilon"]))]
-        for i, (method, e) in enumerate(arms):
+        colours = condition_colors(privacy_label(e) for _, e in arms)  # one colour per condition, every figure
+        for method, e in arms:
             g = paths[paths["method"] == method]
             if e is not None:
                 g = g[np.isclose(g["epsilon"].astype(float), e)]
             mean = g.groupby("pct")[["perplexity", "association"]].mean().sort_index()
-            ax.plot(mean["perplexity"], mean["association"], "o-", ms=3, color=f"C{i}",
+            ax.plot(mean["perplexity"], mean["association"], "o-", ms=3, color=colours[privacy_label(e)],
                     label=privacy_label(e if method == DP_ADAM else None))
         ax.axhline(r["planted"], color="black", lw=0.8, ls="--", label=f"planted ({r['planted']:.2f})")
         ax.axhline(r["base"], color="grey", lw=0.8, ls=":", label=f"base ({r['base']:.2f})")
-        ax.set_xscale("log")
         ax.invert_xaxis()
         ax.set(xlabel="test perplexity (training runs right to left)", ylabel="learned association (families pooled; 0.5 = none)",
                title=f"{r['regime']}: {_cell_label(r)}")
+        direction_note(ax, "higher = more biased (stereotype-consistent)")
         ax.legend(fontsize=7)
     return _publish(fig, figures_dir, "regime_trajectories",
                     "From the base toward the data: association against perplexity over training, one regime of each sign")
