@@ -6,13 +6,12 @@ BIN := $(VENV)/bin
 PARAMS ?= params/default.yaml
 JOBS ?= 2
 STAMP := $(VENV)/.installed
-export HF_HUB_OFFLINE ?= 1
-export HF_DATASETS_OFFLINE ?= 1
-export TRANSFORMERS_OFFLINE ?= 1
+# No hub-offline default here: `dpbias` itself runs offline a profile that needs no hub asset, and a
+# hub-using profile downloads (or, after `make prefetch`, runs with HF_HUB_OFFLINE=1 as Slurm jobs do).
 export TOKENIZERS_PARALLELISM ?= false
 
 .DEFAULT_GOAL := help
-.PHONY: help setup study test test-fast lab validate dry-run benchmarks clean-runs
+.PHONY: help setup study test test-fast lab validate dry-run prefetch preflight benchmarks clean-runs
 
 help: ## Show this help
 	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}'
@@ -35,10 +34,10 @@ study: setup ## Run the whole study on $(PARAMS) (default: embedded CPU profile)
 
 test: setup ## Run the test suite (unit tests, notebooks under nbval, whole chain on a tiny profile, local Slurm)
 	-bash tests/slurm/setup.sh
-	$(BIN)/python -m pytest -q tests
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(BIN)/python -m pytest -q tests
 
 test-fast: setup ## Unit tests only (skips notebook and whole-study tests)
-	$(BIN)/python -m pytest -q tests -m "not slow"
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(BIN)/python -m pytest -q tests -m "not slow"
 
 lab: setup ## Open JupyterLab on the notebooks
 	$(BIN)/jupyter lab notebooks/
@@ -48,6 +47,12 @@ validate: setup ## Validate a profile: make validate PARAMS=params/x.yaml
 
 dry-run: setup ## Print the plan of a profile without running it
 	$(BIN)/dpbias run $(PARAMS) --dry-run
+
+prefetch: setup ## Download every hub asset of $(PARAMS) into the standard caches and check each loads
+	$(BIN)/dpbias prefetch $(PARAMS)
+
+preflight: setup ## On the machine that will run $(PARAMS): assets load, a few steps of each training way, throughput
+	$(BIN)/dpbias preflight $(PARAMS)
 
 benchmarks: setup ## Run the speed/memory benchmarks (ratios measured side by side)
 	@for b in benchmarks/*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done

@@ -77,6 +77,13 @@ def _main(argv: list[str] | None) -> int:
         print(describe_plan(profile, args.runs_dir, args.notebooks))
         print(cost.describe_cost(profile))
         return 0
+    if args.executor == "local" and profile.train.device == "cuda":  # Slurm nodes check on their GPU node
+        from .basemodel import cuda_problem
+
+        problem = cuda_problem()
+        if problem:
+            print(f"error: {args.params}: field 'train.device' = 'cuda': {problem}; nothing was run", file=sys.stderr)
+            return EXIT_BAD_PARAMS
     try:
         result = run(profile, jobs=args.jobs, only=args.only, runs_dir=args.runs_dir, notebooks=args.notebooks,
                      executor=args.executor, rerun_stale=args.rerun_stale)

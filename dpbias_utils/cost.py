@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Optional
 
 from . import paths
-from .params import BUILTIN, HUB_MODELS, Profile, looks_like_path, method_of, resolve_path
+from .params import BUILTIN, Profile, looks_like_path, method_of, resolve_path
 
 THROUGHPUT_CSV = paths.REPO_ROOT / "benchmarks" / "throughput.csv"
 
@@ -70,16 +70,22 @@ MODES = ("nondp", "dp", "dp-fast")
 def model_shape(profile: Profile) -> tuple[str, int, int, int]:
     """(name, n_layer, n_embd, vocab) of the profile's base model."""
     base = profile.model.base
-    if base in HUB_SHAPES:
-        return (base, *HUB_SHAPES[base])
+    short = base.split("/")[-1]  # canonical ids: openai-community/gpt2, distilbert/distilgpt2
+    if not looks_like_path(base) and short in HUB_SHAPES:
+        return (short, *HUB_SHAPES[short])
     if base == BUILTIN:
         b = profile.model.builtin
         return ("builtin", b.n_layer, b.n_embd, b.vocab_size)
-    import json
+    from .basemodel import model_structure
 
-    cfg = json.loads((resolve_path(base) / "config.json").read_text())
+    found = model_structure(str(resolve_path(base)) if looks_like_path(base) else base)
+    if found is None:
+        raise ValueError(f"cost: the config of {base!r} is not available offline (run `dpbias prefetch` first)")
+    cfg = found[0].to_dict()
     name = Path(base).name
-    return (name, int(cfg.get("n_layer", 12)), int(cfg.get("n_embd", 768)), int(cfg.get("vocab_size", 50257)))
+    layers = cfg.get("n_layer", cfg.get("num_hidden_layers", 12))
+    width = cfg.get("n_embd", cfg.get("hidden_size", 768))
+    return (name, int(layers), int(width), int(cfg.get("vocab_size", 50257)))
 
 
 def flops_per_token(n_layer: int, n_embd: int, vocab: int, seq_len: int) -> float:
@@ -208,7 +214,7 @@ def _tokenizer_for(profile: Profile):
     try:
         from transformers import AutoTokenizer
 
-        name = str(resolve_path(base)) if base not in HUB_MODELS else base
+        name = str(resolve_path(base)) if looks_like_path(base) else base
         return AutoTokenizer.from_pretrained(name, local_files_only=True)
     except Exception:  # noqa: BLE001 - offline without a cache: fall back to a ratio
         return None
@@ -292,7 +298,8 @@ def corpus_size(profile: Profile, max_sample: int = 3000) -> CorpusSize:
         from .data.corpus import load_text_corpus
 
         source = str(resolve_path(src)) if looks_like_path(src) else src
-        texts = load_text_corpus(source, split=t.train_split, config=t.config, max_rows=t.max_train_rows)
+        texts = load_text_corpus(source, split=t.train_split, config=t.config, max_rows=t.max_train_rows,
+                                 text_column=t.text_column, split_fractions=t.split_fractions, rest_split=t.train_split)
         import random
 
         sample = texts if len(texts) <= max_sample else random.Random(0).sample(texts, max_sample)

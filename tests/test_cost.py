@@ -98,3 +98,13 @@ def test_gpu_check_quick_runs_on_cpu(tmp_path):
     rows = cost.load_throughput(out_csv)
     assert {r.mode for r in rows} == {"nondp", "dp"} and all(r.device == "cpu" and r.tokens_per_s > 0 for r in rows)
     assert all(r.measured for r in rows)
+
+
+def test_gpu_check_reports_a_failing_mode_and_goes_on(tmp_path):
+    # a mode that raises (here an unknown one) is reported, and the modes after it are still measured
+    proc = subprocess.run([sys.executable, str(paths.REPO_ROOT / "benchmarks" / "gpu_check.py"), "--quick", "--device", "cpu",
+                           "--modes", "nondp,broken,dp", "--steps", "1", "--warmup", "0", "--threads", "1"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert "broken: FAILED: ValueError" in proc.stdout and "failed mode broken" in proc.stdout
+    assert "ratio dp/nondp: time" in proc.stdout  # dp ran after the failure

@@ -59,7 +59,7 @@ def test_paper_profiles_validate_offline(path, capsys):
     assert cli.main(["validate", str(path)]) == 0
     assert "valid profile" in capsys.readouterr().out
     p = load_profile(path)
-    assert p.data.corpus == "text" and p.data.text.source == "wikitext"
+    assert p.data.corpus == "text" and p.data.text.source == "Salesforce/wikitext"
     assert p.data.text.config == "wikitext-103-raw-v1"
     assert p.train.max_grad_norm == 0.1
     assert {pt["epsilon"] for pt in p.points()} == {None, 3.0, 10.0, 20.0}
