@@ -45,7 +45,7 @@ class UnitDataset(Dataset):
         self.unit_ids: list[int] = []
         self.units: list[list[torch.Tensor]] = []
         for uid, grp in order.groupby("unit_id", sort=True):
-            rows = [torch.as_tensor(np.asarray(ids, dtype=np.int64)) for ids in grp["input_ids"]]
+            rows = [torch.as_tensor(np.asarray(ids, dtype=np.int64), device="cpu") for ids in grp["input_ids"]]  # host
             if any(len(r) == 0 for r in rows):
                 raise TrainingError(f"unit {uid} has an empty token row")
             self.unit_ids.append(int(uid))
@@ -109,7 +109,8 @@ def shuffled_batches(n_units: int, batch_size: int, seed: int, start: int = 0) -
     s = start
     while True:
         epoch, pos = divmod(s, per_epoch)
-        perm = torch.randperm(n_units, generator=seeds.torch_generator(seed, "sampling", epoch))
+        gen = seeds.torch_generator(seed, "sampling", epoch)
+        perm = torch.randperm(n_units, generator=gen, device=gen.device)  # host sampling, never the default device
         yield perm[pos * batch_size: (pos + 1) * batch_size].tolist()
         s += 1
 

@@ -358,13 +358,13 @@ class FastDP(_DPOptimizerStepper):
 
     def backward(self, pb: Physical):
         if n_units(pb.batch):
-            norms = torch.as_tensor(self.clip(pb.batch)).detach().reshape(-1)
+            norms = self.clip(pb.batch).detach().reshape(-1)  # on the model's device
             with torch.no_grad():
                 losses = per_unit_loss(self.model, pb.batch)
         else:  # an empty Poisson batch: nothing to add, the step still noises and is accounted
             for p in self.params:
                 p.grad = torch.zeros_like(p)
-            losses, norms = torch.zeros(0), None
+            losses, norms = torch.zeros(0, device=self.plan.device), None
         self._accumulate(pb)
         return losses, norms
 

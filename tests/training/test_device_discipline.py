@@ -49,17 +49,18 @@ def test_every_stepper_runs_with_the_model_off_the_default_device(name):
     optimizer = (torch.optim.SGD if name == "dp-sgd" else torch.optim.Adam)(model.parameters(), lr=0.1)
     stepper = make_stepper(name, model, optimizer, ds, _plan(name))
     before = [p.detach().clone() for p in stepper.module.parameters()]
-    with torch.device("meta"):
-        batches = stepper.batches(0)  # the stepper's own batches (Poisson for DP), built on the host
-        for _ in range(2):  # two logical steps
-            while True:
-                pb = next(batches)
+    batches = stepper.batches(0)  # the stepper's own batches (Poisson for DP): host-side sampling, drawn
+    for _ in range(2):            # outside the meta context (Opacus's sampler draws on the default device)
+        while True:
+            pb = next(batches)
+            with torch.device("meta"):  # gradients, clipping, noise and the optimizer step
                 losses, norms = stepper.backward(pb)
-                assert _on_cpu([losses] + ([norms] if norms is not None else [])), name
-                if pb.last:
-                    break
+            assert _on_cpu([losses] + ([norms] if norms is not None else [])), name
+            if pb.last:
+                break
+        with torch.device("meta"):
             stepper.step()
-        eps = stepper.epsilon()
+            eps = stepper.epsilon()
     params = list(stepper.module.parameters())
     assert _on_cpu(params) and all(torch.isfinite(p).all() for p in params), name
     assert any(not torch.equal(a, p.detach()) for a, p in zip(before, params)), f"{name}: no parameter moved"
@@ -88,16 +89,16 @@ def test_stage03_gradient_pass_off_the_default_device():
 def test_stage04_families_off_the_default_device(tmp_path):
     """Every metric family of stage 04 (generation, toxicity, sentiment, occupation, counts, local
     bias, perplexity, stereotypes, association) with the model on the CPU and the default device meta."""
-    import sys
+    import importlib.util
     from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bias"))
-    from conftest import build_tiny_model, build_tiny_tokenizer
 
     from dpbias_utils.bias import evaluate
 
-    tok = build_tiny_tokenizer()
-    model = build_tiny_model(len(tok))
+    spec = importlib.util.spec_from_file_location("bias_models", Path(__file__).resolve().parents[1] / "bias" / "conftest.py")
+    bias_models = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bias_models)  # the bias tests' tiny word-level GPT-2
+    tok = bias_models.build_tiny_tokenizer()
+    model = bias_models.build_tiny_model(len(tok))
     texts = ["The nurse said that she was here", "The engineer said that he was here"] * 3
     ids = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
     split = pd.DataFrame({"input_ids": ids, "n_tokens": [len(i) for i in ids]})
