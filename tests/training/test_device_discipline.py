@@ -86,26 +86,44 @@ def test_stage03_gradient_pass_off_the_default_device():
     assert np.isfinite(out.filter(like="l2_").to_numpy(float)).all() and (out.filter(like="l2_").to_numpy() > 0).all()
 
 
-def test_stage04_families_off_the_default_device(tmp_path):
-    """Every metric family of stage 04 (generation, toxicity, sentiment, occupation, counts, local
-    bias, perplexity, stereotypes, association) with the model on the CPU and the default device meta."""
+@pytest.fixture(scope="module")
+def word_model():
+    """The bias tests' tiny word-level GPT-2 (tests/bias/conftest.py) and a small text split."""
     import importlib.util
     from pathlib import Path
 
-    from dpbias_utils.bias import evaluate
-
     spec = importlib.util.spec_from_file_location("bias_models", Path(__file__).resolve().parents[1] / "bias" / "conftest.py")
     bias_models = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bias_models)  # the bias tests' tiny word-level GPT-2
+    spec.loader.exec_module(bias_models)
     tok = bias_models.build_tiny_tokenizer()
-    model = bias_models.build_tiny_model(len(tok))
     texts = ["The nurse said that she was here", "The engineer said that he was here"] * 3
     ids = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
-    split = pd.DataFrame({"input_ids": ids, "n_tokens": [len(i) for i in ids]})
+    return bias_models.build_tiny_model(len(tok)), tok, pd.DataFrame({"input_ids": ids, "n_tokens": [len(i) for i in ids]})
+
+
+def _families():
+    from dpbias_utils.bias import evaluate
+
+    return list(evaluate.METRIC_FAMILIES)
+
+
+@pytest.mark.parametrize("family", _families())
+def test_stage04_families_off_the_default_device(family, word_model, tmp_path):
+    """Every metric family of stage 04 (generation, toxicity, sentiment, occupation, counts, local
+    bias, perplexity, stereotypes, association) with the model on the CPU and the default device meta."""
+    from dpbias_utils.bias import evaluate
+
+    model, tok, split = word_model
     cfg = {"progress": False, "n_boot": 20, "max_prompts_per_group": 2, "k": 1, "max_new_tokens": 4,
-           "stereotype_max_items": 6, "local_bias_max_pairs": 2, "toxicity_backend": "profanity", "batch_size": 4}
-    with torch.device("meta"):
-        metrics = evaluate.evaluate_model(model, tok, {"test": split, "female": split, "male": split}, cfg,
-                                          tmp_path, seed=0)
-    assert set(evaluate.METRIC_FAMILIES) <= set(evaluate.resolve_cfg(cfg)["metrics"])
-    assert metrics["value"].notna().any() and len(metrics) > 20
+           "stereotype_max_items": 6, "local_bias_max_pairs": 2, "toxicity_backend": "profanity", "batch_size": 64,
+           "association_names": 0, "metrics": [family]}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with torch.device("meta"):
+            metrics = evaluate.evaluate_model(model, tok, {"test": split, "female": split, "male": split}, cfg,
+                                              tmp_path, seed=0)
+    finally:
+        torch.set_num_threads(threads)
+    values = metrics["value"].to_numpy(float)
+    assert len(metrics) and np.isfinite(values).any(), family
