@@ -70,8 +70,11 @@ def test_controlled_and_local_corpus_sizes(tmp_path):
     assert all(r["steps"] == round(400 / 32) for r in est["runs"])
     assert "controlled corpus" in cost.describe_cost(tiny)
 
-    text = tmp_path / "corpus.txt"
-    text.write_text("\n".join(f"Sentence number {i} is about the weather and she liked it ." for i in range(300)))
+    text = tmp_path / "corpus"  # one file per split (one file alone would serve every split)
+    text.mkdir()
+    (text / "train.txt").write_text("\n".join(f"Sentence number {i} is about the weather and she liked it ." for i in range(300)))
+    (text / "validation.txt").write_text("held out\n")
+    (text / "test.txt").write_text("held out too\n")
     raw = {"name": "local", "data": {"corpus": "text", "text": {"source": str(text)}, "block_size": 32,
                                      "max_train_units": 200},
            "train": {"logical_batch_size": 20, "physical_batch_size": 10}, "grid": [{"epsilon": [None, 3.0]}]}
