@@ -78,7 +78,8 @@ def measure_training(profile: Profile, model, pad_token_id: int, device, warmup:
 
     t = profile.train
     block, rows_per_step = profile.data.block_size, t.physical_batch_size
-    ds = UnitDataset(_random_units(rows_per_step, block, model.config.vocab_size), pad_token_id=pad_token_id)
+    # 4 x the batch, so DP's Poisson sampling has rate 1/4 (a rate of 1 is refused) and draws ~one batch a step
+    ds = UnitDataset(_random_units(4 * rows_per_step, block, model.config.vocab_size), pad_token_id=pad_token_id)
     seen, out = set(), []
     for point in profile.points():
         method, eps = method_of(point), point["epsilon"]
@@ -87,7 +88,7 @@ def measure_training(profile: Profile, model, pad_token_id: int, device, warmup:
             continue
         seen.add(key)
         m = resolve_method(eps, method)
-        name = training_method(eps, t.clipping, m.name)
+        name = training_method(eps, t.clipping if eps is not None else "opacus", m.name)  # as stage 02
         plan = make_plan(len(ds), epsilon=eps, delta=None if eps is None else 1e-5, accountant=t.accountant,
                          epochs=1.0, logical_batch_size=rows_per_step, physical_batch_size=rows_per_step, lr=t.lr,
                          seed=0, device=device, max_grad_norm=t.max_grad_norm, noise="reproducible",

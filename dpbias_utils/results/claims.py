@@ -244,7 +244,8 @@ def _arm_values(results: pd.DataFrame, metric: str, group: str, dp: bool, eps: f
     r = r[np.isclose(r["mixing_ratio"].astype(float).fillna(-1), 0.0) & (r["dp"].astype(bool) == dp)]
     if dp:
         r = r[np.isclose(r["epsilon"].astype(float), eps)]
-    return r.groupby("run_id")["value"].mean().to_numpy(float)
+    values = r.groupby("run_id")["value"].mean().to_numpy(float)
+    return values[np.isfinite(values)]  # a run whose metric is undefined (no pair, no item) has no value
 
 
 def text_gate(results: pd.DataFrame, eps: float, generated: bool) -> tuple[bool, str | None]:
