@@ -139,7 +139,8 @@ def test_real_text_claims_get_verdicts_by_the_text_gate():
 def test_real_text_gate_refuses_a_broken_lm_and_degenerate_continuations():
     items, results = _text_tables(dp_ppl=90.0)  # > 2 x the base's 40
     v = _verdicts(claims.study_claims(items, results))
-    assert v["amplify-output/toxicity/3"].startswith("uninformative: DP ε=3 test perplexity 90")
+    assert v["amplify-output/toxicity/3"].startswith("uninformative: DP ε=3 test perplexity 8")
+    assert "exceeds 2 x the base's" in v["amplify-output/toxicity/3"]
     assert v["text/stereoset/race/3"].startswith("uninformative: DP ε=3 test perplexity")
     items, results = _text_tables(dp_distinct=0.1)
     v = _verdicts(claims.study_claims(items, results))
