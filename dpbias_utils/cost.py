@@ -414,5 +414,38 @@ def describe_cost(profile: Profile, gpus: Optional[list[str]] = None, throughput
                     if worst > r02.time_min:
                         lines.append(f"  WARNING: on {dev} the longest run needs ~{worst:,.0f} min > stage 02 time_min "
                                      f"{r02.time_min} (it resumes from checkpoints when re-submitted)")
-    lines.append("  stages 01, 03, 04, 05 are not costed here (CPU data preparation, evaluation: see their time_min)")
+    lines += _stage_costs(profile, est, throughput_csv)
     return "\n".join(lines)
+
+
+def _stage_costs(profile: Profile, est: dict, throughput_csv: Path | str = THROUGHPUT_CSV) -> list[str]:
+    """Disk of stage 02's outputs, and stage 03 / 04 GPU time where `dpbias preflight` measured them
+    (throughput.csv modes ``gradnorms`` / ``generate``)."""
+    name, L, d, V = est["shape"]
+    n_params = 12 * L * d * d + V * d  # Kaplan et al. 2020's count plus the (tied) embedding
+    model_gb = n_params * 4 / 1e9
+    snapshots = len(profile.train.progress_points) + 1  # progress/pct_* and the final model
+    per_run = model_gb * (snapshots + 3)  # + one checkpoint: weights and Adam's two moments
+    runs = est["runs"]
+    lines = [f"  disk of stage 02: ~{per_run:.2f} GB per run ({snapshots} model copies of {model_gb:.2f} GB + a "
+             f"checkpoint with Adam state), ~{per_run * len(runs):,.1f} GB for {len(runs)} runs"]
+    table = load_throughput(throughput_csv)
+    g = profile.gradnorms
+    n_splits = 2  # female and male at least (more with CDA pairs / non-binary subjects)
+    for dev in est["devices"]:
+        meas = {r.mode: r for r in table if r.model == name and r.device == dev and r.mode in ("gradnorms", "generate")}
+        if "gradnorms" in meas:
+            tok = len(profile.train.progress_points) * n_splits * g.max_units_per_split * profile.data.block_size
+            lines.append(f"  stage 03 on {dev}: ~{tok / meas['gradnorms'].tokens_per_s / 60:.1f} min per run "
+                         f"(>= {n_splits} splits x {g.max_units_per_split} units x {len(profile.train.progress_points)} "
+                         f"snapshots; measured by preflight)")
+        if "generate" in meas:
+            ev = profile.evaluation
+            prompts = ev.max_prompts_per_group * 2 if ev.max_prompts_per_group else 3204  # BOLD gender: 3,204
+            tok = prompts * ev.k * ev.max_new_tokens
+            lines.append(f"  stage 04 generation on {dev}: ~{tok / meas['generate'].tokens_per_s / 60:.1f} min per model "
+                         f"({prompts:,} prompts x k {ev.k} x {ev.max_new_tokens} tokens; measured by preflight; scoring "
+                         "and stereotype items not included)")
+    if not any("stage 03" in line for line in lines):
+        lines.append("  stages 03 / 04: run `dpbias preflight` on the GPU machine to measure them (see time_min)")
+    return lines

@@ -117,3 +117,22 @@ def test_preflight_without_the_profiles_gpu_is_one_error(capsys, tmp_path):
     assert cli.main(["preflight", str(DISTIL)]) == 2
     err = capsys.readouterr().err
     assert err.count("error:") == 1 and "train.device" in err and ("CPU-only build" in err or "sees no GPU" in err)
+
+
+def test_dry_run_estimate_adds_disk_and_preflight_stage_costs(tmp_path):
+    from dpbias_utils import cost
+
+    profile = load_profile(DISTIL)
+    csv_path = tmp_path / "throughput.csv"
+    csv_path.write_text("model,mode,device,block_size,physical_batch,precision,tokens_per_s,peak_mem_gb,source,date\n"
+                        "distilgpt2,nondp,A100,128,32,fp32,20000,,measured by dpbias preflight,2026-12-07\n"
+                        "distilgpt2,dp,A100,128,32,fp32,15000,,measured by dpbias preflight,2026-12-07\n"
+                        "distilgpt2,gradnorms,A100,128,32,fp32,8000,,measured by dpbias preflight,2026-12-07\n"
+                        "distilgpt2,generate,A100,128,64,fp32,4000,,measured by dpbias preflight,2026-12-07\n")
+    text = cost.describe_cost(profile, gpus=["A100"], throughput_csv=csv_path)
+    assert "disk of stage 02: ~2.59 GB per run" in text  # 82M parameters x 4 B x (5 copies + 3 for a checkpoint)
+    # stage 03: 4 snapshots x 2 splits x 500 units x 128 tokens / 8000 tokens/s = 64 s
+    assert "stage 03 on A100: ~1.1 min per run" in text
+    # stage 04: 3,204 BOLD prompts x k 3 x 25 tokens / 4000 tokens/s = 60 s
+    assert "stage 04 generation on A100: ~1.0 min per model" in text
+    assert "measured: distilgpt2 dp on A100" in text
