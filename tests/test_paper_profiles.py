@@ -7,7 +7,8 @@ local stand-ins in the hub's formats, and (b) sizes (grid, rows, batch, evaluati
 * data.text.source -> a folder laid out like the hub's WikiText parquet export
   (`<dir>/wikitext-103-raw-v1/{train,validation,test}-00000-of-00001.parquet`, column `text`),
   built from the shared WikiText slices; the config name stays the paper's;
-* BOLD, StereoSet, CrowS-Pairs -> the shared files in their original formats;
+* BOLD -> the shared JSON; StereoSet -> McGill-NLP/stereoset's parquet tree (intrasentence/validation-*.parquet);
+  CrowS-Pairs stays `hub`: the pinned official CSV, from the asset cache as `dpbias prefetch` leaves it;
 * Detoxify `original` -> a tiny BERT checkpoint in Detoxify's own checkpoint format.
 
 Then `cli.run` executes the real notebooks and the test reads `results.csv` and `privacy.csv`.
@@ -121,6 +122,16 @@ def _hub_layout_wikitext(root, shared_data, config="wikitext-103-raw-v1"):
     return root
 
 
+def _hub_stereoset_tree(root, shared_data):
+    """McGill-NLP/stereoset's parquet tree (tests/bias/test_stereotype.py builds it from the shared items)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("stereotype_tests", paths.REPO_ROOT / "tests" / "bias" / "test_stereotype.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.hub_stereoset_tree(root, shared_data)
+
+
 def _tiny_detoxify(folder):
     """A Detoxify-format checkpoint (config + state_dict) of a 1-layer BERT, and its HF config folder."""
     import torch
@@ -156,7 +167,7 @@ def offline_paper_profile(tmp_path, shared_data) -> tuple[dict, dict]:
     raw["data"]["text"]["source"] = str(_hub_layout_wikitext(tmp_path / "wikitext", shared_data))
     ev = raw["evaluation"]
     ev["bold_source"] = str(shared_data / "bold" / "gender_prompt.json")
-    ev["stereoset_source"] = str(shared_data / "stereoset" / "stereoset_gender_intrasentence.json")
+    ev["stereoset_source"] = str(_hub_stereoset_tree(tmp_path / "McGill-NLP--stereoset", shared_data))
     # CrowS-Pairs stays `hub`: the pinned official CSV, served from the asset cache (`dpbias prefetch`
     # puts it there; the test's DPBIAS_ASSETS holds the same bytes, which the sha256 pin checks)
     ev["toxicity_checkpoint"] = str(ckpt)

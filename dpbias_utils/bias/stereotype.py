@@ -21,7 +21,8 @@
   averaged LM and SS (the reference's macro ICAT). Interval: bootstrap over target terms (the unit
   that is averaged). An SS near 50 means little unless LM is well above 50.
 
-Sources. StereoSet: the hub (``McGill-NLP/stereoset``, ``intrasentence``, validation), a local JSON
+Sources. StereoSet: the hub (``McGill-NLP/stereoset``, ``intrasentence``, validation), its parquet tree
+as the hub serves it (a folder with ``intrasentence/validation-*.parquet``), a local JSON
 (StereoSet's ``dev.json``, or a list of items with ``data.{stereotype,anti-stereotype,unrelated}.sentence``),
 or ``None``/``"controlled"``: items from the controlled corpus's vocabulary (one subject, its
 stereotyped vs counter-stereotyped attribute, and an attribute of another family as the unrelated
@@ -119,6 +120,14 @@ def load_stereoset(source=None, bias_types: Sequence[str] | None = None) -> pd.D
                 "Offline, pass a local intrasentence JSON file as the source."
             ) from err
         df = _stereoset_from_items(list(ds))
+    elif Path(source).expanduser().is_dir() or str(source).endswith(".parquet"):
+        # the hub's parquet tree (<dir>/intrasentence/validation-*.parquet), as `datasets` downloads it
+        path = Path(source).expanduser()
+        files = [path] if path.is_file() else sorted(path.glob("intrasentence/validation-*.parquet")) or sorted(
+            path.glob("**/*.parquet"))
+        if not files:
+            raise FileNotFoundError(f"no StereoSet parquet file in {path} (expected intrasentence/validation-*.parquet)")
+        df = _stereoset_from_items(pd.concat([pd.read_parquet(f) for f in files]).to_dict("records"))
     else:
         path = Path(source).expanduser()
         data = json.loads(path.read_text(encoding="utf-8"))

@@ -119,3 +119,25 @@ def test_crows_pairs_hub_source_is_the_pinned_official_csv(tmp_path, monkeypatch
     stereotype.crows_pairs_csv(download=True)
     cp = stereotype.load_crows_pairs("hub")  # now from the cache, offline
     assert len(cp) == 1508 and (cp["bias_type"] == "gender").sum() == 262
+
+
+def hub_stereoset_tree(root, shared_data):
+    """McGill-NLP/stereoset's intrasentence validation split as the hub serves it (parquet; per item a
+    `sentences` struct of lists with ClassLabel gold labels 0 anti-stereotype, 1 stereotype, 2 unrelated)."""
+    import json
+
+    gold = {"anti-stereotype": 0, "stereotype": 1, "unrelated": 2}
+    items = json.loads((shared_data / "stereoset" / "stereoset_gender_intrasentence.json").read_text())
+    rows = [{"id": it["id"], "target": it["target"], "bias_type": it["bias_type"], "context": it["context"],
+             "sentences": {"sentence": [d["sentence"] for d in it["data"].values()],
+                           "id": [d["id"] for d in it["data"].values()],
+                           "gold_label": [gold[k] for k in it["data"]]}} for it in items]
+    (root / "intrasentence").mkdir(parents=True)
+    pd.DataFrame(rows).to_parquet(root / "intrasentence" / "validation-00000-of-00001.parquet")
+    return root
+
+
+def test_stereoset_from_the_hubs_parquet_tree(tmp_path, shared_data):
+    tree = stereotype.load_stereoset(str(hub_stereoset_tree(tmp_path / "stereoset", shared_data)))
+    flat = stereotype.load_stereoset(shared_data / "stereoset" / "stereoset_gender_intrasentence.json")
+    pd.testing.assert_frame_equal(tree, flat)
