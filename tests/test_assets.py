@@ -136,3 +136,10 @@ def test_dry_run_estimate_adds_disk_and_preflight_stage_costs(tmp_path):
     # stage 04: 3,204 BOLD prompts x k 3 x 25 tokens / 4000 tokens/s = 60 s
     assert "stage 04 generation on A100: ~1.0 min per model" in text
     assert "measured: distilgpt2 dp on A100" in text
+
+
+def test_no_makefile_default_forces_a_hub_profile_offline():
+    # `make study PARAMS=params/paper-...` must be able to download; dpbias runs no-hub profiles offline itself
+    exports = [line for line in (paths.REPO_ROOT / "Makefile").read_text().splitlines() if line.startswith("export")]
+    assert not any("OFFLINE" in line for line in exports), exports
+    assert assets.needs_hub(load_profile(DISTIL)) and not assets.needs_hub(load_profile(paths.PARAMS / "example-own-model.yaml"))

@@ -223,7 +223,7 @@ def test_paper_distilgpt2_code_path_offline(tmp_path, shared_data, monkeypatch):
     assert tox["value"].between(0, 1).all() and len(tox) > 0
     # both the fine-tuned run and the pretrained base were evaluated
     assert set(results["run_id"]) >= {"base"} and results["run_id"].nunique() == 3
-    assert set(results.loc[results["run_id"] != "base", "max_grad_norm"]) == {0.1}
+    assert set(results.loc[results["dp"].astype(bool), "max_grad_norm"]) == {0.1}  # the DP run's C
     assert len(privacy) == 2
     row = privacy.dropna(subset=["epsilon_target"]).iloc[0]
     assert row["epsilon_target"] == 3.0 and 0 < row["epsilon_spent"] <= 3.0 + 1e-9
