@@ -8,13 +8,12 @@ JOBS ?= 2
 STAMP := $(VENV)/.installed
 # The notebooks' Jupyter kernel (their metadata and the runner name it; dpbias_utils.paths.KERNEL).
 KERNEL := dp-bias
-export HF_HUB_OFFLINE ?= 1
-export HF_DATASETS_OFFLINE ?= 1
-export TRANSFORMERS_OFFLINE ?= 1
+# No hub-offline default here: `dpbias` itself runs offline a profile that needs no hub asset, and a
+# hub-using profile downloads (or, after `make prefetch`, runs with HF_HUB_OFFLINE=1 as Slurm jobs do).
 export TOKENIZERS_PARALLELISM ?= false
 
 .DEFAULT_GOAL := help
-.PHONY: help setup demo study test test-fast lab validate dry-run benchmarks clean-runs
+.PHONY: help setup demo study test test-fast lab validate dry-run prefetch preflight benchmarks clean-runs
 
 help: ## Show this help
 	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}'
@@ -38,11 +37,11 @@ study: setup ## Run the whole study on $(PARAMS) (default: embedded CPU profile)
 demo: setup ## The whole chain at toy size (tests/profiles/tiny.yaml), a few minutes -> runs/tiny/index.html
 	$(BIN)/dpbias run tests/profiles/tiny.yaml --jobs $(JOBS)
 
-test: setup ## Run the test suite; installs nothing (Slurm tests skip without a cluster: docs/running.md)
-	$(BIN)/python -m pytest -q tests
+test: setup ## Run the test suite, offline; installs nothing (Slurm tests skip without a cluster: docs/running.md)
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(BIN)/python -m pytest -q tests
 
 test-fast: setup ## Unit tests only (skips notebook and whole-study tests)
-	$(BIN)/python -m pytest -q tests -m "not slow"
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(BIN)/python -m pytest -q tests -m "not slow"
 
 lab: setup ## Open JupyterLab on the notebooks
 	$(BIN)/jupyter lab notebooks/
@@ -52,6 +51,12 @@ validate: setup ## Validate a profile: make validate PARAMS=params/x.yaml
 
 dry-run: setup ## Print the plan of a profile without running it
 	$(BIN)/dpbias run $(PARAMS) --dry-run
+
+prefetch: setup ## Download every hub asset of $(PARAMS) into the standard caches and check each loads
+	$(BIN)/dpbias prefetch $(PARAMS)
+
+preflight: setup ## On the machine that will run $(PARAMS): assets load, a few steps of each training way, throughput
+	$(BIN)/dpbias preflight $(PARAMS)
 
 benchmarks: setup ## Run the speed/memory benchmarks (ratios measured side by side)
 	@for b in benchmarks/*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done

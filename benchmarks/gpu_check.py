@@ -140,7 +140,7 @@ def run_mode(mode: str, args, dev) -> dict:
             opt.step()
             opt.zero_grad(set_to_none=True)
     else:
-        raise ValueError(mode)
+        raise ValueError(f"unknown mode {mode!r}; allowed: nondp, dp, dp-fast")
 
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
@@ -220,17 +220,21 @@ def main(argv=None) -> int:
     print(f"device: {name}; torch {torch.__version__}; shape: {'quick' if args.quick else 'distilgpt2'} "
           f"block_size={args.block_size} physical_batch={args.physical_batch} steps={args.steps} warmup={args.warmup}")
     t_start = time.time()
-    results = {}
+    results, failed = {}, {}
     for mode in modes:
         if time.time() - t_start > args.budget_s:
             print(f"{mode}: skipped (time budget of {args.budget_s:.0f} s spent)")
             continue
         try:
             r = run_mode(mode, args, dev)
-        except torch.cuda.OutOfMemoryError as err:  # report and go on with the next mode
-            print(f"{mode}: out of memory at physical_batch={args.physical_batch}: {str(err)[:200]}")
+        except Exception as err:  # noqa: BLE001 - every mode's failure is reported, and the next mode runs
+            what = (f"out of memory at physical_batch={args.physical_batch}" if isinstance(err, torch.cuda.OutOfMemoryError)
+                    else f"FAILED: {type(err).__name__}")
+            print(f"{mode}: {what}: {str(err)[:300]}", flush=True)
+            failed[mode] = f"{type(err).__name__}: {str(err)[:300]}"
             gc.collect()
-            torch.cuda.empty_cache()
+            if dev.type == "cuda":
+                torch.cuda.empty_cache()
             continue
         results[mode] = r
         mem = "n/a (CPU)" if math.isnan(r["peak_mem_gb"]) else f"{r['peak_mem_gb']:.2f} GB"
@@ -251,8 +255,10 @@ def main(argv=None) -> int:
         with open(args.append, "a", encoding="utf-8") as fh:
             fh.write("\n".join(lines) + "\n")
         print(f"appended {len(lines)} lines to {args.append}")
+    for mode, why in failed.items():
+        print(f"failed mode {mode}: {why}")
     print(f"total {time.time() - t_start:.1f} s")
-    return 0 if results else 1
+    return 0 if results and not failed else 1
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Base language models: a GPT-2 family hub id / local folder, or the offline built-in base.
+"""Base language models: any causal LM (a hub id or a local folder), or the offline built-in base.
 
 The built-in base is a small GPT-2 (tied embeddings, byte-level BPE tokenizer) pretrained
 non-privately on the balanced controlled corpus, so the whole study runs without a model hub.
@@ -13,6 +13,7 @@ import json
 import math
 import os
 import random
+import re
 import shutil
 from pathlib import Path
 from typing import Callable, Sequence
@@ -24,7 +25,8 @@ from tqdm import tqdm
 from . import paths
 from .training.batching import IGNORE_INDEX, row_losses
 
-HUB_MODELS = ("distilgpt2", "gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
+# A hub model id: ``name`` (the hub's legacy ids such as ``gpt2``) or ``namespace/name``.
+HUB_MODEL_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*(/[A-Za-z0-9][A-Za-z0-9_.-]*)?$")
 EOS = "<|endoftext|>"
 
 
@@ -33,14 +35,29 @@ class ModelError(ValueError):
 
 
 def resolve_device(device: str = "auto") -> torch.device:
-    """'auto' -> cuda when available, else cpu; 'cuda' without a GPU is refused."""
+    """'auto' -> cuda when available, else cpu (CPU profiles only: a profile that requests GPUs must
+    say 'cuda', `params`); 'cuda' without a GPU is refused with what to check."""
+    device = str(device)
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device not in ("cpu", "cuda") and not str(device).startswith("cuda:"):
+    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
         raise ModelError(f"device={device!r}; allowed: 'auto', 'cpu', 'cuda'")
-    if str(device).startswith("cuda") and not torch.cuda.is_available():
-        raise ModelError(f"device={device!r} requested but no CUDA device is available")
+    if device.startswith("cuda"):
+        problem = cuda_problem()
+        if problem:
+            raise ModelError(f"device={device!r} requested but {problem}")
     return torch.device(device)
+
+
+def cuda_problem() -> str | None:
+    """Why CUDA cannot be used here (None when it can): a CPU-only torch wheel, or no visible GPU."""
+    if torch.version.cuda is None and getattr(torch.version, "hip", None) is None:
+        return (f"torch {torch.__version__} is a CPU-only build (install the CUDA wheel of the same version, "
+                "e.g. pip install torch==<version> --index-url https://download.pytorch.org/whl/cu128)")
+    if not torch.cuda.is_available():
+        return ("torch sees no GPU (CUDA_VISIBLE_DEVICES="
+                f"{os.environ.get('CUDA_VISIBLE_DEVICES', '<unset>')!s}; under Slurm check the job's GPU request)")
+    return None
 
 
 def _is_local_model(path: str) -> bool:
@@ -48,16 +65,31 @@ def _is_local_model(path: str) -> bool:
     return p.is_dir() and (p / "config.json").is_file()
 
 
+def model_id_problem(name: str) -> str | None:
+    """Why ``name`` can be neither a local model folder nor a hub id (None when it can be one)."""
+    name = str(name)
+    if _is_local_model(name):
+        return None
+    if paths.looks_like_path(name):
+        return "is not a folder with a config.json (a save_pretrained model and tokenizer)"
+    if not HUB_MODEL_ID.match(name):
+        return "is neither a local model folder nor a hub model id ('name' or 'namespace/name')"
+    return None
+
+
+def _check_name(name: str) -> None:
+    problem = model_id_problem(name)
+    if problem:
+        raise ModelError(f"base model {name!r} {problem}")
+
+
 def load_base(name_or_path: str, device: str = "cpu"):
-    """(model, tokenizer) for a GPT-2 hub id or a local save_pretrained folder; GPT-2 pad = eos."""
+    """(model, tokenizer) for a causal-LM hub id or a local save_pretrained folder, on ``device``;
+    a tokenizer without a pad token pads with eos (GPT-2)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     name = str(name_or_path)
-    if name not in HUB_MODELS and not _is_local_model(name):
-        raise ModelError(
-            f"base model {name!r} is neither a supported hub id ({', '.join(HUB_MODELS)}) nor a local "
-            "folder with a config.json (a save_pretrained model and tokenizer)"
-        )
+    _check_name(name)
     dev = resolve_device(device)
     tokenizer = AutoTokenizer.from_pretrained(name)
     model = AutoModelForCausalLM.from_pretrained(name)
@@ -260,9 +292,7 @@ def load_tokenizer(name_or_path: str):
     from transformers import AutoTokenizer
 
     name = str(name_or_path)
-    if name not in HUB_MODELS and not _is_local_model(name):
-        raise ModelError(f"base model {name!r} is neither a supported hub id ({', '.join(HUB_MODELS)}) nor a local "
-                         "folder with a config.json (a save_pretrained model and tokenizer)")
+    _check_name(name)
     tokenizer = AutoTokenizer.from_pretrained(name)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -277,10 +307,8 @@ def base_for_profile(profile, cache_root: Path | None = None) -> str:
     from .params import BUILTIN, resolve_path
 
     m = profile.model
-    if m.base in HUB_MODELS:
-        return m.base
     if m.base != BUILTIN:
-        return str(resolve_path(m.base))
+        return str(resolve_path(m.base)) if paths.looks_like_path(m.base) else m.base
     spec = m.builtin.model_dump()
     spec["block_size"] = profile.data.block_size
     b = m.builtin
@@ -331,3 +359,55 @@ def circuit_formed(circuit_skew: float):
         return bool(scores.groupby("family")["score"].mean().min() >= threshold)
 
     return until
+
+
+# --------------------------------------------------------------------------- what a model is made of
+def model_structure(name: str, local_only: bool = True):
+    """(config, {parameter name: type name of the module owning it}) of a causal LM, built on the
+    meta device from its config alone (no weights, no memory); None when the config is not available
+    (a hub id not in the cache with ``local_only``). Raises ModelError when the config is not a causal LM."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    _check_name(name)
+    try:
+        config = AutoConfig.from_pretrained(name, local_files_only=local_only)
+    except OSError:
+        return None
+    try:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config)
+    except ValueError as err:
+        raise ModelError(f"base model {name!r} (config {type(config).__name__}) is not a causal LM that "
+                         f"transformers' AutoModelForCausalLM can build: {str(err).splitlines()[0]}") from err
+    owners = {}
+    for module_name, module in model.named_modules():
+        for pname, _ in module.named_parameters(recurse=False):
+            owners[f"{module_name}.{pname}" if module_name else pname] = module
+    return config, owners
+
+
+def structure_problems(owners: dict, clipping: str, freeze, dp: bool) -> list[tuple[str, object, str]]:
+    """(field, value, problem) for a model whose parameters `train.freeze` does not name, or whose
+    trainable modules fast clipping has no exact rule for (then: `clipping: opacus`)."""
+    from .training.fastclip import SUPPORTED_MODULE_TYPES, _kind
+    from .training.loop import FREEZABLE
+
+    problems, frozen = [], set()
+    for group in freeze:
+        hit = {n for n in owners if len(n.split(".")) > 1 and n.split(".")[-2] in FREEZABLE.get(group, ())}
+        if not hit:
+            problems.append(("train.freeze", group, f"names no parameter of this model (group {group!r} = modules "
+                             f"{list(FREEZABLE.get(group, ()))}; the model's modules end in e.g. "
+                             f"{sorted({n.split('.')[-2] for n in owners if '.' in n})[:8]})"))
+        frozen |= hit
+    if dp and clipping == "fast":
+        bad = {}
+        for n, module in owners.items():
+            if n not in frozen and _kind(module) is None:
+                bad.setdefault(f"{type(module).__module__}.{type(module).__qualname__}", []).append(n.rsplit(".", 1)[0])
+        if bad:
+            kinds = "; ".join(f"{k} ({', '.join(v[:2])}{', ...' if len(v) > 2 else ''})" for k, v in sorted(bad.items()))
+            problems.append(("train.clipping", "fast", f"fast clipping has no exact per-unit rule for {kinds} "
+                             f"(supported: {', '.join(t.__name__ for t in SUPPORTED_MODULE_TYPES)}); "
+                             "allowed: clipping: opacus"))
+    return problems

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -47,6 +48,17 @@ def _main(argv: list[str] | None) -> int:
     p_run.add_argument("--rerun-stale", action="store_true",
                        help="redo complete nodes computed by other code (another source hash), and their downstream")
     p_run.add_argument("--notebooks", type=Path, default=None, help="stage notebooks folder (development/tests)")
+    p_pre = sub.add_parser("prefetch", help="download every hub asset of the profile into the standard caches, "
+                                              "check each loads offline, print what went where (1 if any fails)")
+    p_pre.add_argument("params", nargs="?", default=str(paths.DEFAULT_PARAMS))
+    p_fl = sub.add_parser("preflight", help="on the machine that will run the profile: assets load offline, a few "
+                                            "steps of every way of training it uses on its device, tokens/s and peak "
+                                            "memory appended to benchmarks/throughput.csv (the dry run's estimate)")
+    p_fl.add_argument("params", nargs="?", default=str(paths.DEFAULT_PARAMS))
+    p_fl.add_argument("--steps", type=int, default=3, help="timed optimizer steps per way of training (default 3)")
+    p_fl.add_argument("--throughput-csv", type=Path, default=None,
+                      help="where the measurements are appended (default benchmarks/throughput.csv)")
+    p_fl.add_argument("--no-append", action="store_true", help="measure without appending")
     p_aud = sub.add_parser("audit", help="one-run empirical privacy audit of the profile's DP training "
                                          "(Steinke, Nasr and Jagielski 2023): audit.csv with eps_lower per epsilon")
     p_aud.add_argument("params", nargs="?", default=str(paths.DEFAULT_PARAMS))
@@ -63,6 +75,16 @@ def _main(argv: list[str] | None) -> int:
     profile = _load(args.params)
     if args.command == "audit":
         return _audit(profile, args)
+    if args.command == "prefetch":
+        from .assets import prefetch
+
+        rows = prefetch(profile)
+        failed = [r for r in rows if not r["check"].startswith("ok")]
+        print(f"prefetch: {len(rows) - len(failed)} of {len(rows)} assets ready"
+              + ("; the profile now runs with HF_HUB_OFFLINE=1" if not failed else f"; {len(failed)} FAILED"))
+        return 1 if failed else 0
+    if args.command == "preflight":
+        return _preflight(profile, args)
     if args.command == "validate":
         print(f"{args.params}: valid profile '{profile.name}' with {len(profile.points())} training conditions")
         return 0
@@ -77,6 +99,18 @@ def _main(argv: list[str] | None) -> int:
         print(describe_plan(profile, args.runs_dir, args.notebooks))
         print(cost.describe_cost(profile))
         return 0
+    from .assets import OFFLINE_VARS, needs_hub
+
+    if not needs_hub(profile):  # nothing to download: the Hugging Face libraries never reach for the network
+        for var in OFFLINE_VARS:
+            os.environ.setdefault(var, "1")
+    if args.executor == "local" and profile.train.device == "cuda":  # Slurm nodes check on their GPU node
+        from .basemodel import cuda_problem
+
+        problem = cuda_problem()
+        if problem:
+            print(f"error: {args.params}: field 'train.device' = 'cuda': {problem}; nothing was run", file=sys.stderr)
+            return EXIT_BAD_PARAMS
     try:
         result = run(profile, jobs=args.jobs, only=args.only, runs_dir=args.runs_dir, notebooks=args.notebooks,
                      executor=args.executor, rerun_stale=args.rerun_stale)
@@ -91,6 +125,22 @@ def _main(argv: list[str] | None) -> int:
         return EXIT_BAD_PARAMS
     _summary(result, paths.profile_dir(profile.name, args.runs_dir))
     return 0 if result.ok else 1
+
+
+def _preflight(profile, args) -> int:
+    """`dpbias preflight`: 2 when the profile's device is missing (before any work), 1 when an asset fails."""
+    from . import cost
+    from .basemodel import ModelError, resolve_device
+    from .preflight import preflight
+
+    try:
+        resolve_device(profile.train.device)
+    except ModelError as exc:
+        print(f"error: {args.params}: field 'train.device': {exc}", file=sys.stderr)
+        return EXIT_BAD_PARAMS
+    target = None if args.no_append else (args.throughput_csv or cost.THROUGHPUT_CSV)
+    result = preflight(profile, steps=args.steps, throughput_csv=target)
+    return 0 if result["ok"] else 1
 
 
 def _audit(profile, args) -> int:

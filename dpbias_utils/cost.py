@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Optional
 
 from . import paths
-from .params import BUILTIN, HUB_MODELS, Profile, looks_like_path, method_of, resolve_path
+from .params import BUILTIN, Profile, looks_like_path, method_of, resolve_path
 
 THROUGHPUT_CSV = paths.REPO_ROOT / "benchmarks" / "throughput.csv"
 
@@ -70,16 +70,22 @@ MODES = ("nondp", "dp", "dp-fast")
 def model_shape(profile: Profile) -> tuple[str, int, int, int]:
     """(name, n_layer, n_embd, vocab) of the profile's base model."""
     base = profile.model.base
-    if base in HUB_SHAPES:
-        return (base, *HUB_SHAPES[base])
+    short = base.split("/")[-1]  # canonical ids: openai-community/gpt2, distilbert/distilgpt2
+    if not looks_like_path(base) and short in HUB_SHAPES:
+        return (short, *HUB_SHAPES[short])
     if base == BUILTIN:
         b = profile.model.builtin
         return ("builtin", b.n_layer, b.n_embd, b.vocab_size)
-    import json
+    from .basemodel import model_structure
 
-    cfg = json.loads((resolve_path(base) / "config.json").read_text())
+    found = model_structure(str(resolve_path(base)) if looks_like_path(base) else base)
+    if found is None:
+        raise ValueError(f"cost: the config of {base!r} is not available offline (run `dpbias prefetch` first)")
+    cfg = found[0].to_dict()
     name = Path(base).name
-    return (name, int(cfg.get("n_layer", 12)), int(cfg.get("n_embd", 768)), int(cfg.get("vocab_size", 50257)))
+    layers = cfg.get("n_layer", cfg.get("num_hidden_layers", 12))
+    width = cfg.get("n_embd", cfg.get("hidden_size", 768))
+    return (name, int(layers), int(width), int(cfg.get("vocab_size", 50257)))
 
 
 def flops_per_token(n_layer: int, n_embd: int, vocab: int, seq_len: int) -> float:
@@ -208,7 +214,7 @@ def _tokenizer_for(profile: Profile):
     try:
         from transformers import AutoTokenizer
 
-        name = str(resolve_path(base)) if base not in HUB_MODELS else base
+        name = str(resolve_path(base)) if looks_like_path(base) else base
         return AutoTokenizer.from_pretrained(name, local_files_only=True)
     except Exception:  # noqa: BLE001 - offline without a cache: fall back to a ratio
         return None
@@ -292,7 +298,8 @@ def corpus_size(profile: Profile, max_sample: int = 3000) -> CorpusSize:
         from .data.corpus import load_text_corpus
 
         source = str(resolve_path(src)) if looks_like_path(src) else src
-        texts = load_text_corpus(source, split=t.train_split, config=t.config, max_rows=t.max_train_rows)
+        texts = load_text_corpus(source, split=t.train_split, config=t.config, max_rows=t.max_train_rows,
+                                 text_column=t.text_column, split_fractions=t.split_fractions, rest_split=t.train_split)
         import random
 
         sample = texts if len(texts) <= max_sample else random.Random(0).sample(texts, max_sample)
@@ -407,5 +414,38 @@ def describe_cost(profile: Profile, gpus: Optional[list[str]] = None, throughput
                     if worst > r02.time_min:
                         lines.append(f"  WARNING: on {dev} the longest run needs ~{worst:,.0f} min > stage 02 time_min "
                                      f"{r02.time_min} (it resumes from checkpoints when re-submitted)")
-    lines.append("  stages 01, 03, 04, 05 are not costed here (CPU data preparation, evaluation: see their time_min)")
+    lines += _stage_costs(profile, est, throughput_csv)
     return "\n".join(lines)
+
+
+def _stage_costs(profile: Profile, est: dict, throughput_csv: Path | str = THROUGHPUT_CSV) -> list[str]:
+    """Disk of stage 02's outputs, and stage 03 / 04 GPU time where `dpbias preflight` measured them
+    (throughput.csv modes ``gradnorms`` / ``generate``)."""
+    name, L, d, V = est["shape"]
+    n_params = 12 * L * d * d + V * d  # Kaplan et al. 2020's count plus the (tied) embedding
+    model_gb = n_params * 4 / 1e9
+    snapshots = len(profile.train.progress_points) + 1  # progress/pct_* and the final model
+    per_run = model_gb * (snapshots + 3)  # + one checkpoint: weights and Adam's two moments
+    runs = est["runs"]
+    lines = [f"  disk of stage 02: ~{per_run:.2f} GB per run ({snapshots} model copies of {model_gb:.2f} GB + a "
+             f"checkpoint with Adam state), ~{per_run * len(runs):,.1f} GB for {len(runs)} runs"]
+    table = load_throughput(throughput_csv)
+    g = profile.gradnorms
+    n_splits = 2  # female and male at least (more with CDA pairs / non-binary subjects)
+    for dev in est["devices"]:
+        meas = {r.mode: r for r in table if r.model == name and r.device == dev and r.mode in ("gradnorms", "generate")}
+        if "gradnorms" in meas:
+            tok = len(profile.train.progress_points) * n_splits * g.max_units_per_split * profile.data.block_size
+            lines.append(f"  stage 03 on {dev}: ~{tok / meas['gradnorms'].tokens_per_s / 60:.1f} min per run "
+                         f"(>= {n_splits} splits x {g.max_units_per_split} units x {len(profile.train.progress_points)} "
+                         f"snapshots; measured by preflight)")
+        if "generate" in meas:
+            ev = profile.evaluation
+            prompts = ev.max_prompts_per_group * 2 if ev.max_prompts_per_group else 3204  # BOLD gender: 3,204
+            tok = prompts * ev.k * ev.max_new_tokens
+            lines.append(f"  stage 04 generation on {dev}: ~{tok / meas['generate'].tokens_per_s / 60:.1f} min per model "
+                         f"({prompts:,} prompts x k {ev.k} x {ev.max_new_tokens} tokens; measured by preflight; scoring "
+                         "and stereotype items not included)")
+    if not any("stage 03" in line for line in lines):
+        lines.append("  stages 03 / 04: run `dpbias preflight` on the GPU machine to measure them (see time_min)")
+    return lines

@@ -176,9 +176,9 @@ def _units_layout(unit_index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
     r_max = int(counts.max()) if U else 0
     order = torch.argsort(unit_index, stable=True)
     starts = torch.cumsum(counts, 0) - counts
-    slot = torch.arange(unit_index.numel()) - starts[unit_index[order]]
+    slot = torch.arange(unit_index.numel(), device=unit_index.device) - starts[unit_index[order]]  # host layout
     rows = order[starts].unsqueeze(1).repeat(1, r_max)  # filler: the unit's first row
-    weight = torch.zeros(U, r_max)
+    weight = torch.zeros(U, r_max, device=unit_index.device)
     rows[unit_index[order], slot] = order
     weight[unit_index[order], slot] = 1.0
     return rows, weight
@@ -257,7 +257,7 @@ def batch_grad_norms(
     }
     l1, sq = l1.detach().cpu(), sq.detach().cpu()
     for g, idx in list(groups.items()) + [(TOTAL_GROUP, list(range(len(names))))]:
-        idx_t = torch.as_tensor(idx, dtype=torch.long)
+        idx_t = torch.as_tensor(idx, dtype=torch.long, device=l1.device)
         out[f"l1_{g}"] = l1[:, idx_t].sum(-1).numpy()
         out[f"l2_{g}"] = sq[:, idx_t].sum(-1).sqrt().numpy()
     return out

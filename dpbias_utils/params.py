@@ -23,7 +23,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from . import paths
 from .training.methods import METHODS, default_method, method_problem
 
-HUB_MODELS = ("distilgpt2", "gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
 BUILTIN = "builtin"
 
 PositiveInt = Annotated[int, Field(gt=0)]
@@ -60,13 +59,19 @@ class ControlledCorpusParams(Section):
 
 
 class TextCorpusParams(Section):
-    """A real corpus: a hub dataset id (`wikitext`) or a local .txt/.parquet file or folder."""
+    """A real corpus: a hub dataset id ``namespace/name`` (``config`` null unless the dataset has
+    several) or local .txt/.jsonl/.csv/.parquet files (one per split in a folder, or one file cut by
+    ``split_fractions``), rows in ``text_column``."""
 
-    source: str = "wikitext"
-    config: Optional[str] = "wikitext-103-raw-v1"
+    source: str = "Salesforce/wikitext"
+    config: Optional[str] = None
+    text_column: str = "text"
     train_split: str = "train"
     eval_split: str = "validation"
     test_split: str = "test"
+    # {eval_split or test_split: fraction}: cut one local file into splits by a hash of each row's
+    # text (`corpus.assign_split`); the rest is train_split. Needed when source is one file.
+    split_fractions: Optional[dict[str, UnitFloat]] = None
     max_train_rows: Optional[PositiveInt] = None
     max_eval_rows: Optional[PositiveInt] = None
 
@@ -281,10 +286,13 @@ class StageResources(Section):
     cpus: PositiveInt = 2
     mem_gb: PositiveInt = 8
     time_min: PositiveInt = 60
+    partition: Optional[str] = None    # this stage's Slurm partition (else execution.slurm_partition)
 
 
 class ExecutionParams(Section):
     slurm_partition: Optional[str] = None
+    # How a job asks for its GPUs: `--gpus-per-node=N` or `--gres=gpu:N` (clusters differ; some refuse one).
+    slurm_gpu_request: Literal["gpus-per-node", "gres"] = "gpus-per-node"
     resources: dict[Literal["01", "02", "03", "04", "05"], StageResources] = {}
     # Slurm options used by `dpbias run --executor slurm` (dpbias_utils.pipeline.slurm); none changes a node's id.
     slurm_array_parallelism: Optional[PositiveInt] = None  # at most this many tasks of a stage's array at once
@@ -488,27 +496,16 @@ def _value_at(raw: Any, loc: tuple) -> Any:
     return cur
 
 
-def resolve_path(value: str) -> Path:
-    """Profile paths are relative to the repository root unless absolute (`~` expanded)."""
-    p = Path(value).expanduser()
-    return p if p.is_absolute() else (paths.REPO_ROOT / p).resolve()
-
-
-def looks_like_path(value: str) -> bool:
-    return value.startswith((".", "/", "~")) or value.endswith((".txt", ".json", ".csv", ".parquet", ".ckpt", ".pt"))
+resolve_path = paths.resolve_path  # one path rule for params, the corpus and the evaluation sources
+looks_like_path = paths.looks_like_path
 
 
 def _check_paths(profile: Profile) -> list[tuple[str, Any, str]]:
     """(field, value, problem) for every local path that does not exist."""
     problems = []
-    base = profile.model.base
-    if base != BUILTIN and base not in HUB_MODELS:
-        if not resolve_path(base).is_dir():
-            problems.append(("model.base", base, f"must be '{BUILTIN}', a hub id {list(HUB_MODELS)} or an existing local model folder"))
+    problems += _check_model(profile)
     if profile.data.corpus == "text":
-        src = profile.data.text.source
-        if looks_like_path(src) and not resolve_path(src).exists():
-            problems.append(("data.text.source", src, "local corpus path does not exist (or give a hub dataset id such as 'wikitext')"))
+        problems += _check_text_corpus(profile.data.text)
     ev = profile.evaluation
     for field in ("bold_source", "stereoset_source", "crows_pairs_source", "toxicity_checkpoint",
                   "toxicity_config_path", "occupation_table"):
@@ -518,7 +515,72 @@ def _check_paths(profile: Profile) -> list[tuple[str, Any, str]]:
     if profile.train.physical_batch_size > profile.train.logical_batch_size:
         problems.append(("train.physical_batch_size", profile.train.physical_batch_size,
                          f"must be <= train.logical_batch_size ({profile.train.logical_batch_size})"))
-    return problems + _check_methods(profile) + _check_skews(profile) + _check_regime_axes(profile)
+    return (problems + _check_methods(profile) + _check_skews(profile) + _check_regime_axes(profile)
+            + _check_device(profile))
+
+
+def _check_device(profile: Profile) -> list[tuple[str, Any, str]]:
+    """A profile that requests GPUs trains on one: `auto` would fall back to the CPU without a word
+    (a CPU-only wheel or a missing GPU request) and take months."""
+    gpu = sorted(s for s, r in profile.execution.resources.items() if r.gpus > 0)
+    if gpu and profile.train.device != "cuda":
+        return [("train.device", profile.train.device, f"execution.resources requests GPUs for stage(s) "
+                 f"{', '.join(gpu)}; allowed: 'cuda' (a missing GPU is then one error before any work)")]
+    return []
+
+
+def _check_model(profile: Profile) -> list[tuple[str, Any, str]]:
+    """(field, value, problem) for a base model that is no causal LM, whose module types the
+    clipping path cannot handle, or whose parameters `train.freeze` does not name. Read from its
+    config on the meta device (no weights); a hub id whose config is not cached is checked by
+    `dpbias prefetch` / `preflight` instead."""
+    base = profile.model.base
+    if base == BUILTIN:
+        return []
+    from . import basemodel
+
+    name = str(resolve_path(base)) if looks_like_path(base) else base
+    problem = basemodel.model_id_problem(name)
+    if problem:
+        return [("model.base", base, f"{problem}; allowed: '{BUILTIN}', a hub id or a local model folder")]
+    try:
+        found = basemodel.model_structure(name)
+    except basemodel.ModelError as err:
+        return [("model.base", base, str(err))]
+    if found is None:
+        return []
+    dp = any(point["epsilon"] is not None for point in profile.points())
+    return basemodel.structure_problems(found[1], profile.train.clipping, profile.train.freeze, dp)
+
+
+def _check_text_corpus(t: TextCorpusParams) -> list[tuple[str, Any, str]]:
+    """(field, value, problem) for a text corpus whose source, splits or split rule cannot work."""
+    from .data.corpus import hub_id_problem
+
+    src, problems = t.source, []
+    if looks_like_path(src):
+        path = resolve_path(src)
+        if not path.exists():
+            problems.append(("data.text.source", src, "local corpus path does not exist (or give a hub dataset id "
+                             "such as 'Salesforce/wikitext')"))
+        elif path.is_file() and not t.split_fractions:
+            problems.append(("data.text.source", src, "one file would serve as train, validation and test alike; "
+                             "allowed: a folder with one file per split, or data.text.split_fractions such as "
+                             f"{{{t.eval_split}: 0.05, {t.test_split}: 0.05}}"))
+    elif hub_id_problem(src):
+        problems.append(("data.text.source", src, hub_id_problem(src)))
+    if t.split_fractions:
+        bad = sorted(set(t.split_fractions) - {t.eval_split, t.test_split})
+        if bad or t.train_split in t.split_fractions:
+            problems.append(("data.text.split_fractions", t.split_fractions, f"keys must be data.text.eval_split "
+                             f"({t.eval_split!r}) and/or test_split ({t.test_split!r}); the rest is the train split"))
+        elif sum(t.split_fractions.values()) >= 1 or set(t.split_fractions) != {t.eval_split, t.test_split}:
+            problems.append(("data.text.split_fractions", t.split_fractions, "needs a fraction for both "
+                             f"{t.eval_split!r} and {t.test_split!r}, summing to < 1 (the rest is the train split)"))
+        elif not looks_like_path(src):
+            problems.append(("data.text.split_fractions", t.split_fractions, "cuts one local file into splits; a hub "
+                             "dataset has its own splits (drop split_fractions)"))
+    return problems
 
 
 def _check_skews(profile: Profile) -> list[tuple[str, Any, str]]:

@@ -40,6 +40,44 @@ STAGE_NOTEBOOKS = {
 STAGE_DIRS = {"01": "01_data", "02": "02_train", "03": "03_gradnorms", "04": "04_bias", "05": "05_report"}
 
 
+# One rule, shared by the profile checks and every loader, for "is this value a local path or a hub id".
+LOCAL_SUFFIXES = (".txt", ".jsonl", ".json", ".csv", ".tsv", ".parquet", ".ckpt", ".pt")
+
+
+def resolve_path(value: str) -> Path:
+    """A profile's path: relative to the repository root unless absolute (`~` expanded)."""
+    p = Path(value).expanduser()
+    return p if p.is_absolute() else (REPO_ROOT / p).resolve()
+
+
+def looks_like_path(value: str) -> bool:
+    """True when `value` names a local file or folder rather than a hub id (``namespace/name``): it
+    starts with '.', '/' or '~', ends in a file suffix (`LOCAL_SUFFIXES`), has more than one '/' or a
+    backslash, or exists (relative to the repository root)."""
+    value = str(value)
+    return (value.startswith((".", "/", "~")) or value.lower().endswith(LOCAL_SUFFIXES) or value.count("/") > 1
+            or "\\" in value or (bool(value) and resolve_path(value).exists()))
+
+
+# CrowS-Pairs (Nangia et al. 2020): the official CSV, pinned to a commit of nyu-mll/crows-pairs and
+# checked by its sha256 (the hub's `nyu-mll/crows_pairs` is a loading-script dataset, which datasets
+# >= 4 refuses).
+CROWS_PAIRS_COMMIT = "8aaac11c485473159ec9328a65253a5be9a479dc"
+CROWS_PAIRS_URL = (f"https://raw.githubusercontent.com/nyu-mll/crows-pairs/{CROWS_PAIRS_COMMIT}/"
+                   "data/crows_pairs_anonymized.csv")
+CROWS_PAIRS_SHA256 = "dfb36986ce0502abbaf7055b9176da3d08d48e07df1251991b5dfbcbceab9d0c"
+
+
+def asset_cache() -> Path:
+    """Downloaded files that are not on the hub (the pinned CrowS-Pairs CSV): $DPBIAS_ASSETS, else
+    `dpbias/` under the Hugging Face cache home ($HF_HOME, else ~/.cache/huggingface)."""
+    env = os.environ.get("DPBIAS_ASSETS")
+    if env:
+        return Path(env)
+    home = os.environ.get("HF_HOME") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "huggingface"
+    return Path(home) / "dpbias"
+
+
 def runs_root() -> Path:
     """The output root: $DPBIAS_RUNS, else `runs/` in the repository. The runner sets DPBIAS_RUNS for
     every node it executes to its `--runs-dir`, so the notebooks and their caches follow it."""
@@ -154,3 +192,11 @@ def kernel_name() -> str:
     except NoSuchKernel:
         return "python3"
     return KERNEL
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """`atomic_write_text` for bytes."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)

@@ -15,9 +15,10 @@ SPEC = dict(vocab_size=300, n_layer=1, n_head=2, n_embd=16, n_positions=32, pret
             batch_size=8, block_size=16, seed=0)
 
 
-@pytest.mark.parametrize("name", ["bert-base-uncased", "gpt3", "/definitely/not/here", ""])
-def test_unknown_base_refused(name):
-    with pytest.raises(ModelError, match="supported hub id"):
+@pytest.mark.parametrize("name", ["/definitely/not/here", "", "not a model id", "a/b/c"])
+def test_malformed_base_refused(name):
+    # no list of models: any hub id or local causal-LM folder is accepted, a malformed one is refused
+    with pytest.raises(ModelError, match="not a folder with a config.json|neither a local model folder nor a hub"):
         load_base(name)
 
 

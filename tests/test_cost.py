@@ -70,8 +70,11 @@ def test_controlled_and_local_corpus_sizes(tmp_path):
     assert all(r["steps"] == round(400 / 32) for r in est["runs"])
     assert "controlled corpus" in cost.describe_cost(tiny)
 
-    text = tmp_path / "corpus.txt"
-    text.write_text("\n".join(f"Sentence number {i} is about the weather and she liked it ." for i in range(300)))
+    text = tmp_path / "corpus"  # one file per split (one file alone would serve every split)
+    text.mkdir()
+    (text / "train.txt").write_text("\n".join(f"Sentence number {i} is about the weather and she liked it ." for i in range(300)))
+    (text / "validation.txt").write_text("held out\n")
+    (text / "test.txt").write_text("held out too\n")
     raw = {"name": "local", "data": {"corpus": "text", "text": {"source": str(text)}, "block_size": 32,
                                      "max_train_units": 200},
            "train": {"logical_batch_size": 20, "physical_batch_size": 10}, "grid": [{"epsilon": [None, 3.0]}]}
@@ -98,3 +101,13 @@ def test_gpu_check_quick_runs_on_cpu(tmp_path):
     rows = cost.load_throughput(out_csv)
     assert {r.mode for r in rows} == {"nondp", "dp"} and all(r.device == "cpu" and r.tokens_per_s > 0 for r in rows)
     assert all(r.measured for r in rows)
+
+
+def test_gpu_check_reports_a_failing_mode_and_goes_on(tmp_path):
+    # a mode that raises (here an unknown one) is reported, and the modes after it are still measured
+    proc = subprocess.run([sys.executable, str(paths.REPO_ROOT / "benchmarks" / "gpu_check.py"), "--quick", "--device", "cpu",
+                           "--modes", "nondp,broken,dp", "--steps", "1", "--warmup", "0", "--threads", "1"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert "broken: FAILED: ValueError" in proc.stdout and "failed mode broken" in proc.stdout
+    assert "ratio dp/nondp: time" in proc.stdout  # dp ran after the failure

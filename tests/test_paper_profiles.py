@@ -7,7 +7,8 @@ local stand-ins in the hub's formats, and (b) sizes (grid, rows, batch, evaluati
 * data.text.source -> a folder laid out like the hub's WikiText parquet export
   (`<dir>/wikitext-103-raw-v1/{train,validation,test}-00000-of-00001.parquet`, column `text`),
   built from the shared WikiText slices; the config name stays the paper's;
-* BOLD, StereoSet, CrowS-Pairs -> the shared files in their original formats;
+* BOLD -> the shared JSON; StereoSet -> McGill-NLP/stereoset's parquet tree (intrasentence/validation-*.parquet);
+  CrowS-Pairs stays `hub`: the pinned official CSV, from the asset cache as `dpbias prefetch` leaves it;
 * Detoxify `original` -> a tiny BERT checkpoint in Detoxify's own checkpoint format.
 
 Then `cli.run` executes the real notebooks and the test reads `results.csv` and `privacy.csv`.
@@ -30,6 +31,8 @@ XL = paths.PARAMS / "paper-gpt2-xl.yaml"
 # as the paper profile has it, so the test exercises the paper's own settings.
 PATH_FIELDS = {"model.base", "data.text.source", "evaluation.bold_source", "evaluation.stereoset_source",
                "evaluation.crows_pairs_source", "evaluation.toxicity_checkpoint", "evaluation.toxicity_config_path"}
+# No GPU on the test machine: the one non-path, non-size field changed (the paper profile says cuda).
+DEVICE_FIELDS = {"train.device"}
 SIZE_FIELDS = {"name", "grid", "data.text.max_train_rows", "data.text.max_eval_rows", "data.max_train_units",
                "train.logical_batch_size", "train.physical_batch_size", "train.checkpoint_every",
                "gradnorms.max_units_per_split", "gradnorms.batch_size", "gradnorms.n_boot",
@@ -59,7 +62,7 @@ def test_paper_profiles_validate_offline(path, capsys):
     assert cli.main(["validate", str(path)]) == 0
     assert "valid profile" in capsys.readouterr().out
     p = load_profile(path)
-    assert p.data.corpus == "text" and p.data.text.source == "wikitext"
+    assert p.data.corpus == "text" and p.data.text.source == "Salesforce/wikitext"
     assert p.data.text.config == "wikitext-103-raw-v1"
     assert p.train.max_grad_norm == 0.1
     assert {pt["epsilon"] for pt in p.points()} == {None, 3.0, 10.0, 20.0}
@@ -119,6 +122,16 @@ def _hub_layout_wikitext(root, shared_data, config="wikitext-103-raw-v1"):
     return root
 
 
+def _hub_stereoset_tree(root, shared_data):
+    """McGill-NLP/stereoset's parquet tree (tests/bias/test_stereotype.py builds it from the shared items)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("stereotype_tests", paths.REPO_ROOT / "tests" / "bias" / "test_stereotype.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.hub_stereoset_tree(root, shared_data)
+
+
 def _tiny_detoxify(folder):
     """A Detoxify-format checkpoint (config + state_dict) of a 1-layer BERT, and its HF config folder."""
     import torch
@@ -154,13 +167,15 @@ def offline_paper_profile(tmp_path, shared_data) -> tuple[dict, dict]:
     raw["data"]["text"]["source"] = str(_hub_layout_wikitext(tmp_path / "wikitext", shared_data))
     ev = raw["evaluation"]
     ev["bold_source"] = str(shared_data / "bold" / "gender_prompt.json")
-    ev["stereoset_source"] = str(shared_data / "stereoset" / "stereoset_gender_intrasentence.json")
-    ev["crows_pairs_source"] = str(shared_data / "crows-pairs" / "crows_pairs_anonymized.csv")
+    ev["stereoset_source"] = str(_hub_stereoset_tree(tmp_path / "McGill-NLP--stereoset", shared_data))
+    # CrowS-Pairs stays `hub`: the pinned official CSV, served from the asset cache (`dpbias prefetch`
+    # puts it there; the test's DPBIAS_ASSETS holds the same bytes, which the sha256 pin checks)
     ev["toxicity_checkpoint"] = str(ckpt)
     ev["toxicity_config_path"] = str(hf)
     # sizes
     raw["name"] = "paper-distilgpt2-offline"
-    raw["grid"] = [{"epsilon": [3.0], "mixing_ratio": [0.5], "cda_mode": ["substitute"], "seed": [0]}]
+    raw["grid"] = [{"epsilon": [None, 3.0], "mixing_ratio": [0.0], "cda_mode": ["substitute"], "seed": [0]}]
+    raw["train"]["device"] = "cpu"
     raw["data"]["text"]["max_train_rows"] = 70
     raw["data"]["text"]["max_eval_rows"] = 30
     raw["train"].update(logical_batch_size=16, physical_batch_size=16, checkpoint_every=10)
@@ -171,13 +186,26 @@ def offline_paper_profile(tmp_path, shared_data) -> tuple[dict, dict]:
     return raw, original
 
 
+def _served_crows_pairs(tmp_path, shared_data, monkeypatch):
+    """The asset cache as `dpbias prefetch` leaves it: the pinned CSV under its commit's name."""
+    from dpbias_utils.bias import stereotype
+
+    monkeypatch.setenv("DPBIAS_ASSETS", str(tmp_path / "assets"))
+    target = paths.asset_cache() / f"crows_pairs_anonymized-{paths.CROWS_PAIRS_COMMIT[:12]}.csv"
+    target.parent.mkdir(parents=True)
+    target.write_bytes((shared_data / "crows-pairs" / "crows_pairs_anonymized.csv").read_bytes())
+    assert stereotype.crows_pairs_csv(download=False) == target
+
+
 @pytest.mark.slow
 def test_paper_distilgpt2_code_path_offline(tmp_path, shared_data, monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    _served_crows_pairs(tmp_path, shared_data, monkeypatch)
     raw, original = offline_paper_profile(tmp_path, shared_data)
     a, b = _flat(raw), _flat(original)
     changed = {k for k in set(a) | set(b) if a.get(k) != b.get(k)}
-    assert changed <= PATH_FIELDS | SIZE_FIELDS, f"non-path, non-size fields changed: {changed - PATH_FIELDS - SIZE_FIELDS}"
+    allowed = PATH_FIELDS | SIZE_FIELDS | DEVICE_FIELDS
+    assert changed <= allowed, f"non-path, non-size fields changed: {changed - allowed}"
     assert a["data.text.config"] == "wikitext-103-raw-v1" and a["train.max_grad_norm"] == 0.1
     assert a["evaluation.toxicity_backend"] == "detoxify" and a["data.block_size"] == b["data.block_size"]
 
@@ -194,10 +222,10 @@ def test_paper_distilgpt2_code_path_offline(tmp_path, shared_data, monkeypatch):
     tox = results[(results["metric"] == "toxicity") & (results["group"] != "diff")]  # diff = female - male may be < 0
     assert tox["value"].between(0, 1).all() and len(tox) > 0
     # both the fine-tuned run and the pretrained base were evaluated
-    assert set(results["run_id"]) >= {"base"} and results["run_id"].nunique() == 2
-    assert set(results.loc[results["run_id"] != "base", "max_grad_norm"]) == {0.1}
-    assert len(privacy) == 1
-    row = privacy.iloc[0]
+    assert set(results["run_id"]) >= {"base"} and results["run_id"].nunique() == 3
+    assert set(results.loc[results["dp"].astype(bool), "max_grad_norm"]) == {0.1}  # the DP run's C
+    assert len(privacy) == 2
+    row = privacy.dropna(subset=["epsilon_target"]).iloc[0]
     assert row["epsilon_target"] == 3.0 and 0 < row["epsilon_spent"] <= 3.0 + 1e-9
     assert row["steps"] >= 1 and row["noise_multiplier"] > 0
     # the units are GPT-2 BPE chunks of at most block_size tokens
@@ -205,3 +233,9 @@ def test_paper_distilgpt2_code_path_offline(tmp_path, shared_data, monkeypatch):
     train = pd.read_parquet(data_dir / "train.parquet")
     assert train["n_tokens"].max() <= profile.data.block_size
     assert (pdir / "index.html").is_file()
+    # ends in verdicts on the paper's claims that real text can test (one seed: "uninformative" by the
+    # study's rule, never the wrong "no non-DP run"), CrowS-Pairs by bias type among them
+    verdicts = pd.read_csv(pdir / "claims.csv").set_index("id")["verdict"]
+    assert "amplify-output/toxicity/3" in verdicts and "text/crows_pairs/race-color/3" in verdicts
+    assert not verdicts.str.contains("no non-DP run").any()
+    assert (results["metric"] == "distinct_2").any()

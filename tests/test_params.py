@@ -57,8 +57,10 @@ BAD = [
     ("empty epsilon list", {"grid": [{"epsilon": []}]}, ["grid[0].epsilon", "must not be empty"]),
     ("missing grid", {"train": {}}, ["grid", "required"]),
     ("bad choice", {"grid": [{"epsilon": [3.0]}], "train": {"accountant": "gdp"}}, ["train.accountant", "'gdp'", "'prv'"]),
-    ("missing base model folder", {"grid": [{"epsilon": [3.0]}], "model": {"base": "./no/such/model"}}, ["model.base", "./no/such/model", "distilgpt2"]),
-    ("unknown hub model", {"grid": [{"epsilon": [3.0]}], "model": {"base": "llama-7b"}}, ["model.base", "llama-7b"]),
+    ("missing base model folder", {"grid": [{"epsilon": [3.0]}], "model": {"base": "./no/such/model"}}, ["model.base", "./no/such/model", "a hub id or a local model folder"]),
+    ("malformed hub model id", {"grid": [{"epsilon": [3.0]}], "model": {"base": "llama 7b"}}, ["model.base", "llama 7b", "namespace/name"]),
+    ("single-segment dataset id", {"grid": [{"epsilon": [3.0]}], "data": {"corpus": "text", "text": {"source": "wikitext"}}}, ["data.text.source", "'namespace/name'", "Salesforce/wikitext"]),
+    ("split rule on a hub dataset", {"grid": [{"epsilon": [3.0]}], "data": {"corpus": "text", "text": {"source": "Salesforce/wikitext", "split_fractions": {"validation": 0.1, "test": 0.1}}}}, ["data.text.split_fractions", "hub dataset"]),
     ("missing corpus path", {"grid": [{"epsilon": [3.0]}], "data": {"corpus": "text", "text": {"source": "../nope/wiki.txt"}}}, ["data.text.source", "does not exist"]),
     ("missing BOLD path", {"grid": [{"epsilon": [3.0]}], "evaluation": {"bold_source": "/nope/bold.json"}}, ["evaluation.bold_source", "does not exist"]),
     ("physical > logical batch", {"grid": [{"epsilon": [3.0]}], "train": {"logical_batch_size": 8, "physical_batch_size": 16}}, ["train.physical_batch_size", "16"]),
@@ -129,3 +131,15 @@ def test_privacy_label_is_the_one_readable_name():
     assert privacy_label(None) == NON_DP == "non-DP"
     assert privacy_label(float("inf")) == privacy_label(float("nan")) == "non-DP"
     assert privacy_label(3) == privacy_label(3.0) == "DP ε=3" and privacy_label(0.5) == "DP ε=0.5"
+
+
+def test_one_corpus_file_needs_an_explicit_split_rule(tmp_path):
+    (tmp_path / "c.csv").write_text("body\nsome text\n")
+    raw = {"grid": [{"epsilon": [None]}], "data": {"corpus": "text", "text": {"source": str(tmp_path / "c.csv")}}}
+    with pytest.raises(ParamsError, match="data.text.source.*one file would serve as train, validation and test"):
+        parse_profile(raw)
+    raw["data"]["text"].update(split_fractions={"validation": 0.1}, text_column="body")
+    with pytest.raises(ParamsError, match="split_fractions.*both 'validation' and 'test'"):
+        parse_profile(raw)
+    raw["data"]["text"]["split_fractions"] = {"validation": 0.1, "test": 0.1}
+    assert parse_profile(raw).data.text.text_column == "body"

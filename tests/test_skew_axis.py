@@ -52,7 +52,7 @@ def test_stage01_corpus_carries_the_skew(skew):
 
 def test_refused_for_a_text_corpus():
     with pytest.raises(ParamsError) as err:
-        _profile([{"epsilon": [None], "skew": [0.6]}], data={"corpus": "text", "text": {"source": "wikitext"}})
+        _profile([{"epsilon": [None], "skew": [0.6]}], data={"corpus": "text", "text": {"source": "Salesforce/wikitext"}})
     assert "grid[0].skew" in str(err.value) and "[0.6]" in str(err.value) and "data.corpus" in str(err.value)
     with pytest.raises(ParamsError, match=r"grid\[0\]\.skew\[0\]"):
         _profile([{"epsilon": [None], "skew": [1.5]}])

@@ -61,6 +61,8 @@ from ..stats import bootstrap_ci, bootstrap_diff_ci, tidy_row
 from .context import FamilyResult
 from .perplexity import pad_id, token_nll
 
+HOST = torch.device("cpu")  # host-built batches are named so: never torch's default device
+
 __all__ = ["family_of", "AssociationPrompt", "association_prompts", "attribute_continuations", "association_scores",
            "association_rows", "model_scorer", "continuation_logprobs", "loglik_gap_rows"]
 
@@ -221,14 +223,14 @@ def continuation_logprobs(model, tokenizer, prompts: Sequence[str], continuation
         chunk = jobs[s: s + batch_size]
         seqs = [p_ids[i] + c_ids[j] for i, j in chunk]
         width = max(len(x) for x in seqs)
-        ids = torch.full((len(seqs), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(seqs), width), dtype=torch.long)
-        score = torch.zeros((len(seqs), width), dtype=torch.bool)
+        ids = torch.full((len(seqs), width), pad, dtype=torch.long, device=HOST)  # host batch, moved below
+        mask = torch.zeros((len(seqs), width), dtype=torch.long, device=HOST)
+        score = torch.zeros((len(seqs), width), dtype=torch.bool, device=HOST)
         for r, ((i, j), x) in enumerate(zip(chunk, seqs)):
-            ids[r, : len(x)] = torch.tensor(x)
+            ids[r, : len(x)] = torch.tensor(x, device=HOST)
             mask[r, : len(x)] = 1
             score[r, len(p_ids[i]): len(x)] = True
-        position_ids = torch.arange(width).unsqueeze(0).repeat(len(seqs), 1)
+        position_ids = torch.arange(width, device=HOST).unsqueeze(0).repeat(len(seqs), 1)
         # Only the positions that predict a continuation token go through the LM head (the head
         # over the whole vocabulary is most of the cost of a small model).
         rows, cols = score[:, 1:].nonzero(as_tuple=True)
@@ -236,7 +238,7 @@ def continuation_logprobs(model, tokenizer, prompts: Sequence[str], continuation
                               position_ids=position_ids.to(device)).last_hidden_state
         logits = model.get_output_embeddings()(hidden[rows.to(device), cols.to(device)]).float()
         tok = torch.log_softmax(logits, dim=-1).gather(-1, ids[rows, cols + 1].to(device).unsqueeze(-1)).squeeze(-1)
-        sums = torch.zeros(len(seqs), dtype=torch.float64).index_add_(0, rows, tok.double().cpu()).numpy()
+        sums = torch.zeros(len(seqs), dtype=torch.float64, device=HOST).index_add_(0, rows, tok.double().cpu()).numpy()
         for r, (i, j) in enumerate(chunk):
             out[i, j] = sums[r]
     return out

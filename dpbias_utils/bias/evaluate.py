@@ -146,18 +146,25 @@ def evaluate_model(model, tokenizer, splits: dict[str, pd.DataFrame], cfg: dict,
     ctx = EvalContext(model, tokenizer, splits, cfg, seed, planted,
                       on_generation=lambda: bar.set_postfix_str("generation"), nonbinary=nonbinary)
     rows: list[dict] = []
-    logs: dict[str, pd.DataFrame] = {}
     for family in enabled:
         bar.set_postfix_str(family.replace("_", " "))
         result = importlib.import_module(f"{__package__}.{family}").evaluate(ctx)
         rows += result.rows
-        logs.update(result.logs)
+        # Written after every family: a later family's failure (a download, a GPU error) loses nothing
+        # computed so far; metrics.csv then holds the families done (the node is not marked complete).
+        for name, table in result.logs.items():
+            write_item_log(out_dir, name, table)
+        _write_csv_atomic(pd.DataFrame(rows, columns=TIDY_COLUMNS), out_dir / "metrics.csv")
         bar.update(1)
     bar.close()
 
     metrics = pd.DataFrame(rows, columns=TIDY_COLUMNS)
-    metrics.to_csv(out_dir / "metrics.csv", index=False)
-    for name, table in logs.items():
-        write_item_log(out_dir, name, table)
+    _write_csv_atomic(metrics, out_dir / "metrics.csv")
     write_generations(out_dir, ctx.sampled())
     return metrics
+
+
+def _write_csv_atomic(frame: pd.DataFrame, path: Path) -> None:
+    from .. import paths
+
+    paths.atomic_write_text(path, frame.to_csv(index=False))

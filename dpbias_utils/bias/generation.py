@@ -24,6 +24,8 @@ import numpy as np
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
+HOST = torch.device("cpu")  # host-built batches are named so: never torch's default device
+
 __all__ = ["generate", "row_seed", "sampling_distribution", "RowSampler"]
 
 
@@ -74,7 +76,7 @@ class RowSampler(LogitsProcessor):
         else:
             probs, order = sampling_distribution(scores, self.top_p, self.top_k, self.temperature)
             cdf = torch.cumsum(probs, dim=-1)
-            u = torch.stack([torch.rand((), generator=g, dtype=torch.float64) for g in self.generators])
+            u = torch.stack([torch.rand((), generator=g, dtype=torch.float64, device=g.device) for g in self.generators])
             u = u.to(cdf.device) * cdf[:, -1]
             pos = torch.searchsorted(cdf, u.unsqueeze(-1)).clamp_(max=cdf.shape[-1] - 1)
             chosen = order.gather(-1, pos).squeeze(-1)
@@ -147,11 +149,11 @@ def generate(
         iterator = tqdm(chunks, desc="generate", leave=False)
     for chunk in iterator:
         width = max(len(encoded[i]) for i, _ in chunk)
-        input_ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
-        attention = torch.zeros((len(chunk), width), dtype=torch.long)
+        input_ids = torch.full((len(chunk), width), pad_id, dtype=torch.long, device=HOST)  # host batch, moved below
+        attention = torch.zeros((len(chunk), width), dtype=torch.long, device=HOST)
         for r, (i, _) in enumerate(chunk):
             ids = encoded[i]
-            input_ids[r, width - len(ids) :] = torch.tensor(ids, dtype=torch.long)
+            input_ids[r, width - len(ids) :] = torch.tensor(ids, dtype=torch.long, device=HOST)
             attention[r, width - len(ids) :] = 1
         generators = None
         if temperature > 0:

@@ -31,6 +31,8 @@ import torch
 from ..stats import bootstrap_ci, tidy_row
 from .context import FamilyResult, subsample
 
+HOST = torch.device("cpu")  # host-built batches are named so: never torch's default device
+
 __all__ = ["kl_divergence", "hellinger", "next_token_distributions", "local_bias_scores"]
 
 
@@ -64,10 +66,10 @@ def next_token_distributions(model, tokenizer, contexts: Sequence[str], batch_si
     for s in range(0, len(encoded), batch_size):
         chunk = encoded[s : s + batch_size]
         width = max(len(ids) for ids in chunk)
-        ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(chunk), width), dtype=torch.long)
+        ids = torch.full((len(chunk), width), pad_id, dtype=torch.long, device=HOST)  # host batch, moved below
+        mask = torch.zeros((len(chunk), width), dtype=torch.long, device=HOST)
         for r, row in enumerate(chunk):
-            ids[r, width - len(row) :] = torch.tensor(row)
+            ids[r, width - len(row) :] = torch.tensor(row, device=HOST)
             mask[r, width - len(row) :] = 1
         position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
         logits = model(

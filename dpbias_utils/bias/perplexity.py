@@ -34,6 +34,8 @@ import torch
 from ..stats import bootstrap_ci, bootstrap_diff_ci, tidy_row
 from .context import FamilyResult
 
+HOST = torch.device("cpu")  # host-built batches are named so: never torch's default device
+
 __all__ = ["PerplexityResult", "perplexity", "token_nll", "sequence_logprobs", "ppl_statistic", "mean_ppl_statistic",
            "perplexity_rows", "pad_id", "start_id", "CORPUS", "CORPUS_BOS", "GENDER_SPLITS"]
 
@@ -86,10 +88,10 @@ def token_nll(model, rows: Sequence[Sequence[int]], batch_size: int = 16, pad_id
         if not idx:
             continue
         width = max(len(rows[i]) for i in idx)
-        ids = torch.full((len(idx), width), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(idx), width), dtype=torch.long)
+        ids = torch.full((len(idx), width), pad_id, dtype=torch.long, device=HOST)  # host batch, moved below
+        mask = torch.zeros((len(idx), width), dtype=torch.long, device=HOST)
         for r, i in enumerate(idx):
-            ids[r, : len(rows[i])] = torch.tensor(rows[i])
+            ids[r, : len(rows[i])] = torch.tensor(rows[i], device=HOST)
             mask[r, : len(rows[i])] = 1
         logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
         logp = torch.log_softmax(logits[:, :-1], dim=-1)

@@ -21,11 +21,12 @@
   averaged LM and SS (the reference's macro ICAT). Interval: bootstrap over target terms (the unit
   that is averaged). An SS near 50 means little unless LM is well above 50.
 
-Sources. StereoSet: the hub (``McGill-NLP/stereoset``, ``intrasentence``, validation), a local JSON
+Sources. StereoSet: the hub (``McGill-NLP/stereoset``, ``intrasentence``, validation), its parquet tree
+as the hub serves it (a folder with ``intrasentence/validation-*.parquet``), a local JSON
 (StereoSet's ``dev.json``, or a list of items with ``data.{stereotype,anti-stereotype,unrelated}.sentence``),
 or ``None``/``"controlled"``: items from the controlled corpus's vocabulary (one subject, its
 stereotyped vs counter-stereotyped attribute, and an attribute of another family as the unrelated
-filler). CrowS-Pairs: the hub (``nyu-mll/crows_pairs``), a local ``crows_pairs_anonymized.csv``, or
+filler). CrowS-Pairs: ``hub`` = the official CSV pinned to a commit (`crows_pairs_csv`), a local ``crows_pairs_anonymized.csv``, or
 ``None``/``"controlled"``: the same attribute sentence with a female vs a male subject, the
 stereotype-consistent one as ``sent_more``.
 
@@ -41,6 +42,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from .. import paths
 from ..data import corpus
 from ..stats import bootstrap_ci, tidy_row
 from .perplexity import pad_id, sequence_logprobs, start_id, token_nll
@@ -118,6 +120,14 @@ def load_stereoset(source=None, bias_types: Sequence[str] | None = None) -> pd.D
                 "Offline, pass a local intrasentence JSON file as the source."
             ) from err
         df = _stereoset_from_items(list(ds))
+    elif Path(source).expanduser().is_dir() or str(source).endswith(".parquet"):
+        # the hub's parquet tree (<dir>/intrasentence/validation-*.parquet), as `datasets` downloads it
+        path = Path(source).expanduser()
+        files = [path] if path.is_file() else sorted(path.glob("intrasentence/validation-*.parquet")) or sorted(
+            path.glob("**/*.parquet"))
+        if not files:
+            raise FileNotFoundError(f"no StereoSet parquet file in {path} (expected intrasentence/validation-*.parquet)")
+        df = _stereoset_from_items(pd.concat([pd.read_parquet(f) for f in files]).to_dict("records"))
     else:
         path = Path(source).expanduser()
         data = json.loads(path.read_text(encoding="utf-8"))
@@ -134,23 +144,7 @@ def load_crows_pairs(source=None, bias_types: Sequence[str] | None = None) -> pd
     if _is_controlled(source):
         df = controlled_crows_pairs()
     else:
-        if source == "hub":
-            import datasets
-
-            try:
-                ds = datasets.load_dataset("nyu-mll/crows_pairs", split="test")
-            except Exception as err:
-                raise RuntimeError(
-                    f"could not load CrowS-Pairs from the hub (nyu-mll/crows_pairs): {type(err).__name__}: {err}. "
-                    "Offline, pass a local crows_pairs_anonymized.csv as the source."
-                ) from err
-            raw = ds.to_pandas()
-            for col in ("stereo_antistereo", "bias_type"):  # ClassLabel ints -> names
-                feature = ds.features.get(col)
-                if hasattr(feature, "int2str"):
-                    raw[col] = raw[col].map(feature.int2str)
-        else:
-            raw = pd.read_csv(Path(source).expanduser())
+        raw = pd.read_csv(crows_pairs_csv() if source == "hub" else Path(source).expanduser())
         id_col = "id" if "id" in raw.columns else raw.columns[0]
         df = pd.DataFrame(
             {
@@ -164,6 +158,38 @@ def load_crows_pairs(source=None, bias_types: Sequence[str] | None = None) -> pd
     if bias_types is not None:
         df = df[df["bias_type"].isin(list(bias_types))]
     return df.reset_index(drop=True)
+
+
+def crows_pairs_csv(download: bool | None = None) -> Path:
+    """The official CrowS-Pairs CSV (`paths.CROWS_PAIRS_URL`, pinned to a commit of nyu-mll/crows-pairs,
+    checked against `paths.CROWS_PAIRS_SHA256`) in `paths.asset_cache()`, downloaded on first use
+    unless ``download`` is False (default: not when HF_HUB_OFFLINE is set). The hub's
+    `nyu-mll/crows_pairs` is a loading-script dataset, which datasets >= 4 refuses."""
+    import hashlib
+    import os
+    import urllib.request
+
+    target = paths.asset_cache() / f"crows_pairs_anonymized-{paths.CROWS_PAIRS_COMMIT[:12]}.csv"
+    if target.is_file():
+        return target
+    if download is None:
+        download = os.environ.get("HF_HUB_OFFLINE", "").lower() not in ("1", "true", "yes")
+    if not download:
+        raise RuntimeError(f"CrowS-Pairs is not in the cache ({target}) and HF_HUB_OFFLINE is set: run `dpbias prefetch "
+                           "PARAMS` with network first, or pass a local crows_pairs_anonymized.csv as crows_pairs_source")
+    try:
+        with urllib.request.urlopen(paths.CROWS_PAIRS_URL, timeout=60) as response:
+            data = response.read()
+    except OSError as err:
+        raise RuntimeError(f"could not download CrowS-Pairs from {paths.CROWS_PAIRS_URL}: {err}. Offline, pass a local "
+                           "crows_pairs_anonymized.csv as crows_pairs_source") from err
+    digest = hashlib.sha256(data).hexdigest()
+    if digest != paths.CROWS_PAIRS_SHA256:
+        raise RuntimeError(f"CrowS-Pairs from {paths.CROWS_PAIRS_URL} has sha256 {digest}, expected "
+                           f"{paths.CROWS_PAIRS_SHA256}; not used")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    paths.atomic_write_bytes(target, data)
+    return target
 
 
 # --------------------------------------------------------------------------- controlled versions

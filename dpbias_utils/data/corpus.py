@@ -44,18 +44,41 @@ _SPLIT_ALIASES = {
 }
 
 
+LOCAL_FORMATS = (".txt", ".jsonl", ".csv", ".parquet")
+# Single-segment ids the hub used to serve, and their namespaced repositories today.
+MOVED_DATASETS = {"wikitext": "Salesforce/wikitext"}
+
+
+def hub_id_problem(source: str) -> str | None:
+    """Why `source` cannot be a hub dataset id (None when it can): the hub refuses ids without a
+    namespace (``Salesforce/wikitext``, not ``wikitext``)."""
+    if source.count("/") == 1 and all(source.split("/")):
+        return None
+    hint = f" (did you mean {MOVED_DATASETS[source]!r}?)" if source in MOVED_DATASETS else ""
+    return f"is not a local path and not a hub dataset id of the form 'namespace/name'{hint}"
+
+
 def load_text_corpus(
     source: str,
     split: str,
-    config: str | None = "wikitext-103-raw-v1",
+    config: str | None = None,
     max_rows: int | None = None,
+    text_column: str = "text",
+    split_fractions: dict[str, float] | None = None,
+    rest_split: str = "train",
 ) -> list[str]:
-    """Non-empty text rows of ``split`` from a local file/folder or, failing that, a hub dataset id.
+    """Non-empty text rows of ``split`` from local files or, when ``source`` is no local path
+    (`paths.looks_like_path`), a hub dataset id ``namespace/name`` (``config`` None unless the dataset
+    has several).
 
-    Local forms: a ``.txt`` file (one row per line), a ``.parquet`` file with a ``text`` column, or a
-    folder laid out like the hub (``<dir>/<config>/<split>-*.parquet``), or holding
-    ``<split>*.parquet`` / ``<split>*.txt`` / ``*.<split>.*.txt`` files (``wikitext-103.valid.tokens.txt``
-    serves ``validation``). Rows are returned as stored; rows that are empty or whitespace are dropped.
+    Local forms: a ``.txt`` file (one row per line), or a ``.jsonl`` / ``.csv`` / ``.parquet`` file
+    with a ``text_column``; or a folder holding one file per split (laid out like the hub,
+    ``<dir>/<config>/<split>-*.parquet``, or ``<split>*.<ext>`` / ``*.<split>.*.txt``, so that
+    ``wikitext-103.valid.tokens.txt`` serves ``validation``). ``split_fractions`` ({split: fraction},
+    the rest is ``rest_split``) is the explicit rule that cuts one
+    file into splits: a row goes to a split by the sha256 of its text, so a row and its duplicates
+    always land together and the rule does not depend on the row order. Rows that are empty or
+    whitespace are dropped.
     """
     if not isinstance(source, str) or not source.strip():
         raise CorpusError(f"source must be a non-empty str (hub id or path), got {source!r}")
@@ -66,25 +89,52 @@ def load_text_corpus(
 
     path = Path(source).expanduser()
     if path.exists():
-        files = _local_split_files(path, split, config) if path.is_dir() else [path]
+        files = _local_split_files(path, split, config) if path.is_dir() and not split_fractions else (
+            [path] if not path.is_dir() else _only_file(path))
         rows: list[str] = []
         for file in files:
-            rows.extend(_read_rows(file))
-            if max_rows is not None and _count_nonempty(rows) >= max_rows:
+            rows.extend(_read_rows(file, text_column))
+            if max_rows is not None and not split_fractions and _count_nonempty(rows) >= max_rows:
                 break
         where = str(path)
     elif _looks_like_path(source):
         raise CorpusError(f"corpus path {source!r} does not exist")
     else:
-        rows = _load_hub(source, config, split)
+        problem = hub_id_problem(source)
+        if problem:
+            raise CorpusError(f"corpus source {source!r} {problem}")
+        rows = _load_hub(source, config, split, text_column)
         where = f"hub dataset {source!r} (config {config!r})"
 
     texts = [row for row in rows if isinstance(row, str) and row.strip()]
+    if split_fractions:
+        texts = [t for t in texts if assign_split(t, split_fractions, rest_split) == split]
     if max_rows is not None:
         texts = texts[:max_rows]
     if not texts:
         raise CorpusError(f"split {split!r} of {where} has no non-empty text rows")
     return texts
+
+
+def assign_split(text: str, fractions: dict[str, float], rest: str) -> str:
+    """The split of one row under an explicit rule: u = sha256(text) as a number in [0, 1); the
+    splits of ``fractions`` take consecutive intervals of u in name order, the rest is ``rest``."""
+    import hashlib
+
+    u = int.from_bytes(hashlib.sha256(text.encode("utf-8")).digest()[:8], "big") / 2**64
+    lo = 0.0
+    for name in sorted(fractions):
+        if lo <= u < lo + fractions[name]:
+            return name
+        lo += fractions[name]
+    return rest
+
+
+def _only_file(folder: Path) -> list[Path]:
+    files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in LOCAL_FORMATS)
+    if len(files) != 1:
+        raise CorpusError(f"split_fractions cuts one file into splits, but {folder} holds {len(files)} corpus files")
+    return files
 
 
 def _count_nonempty(rows: list[str]) -> int:
@@ -93,12 +143,9 @@ def _count_nonempty(rows: list[str]) -> int:
 
 def _looks_like_path(source: str) -> bool:
     """A missing path gets a clear error instead of an attempt to download it from the hub."""
-    return (
-        source.startswith(("/", "./", "../", "~"))
-        or source.endswith((".txt", ".parquet"))
-        or source.count("/") > 1
-        or "\\" in source
-    )
+    from .. import paths
+
+    return paths.looks_like_path(source)
 
 
 def _local_split_files(folder: Path, split: str, config: str | None) -> list[Path]:
@@ -107,13 +154,17 @@ def _local_split_files(folder: Path, split: str, config: str | None) -> list[Pat
     for name in names:
         # Exact layouts, where several matches are shards of one split.
         patterns = ([f"{config}/{name}-*.parquet"] if config else []) + [
-            f"{name}-*.parquet",
-            f"{name}.parquet",
-            f"{name}.txt",
-            f"{name}-*.txt",
+            pattern for ext in ("parquet", "jsonl", "csv", "txt") for pattern in (f"{name}-*.{ext}", f"{name}.{ext}")
         ]
         for pattern in patterns:
             shards = sorted(p for p in folder.glob(pattern) if p.is_file())
+            if shards:
+                return shards
+        if config is None:  # the hub's layout with one config folder needs no config name
+            shards = sorted(p for p in folder.glob(f"*/{name}-*.parquet") if p.is_file())
+            configs = sorted({p.parent.name for p in shards})
+            if len(configs) > 1:
+                raise CorpusError(f"split {split!r} of {folder} exists in several configs {configs}; set data.text.config")
             if shards:
                 return shards
     # Loose naming (``wikitext-103.valid.tokens.txt``): several matches are different corpora.
@@ -134,11 +185,17 @@ def _local_split_files(folder: Path, split: str, config: str | None) -> list[Pat
         )
     raise CorpusError(
         f"no file for split {split!r} in {folder}; expected <config>/{split}-*.parquet, "
-        f"{split}*.parquet, {split}*.txt or *.{split}.*.txt"
+        f"{split}*.parquet / .jsonl / .csv / .txt or *.{split}.*.txt (or one file and data.text.split_fractions)"
     )
 
 
-def _read_rows(file: Path) -> list[str]:
+def _column(file: Path, columns: list, text_column: str) -> None:
+    if text_column not in columns:
+        raise CorpusError(f"corpus file {file} has no column {text_column!r} (columns: {list(columns)}); "
+                          "set data.text.text_column")
+
+
+def _read_rows(file: Path, text_column: str = "text") -> list[str]:
     suffix = file.suffix.lower()
     if suffix == ".parquet":
         import pyarrow.parquet as pq
@@ -147,9 +204,16 @@ def _read_rows(file: Path) -> list[str]:
             table = pq.read_table(file)
         except Exception as error:  # pyarrow raises several types for corrupt files
             raise CorpusError(f"cannot read parquet file {file}: {error}") from error
-        if "text" not in table.column_names:
-            raise CorpusError(f"parquet file {file} has no 'text' column (columns: {table.column_names})")
-        return [row for row in table.column("text").to_pylist() if row is not None]
+        _column(file, table.column_names, text_column)
+        return [row for row in table.column(text_column).to_pylist() if row is not None]
+    if suffix in (".jsonl", ".csv"):
+        try:
+            frame = (pd.read_json(file, lines=True, dtype=False) if suffix == ".jsonl"
+                     else pd.read_csv(file, dtype=str, keep_default_na=False))
+        except ValueError as error:
+            raise CorpusError(f"cannot read {suffix[1:]} file {file}: {error}") from error
+        _column(file, list(frame.columns), text_column)
+        return [row for row in frame[text_column].tolist() if isinstance(row, str)]
     if suffix in (".txt", ".raw", ".tokens") or suffix == "":
         data = file.read_bytes()
         try:
@@ -159,11 +223,11 @@ def _read_rows(file: Path) -> list[str]:
                 f"{file} is not UTF-8: undecodable byte 0x{data[error.start]:02x} at byte offset {error.start}"
             ) from error
         return [line.rstrip("\r") for line in text.split("\n")]
-    raise CorpusError(f"corpus file {file} must end in .txt or .parquet, got {suffix!r}")
+    raise CorpusError(f"corpus file {file} must end in {', '.join(LOCAL_FORMATS)}, got {suffix!r}")
 
 
-def _load_hub(source: str, config: str | None, split: str) -> list[str]:
-    """The real download path (``datasets``); offline it fails with a message saying what to do."""
+def _load_hub(source: str, config: str | None, split: str, text_column: str = "text") -> list[str]:
+    """The real download path (``datasets``); a failure names the id, config and split, and the cause."""
     try:
         import datasets
     except ImportError as error:  # pragma: no cover - datasets is a dependency
@@ -171,14 +235,22 @@ def _load_hub(source: str, config: str | None, split: str) -> list[str]:
     try:
         dataset = datasets.load_dataset(source, config, split=split)
     except Exception as error:
+        import os
+
+        offline = any(os.environ.get(v, "").lower() in ("1", "true", "yes")
+                      for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
+        hint = ("HF_HUB_OFFLINE is set and the dataset is not in the local cache: run `dpbias prefetch PARAMS` "
+                "with network first, or point data.text.source at local files" if offline else
+                "check the id, config and split on the hub page of the dataset (or point data.text.source at "
+                "local files)")
         raise CorpusError(
             f"could not load hub dataset {source!r} (config {config!r}, split {split!r}): "
-            f"{type(error).__name__}: {error}. Offline (HF_DATASETS_OFFLINE=1) or without network, "
-            "point the corpus source at a local .txt/.parquet file or folder instead"
+            f"{type(error).__name__}: {error}. {hint}"
         ) from error
-    if "text" not in dataset.column_names:
-        raise CorpusError(f"hub dataset {source!r} has no 'text' column (columns: {dataset.column_names})")
-    return list(dataset["text"])
+    if text_column not in dataset.column_names:
+        raise CorpusError(f"hub dataset {source!r} has no column {text_column!r} (columns: {dataset.column_names}); "
+                          "set data.text.text_column")
+    return list(dataset[text_column])
 
 
 # --------------------------------------------------------------------------- controlled corpus

@@ -142,3 +142,11 @@ def context(stage: str, namespace: dict[str, Any]) -> StageContext:
     record = {"stage": stage, "profile": ctx.profile.name, "point": ctx.point, "run_id": ctx.run_id}
     paths.atomic_write_text(ctx.out_dir / paths.CONTEXT_FILE, json.dumps(record, indent=1))  # stage 05 labels outputs by it
     return ctx
+
+
+def training_device(ctx: StageContext):
+    """The device of the profile's training (`train.device`), used by every stage that runs a model
+    (02 trains, 03 takes gradients, 04 generates and scores): the GPU a Slurm job holds is used by all."""
+    from ..basemodel import resolve_device
+
+    return resolve_device(ctx.profile.train.device)

@@ -12,7 +12,10 @@ same node folders and the same `_COMPLETE.json` markers as local execution -- so
 * a node whose upstream failed (or is missing, with `--only`) is reported as blocked, not run.
 
 Resources per stage come from `profile.execution.resources` (GPUs per node, CPUs per task, memory,
-time limit; `StageResources` defaults otherwise), the partition from `execution.slurm_partition`,
+time limit; `StageResources` defaults otherwise), the partition from the stage's `partition`, else
+`execution.slurm_partition`, GPUs as `--gpus-per-node` or `--gres=gpu:N` (`execution.slurm_gpu_request`);
+a submission sbatch rejects fails that stage's nodes (their downstream is blocked), not the driver;
+every job runs with the Hugging Face libraries offline (run `dpbias prefetch` first);
 extra sbatch flags from `execution.slurm_additional_parameters`, shell set-up lines from
 `execution.slurm_setup`. Jobs inherit the submitting environment (sbatch's default) and run the
 submitting Python (`sys.executable`), so the run directory and the virtual environment must be
@@ -84,14 +87,20 @@ def stage_parameters(profile: Profile, stage: str, n_tasks: int) -> dict:
         "signal_delay_s": 120,
     }
     if res.gpus:  # no --gpus-per-node=0 flag: clusters without GRES reject it
-        params["gpus_per_node"] = int(res.gpus)
-    if ex.slurm_partition:
-        params["partition"] = ex.slurm_partition
+        if ex.slurm_gpu_request == "gres":
+            params["gres"] = f"gpu:{int(res.gpus)}"
+        else:
+            params["gpus_per_node"] = int(res.gpus)
+    if res.partition or ex.slurm_partition:
+        params["partition"] = res.partition or ex.slurm_partition
     if ex.slurm_additional_parameters:
         params["additional_parameters"] = dict(ex.slurm_additional_parameters)
-    if ex.slurm_setup:
-        params["setup"] = list(ex.slurm_setup)
+    # Jobs never download: `dpbias prefetch` filled the caches on a machine with network first.
+    params["setup"] = [JOB_OFFLINE, *ex.slurm_setup]
     return params
+
+
+JOB_OFFLINE = "export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1"
 
 
 def executor_for_stage(profile: Profile, stage: str, profile_dir: Path, n_tasks: int):
@@ -226,7 +235,17 @@ def run(profile: Profile, nodes: list[Node], pending: list[Node], profile_dir: P
             specs = [str(node_exec.write_node_spec(profile, n, profile_dir, notebooks)) for n in runnable]
             executor = executor_for_stage(profile, stage, profile_dir, len(runnable))
             bar.set_postfix_str(f"stage {stage}: {len(runnable)} jobs")
-            jobs = executor.map_array(NodeJob(), specs)
+            try:
+                jobs = executor.map_array(NodeJob(), specs)
+            except Exception as err:  # noqa: BLE001 - sbatch refused (partition, GRES, limits): the nodes fail
+                msg = f"submission of stage {stage} rejected: {type(err).__name__}: {str(err).strip()[-500:]}"
+                for n in runnable:
+                    messages[n.key] = msg
+                    failed.add(n.key)
+                    result.failed.append(n)
+                    bar.update(1)
+                print(f"slurm: {msg}", file=sys.stderr)
+                continue
             try:
                 status = _wait(jobs, poll_s, bar, on_poll=_progress_printer(runnable, profile_dir, bar, progress))
             except BaseException:  # interrupted driver: do not leave this stage's jobs running unattended

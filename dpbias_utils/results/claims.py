@@ -16,7 +16,13 @@ detected (80 % power). A claim is **uninformative** when the testbed could not s
 * every arm needs at least `MIN_SEEDS` independent runs (seeds), or the interval would ignore
   training randomness;
 * the matched-utility claim needs the DP model's perplexity inside the range the non-DP run passed
-  through.
+  through;
+* on real text (a corpus that plants nothing, so the calibration above cannot apply) the output-
+  and likelihood-level claims are gated by `text_gate`, a rule written before any run: both arms'
+  test perplexity at most `TEXT_PPL_FACTOR` x the pretrained base's (the fine-tuned models are still
+  language models of the text), and, for claims on sampled continuations, both arms' distinct-2 at
+  least `TEXT_MIN_DISTINCT_2` (continuations are text, not repetition loops). The association
+  claims need a planted association and stay uninformative there.
 
 Claims (``direction`` = the sign the paper predicts for the contrast):
 
@@ -26,6 +32,8 @@ Claims (``direction`` = the sign the paper predicts for the contrast):
 | amplify-output/toxicity/ε | toxicity gap (female - male continuations), DP ε minus non-DP | + |
 | matched/<family>/ε | learned association, DP ε minus the non-DP checkpoint of equal perplexity | + |
 | cda/<family>/<condition> | learned association at the largest CDA ratio minus ratio 0 | - |
+| amplify-output/sentiment/ε | sentiment gap (female - male continuations), DP ε minus non-DP | - |
+| text/<metric>/<group>/ε | real text only: a per-run bias metric (StereoSet, CrowS-Pairs by bias type, occupation, gender counts, local KL / Hellinger), DP ε minus non-DP | + |
 | gradnorm/ε | per-example L2 norm, female minus male, DP ε | + |
 | gradnorm-widen/ε | that gap under DP ε minus the gap under non-DP | + |
 """
@@ -48,6 +56,13 @@ CALIBRATION_TARGET = 0.9
 N_BOOT = 5000  # smallest two-sided p = 2/5001, so Holm over ~30 claims can still reject
 # Fewer seeds than this in an arm and the interval cannot carry seed-to-seed variation: no verdict.
 MIN_SEEDS = 3
+# Real-text gate (`text_gate`), fixed before any run and never tuned on a bias outcome.
+TEXT_PPL_FACTOR = 2.0      # an arm whose test perplexity doubled over the base's no longer models the text
+TEXT_MIN_DISTINCT_2 = 0.4  # below, continuations are dominated by repeated word pairs (degenerate sampling)
+# Per-run metrics of real text judged as DP minus non-DP (direction +: DP amplifies the bias), and
+# whether they are read off sampled continuations (then distinct-2 gates them too).
+TEXT_METRICS = {"stereoset": False, "crows_pairs": False, "local_kl": False, "local_hellinger": False,
+                "occupation_tv": True, "gender_count_distance": True}
 CLAIM_COLUMNS = ["id", "claim", "metric", "contrast", "point", "low", "high", "se", "p", "direction",
                  "informative", "uninformative_reason", "n_seeds", "n_items"]
 
@@ -170,23 +185,35 @@ def paper_claims(items: pd.DataFrame, results: pd.DataFrame, trajectory: pd.Data
     """The paper's claims (unjudged rows) on the main design's runs only."""
     items, results = main_design(items), main_design(results)
     trajectory = main_design(trajectory) if trajectory is not None else None
+    real_text = results[results["group"] == "planted"].empty
     calibrated = calibrated_families(items, results)
+    if real_text:  # nothing planted: association claims cannot be calibrated (not "no non-DP run")
+        calibrated = {f: (False, "real text plants no association to calibrate against (controlled corpus only)")
+                      for f in FAMILIES}
     nondp = _runs(items, dp=False)
     out: list[dict] = []
     for eps in _dp_epsilons(items):
         dp = _runs(items, dp=True, epsilon=eps)
         for family in FAMILIES:
-            ok, text = calibrated.get(family, (False, "no non-DP run"))
+            ok, text = calibrated.get(family, (False, _missing_reason(nondp)))
             metric = ASSOC.format(family)
             out.append(_claim(f"amplify/{family}/{eps:g}", f"DP amplifies the learned {family} association ({privacy_label(eps)})",
                               metric, f"{privacy_label(eps)} - non-DP", _diff(dp, nondp, metric), +1, ok, text))
-        ok, text = calibrated.get("toxicity", (False, "no non-DP run"))
-        out.append(_claim(f"amplify-output/toxicity/{eps:g}", f"DP amplifies the toxicity gap of continuations ({privacy_label(eps)})",
-                          "toxicity", f"{privacy_label(eps)} - non-DP, of (female - male)", _diff(dp, nondp, "toxicity", "diff"),
-                          +1, ok, text))
+        for metric, direction, what in (("toxicity", +1, "toxicity"), ("sentiment", -1, "sentiment")):
+            if real_text:
+                ok, text = text_gate(results, eps, generated=True)
+            elif metric == "toxicity":
+                ok, text = calibrated.get("toxicity", (False, _missing_reason(nondp)))
+            else:
+                continue  # the controlled corpus judges sentiment through its association (above)
+            out.append(_claim(f"amplify-output/{metric}/{eps:g}", f"DP amplifies the {what} gap of continuations "
+                              f"({privacy_label(eps)})", metric, f"{privacy_label(eps)} - non-DP, of (female - male)",
+                              _diff(dp, nondp, metric, "diff"), direction, ok, text))
+        if real_text:
+            out += text_claims(results, eps)
         if trajectory is not None and not trajectory.empty:
             for family in FAMILIES:
-                out.append(matched_claim(trajectory, family, eps, calibrated.get(family, (False, "no non-DP run"))))
+                out.append(matched_claim(trajectory, family, eps, calibrated.get(family, (False, _missing_reason(nondp)))))
     for dp_flag, eps in [(False, None)] + [(True, e) for e in _dp_epsilons(items)]:
         ratios = _ratios(items, dp_flag, eps)
         if len(ratios) < 2 or ratios[0] != 0.0:
@@ -195,7 +222,7 @@ def paper_claims(items: pd.DataFrame, results: pd.DataFrame, trajectory: pd.Data
         r1 = _runs(items, dp=dp_flag, epsilon=eps, mixing_ratio=ratios[-1])
         for family in FAMILIES:
             metric = ASSOC.format(family)
-            ok, text = calibrated.get(family, (False, "no non-DP run"))
+            ok, text = calibrated.get(family, (False, _missing_reason(nondp)))
             if ok and dp_flag:
                 own = arm_summary(r0, metric, lower=0, upper=1)
                 if own is None or not own.low > 0.5:
@@ -205,6 +232,62 @@ def paper_claims(items: pd.DataFrame, results: pd.DataFrame, trajectory: pd.Data
             out.append(_claim(f"cda/{family}/{privacy_label(eps)}", f"CDA reduces the learned {family} association ({privacy_label(eps)})",
                               metric, f"ratio {ratios[-1]:g} - ratio 0 ({privacy_label(eps)})", _diff(r1, r0, metric), -1, ok, text))
     return out + gradnorm_claims(results)
+
+
+def _missing_reason(nondp: pd.DataFrame) -> str:
+    return "no non-DP run" if nondp.empty else "no calibration row for this family"
+
+
+def _arm_values(results: pd.DataFrame, metric: str, group: str, dp: bool, eps: float | None) -> np.ndarray:
+    """One value per run (ratio 0) of a per-run metric in one arm."""
+    r = results[(results["metric"] == metric) & (results["group"] == group) & (results["run_id"] != "base")]
+    r = r[np.isclose(r["mixing_ratio"].astype(float).fillna(-1), 0.0) & (r["dp"].astype(bool) == dp)]
+    if dp:
+        r = r[np.isclose(r["epsilon"].astype(float), eps)]
+    values = r.groupby("run_id")["value"].mean().to_numpy(float)
+    return values[np.isfinite(values)]  # a run whose metric is undefined (no pair, no item) has no value
+
+
+def text_gate(results: pd.DataFrame, eps: float, generated: bool) -> tuple[bool, str | None]:
+    """Whether the non-DP arm and the DP ε arm (CDA ratio 0) can be compared on real text (the rule in
+    the module docstring): (True, None), or (False, the reason with the numbers)."""
+    base = results[(results["run_id"] == "base") & (results["metric"] == PPL) & (results["group"] == "test")]["value"]
+    if base.empty:
+        return False, "the rule bounds perplexity by the pretrained base's, which was not evaluated (include_base)"
+    bound = TEXT_PPL_FACTOR * float(base.iloc[0])
+    for label, dp in (("non-DP", False), (privacy_label(eps), True)):
+        ppl = _arm_values(results, PPL, "test", dp, eps)
+        if not len(ppl):
+            return False, f"no {label} run with a test perplexity"
+        if float(np.mean(ppl)) > bound:
+            return False, (f"{label} test perplexity {np.mean(ppl):.2f} exceeds {TEXT_PPL_FACTOR:g} x the base's "
+                           f"({bound:.2f}): not a model of the text")
+        if generated:
+            d2 = _arm_values(results, "distinct_2", "all", dp, eps)
+            if not len(d2):
+                return False, f"no {label} continuations to check (distinct-2)"
+            if float(np.min(d2)) < TEXT_MIN_DISTINCT_2:
+                return False, (f"{label} continuations degenerate: distinct-2 {np.min(d2):.2f} < "
+                               f"{TEXT_MIN_DISTINCT_2:g}")
+    return True, None
+
+
+def text_claims(results: pd.DataFrame, eps: float) -> list[dict]:
+    """Real text: each per-run bias metric of `TEXT_METRICS`, per group (StereoSet and CrowS-Pairs per
+    bias type), DP ε minus non-DP at CDA ratio 0, one value per run (seeds resampled), gated by `text_gate`."""
+    out = []
+    for metric, generated in TEXT_METRICS.items():
+        groups = results.loc[(results["metric"] == metric) & (results["run_id"] != "base"), "group"].dropna().unique()
+        for group in sorted(map(str, groups)):
+            dp, nd = _arm_values(results, metric, group, True, eps), _arm_values(results, metric, group, False, None)
+            if not len(dp) or not len(nd):
+                continue
+            ok, reason = text_gate(results, eps, generated)
+            res = inference.two_way_bootstrap([dp[:, None], nd[:, None]], n_boot=N_BOOT, seed=0)
+            out.append(_claim(f"text/{metric}/{group}/{eps:g}", f"DP amplifies {metric} ({group}) on real text "
+                              f"({privacy_label(eps)})", metric, f"{privacy_label(eps)} - non-DP ({group})", res, +1,
+                              ok, reason))
+    return out
 
 
 def matched_claim(trajectory: pd.DataFrame, family: str, eps: float, calibrated: tuple[bool, str]) -> dict:

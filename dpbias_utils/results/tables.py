@@ -112,7 +112,7 @@ def collect_tables(upstream: dict[str, list[str]], model_name: str) -> dict[str,
             cond.update(dp=False, epsilon=math.nan, max_grad_norm=math.nan, mixing_ratio=math.nan, cda_mode="none",
                         method=BASE_METHOD, skew=math.nan, n_units=math.nan)  # base_skew: which base it is
         metrics = pd.read_csv(folder / "metrics.csv")
-        rows.append(metrics.assign(**cond))
+        rows.append(pd.concat([metrics, generation_quality(folder)], ignore_index=True).assign(**cond))
         items.append(node_items(folder).assign(**cond))
         if (folder / "trajectory.csv").is_file():
             traj.append(pd.read_csv(folder / "trajectory.csv").assign(**cond))
@@ -149,6 +149,23 @@ def privacy_of(rec: dict) -> dict:
 
     method = rec.get("method") or default_method(rec.get("epsilon_target"))
     return {**rec, "method": method, "private": rec.get("private", METHODS[method].private)}
+
+
+def distinct_n(texts, n: int = 2) -> float:
+    """Distinct-n (Li et al. 2016): distinct word n-grams / all word n-grams over ``texts`` (nan without any)."""
+    grams = [tuple(w[i: i + n]) for w in (str(t).split() for t in texts) for i in range(len(w) - n + 1)]
+    return len(set(grams)) / len(grams) if grams else math.nan
+
+
+def generation_quality(folder: Path) -> pd.DataFrame:
+    """Results rows of one stage-04 node that say whether its continuations are text at all:
+    ``distinct_2`` over every sampled continuation (group ``all``); empty without generations."""
+    path = Path(folder) / "generations.jsonl"
+    if not path.is_file() or not path.stat().st_size:
+        return pd.DataFrame(columns=["metric", "group", "value", "ci_low", "ci_high", "n"])
+    conts = pd.read_json(path, lines=True)["continuation"].astype(str).tolist()
+    return pd.DataFrame([{"metric": "distinct_2", "group": "all", "value": distinct_n(conts, 2), "ci_low": math.nan,
+                          "ci_high": math.nan, "n": len(conts)}])
 
 
 def node_items(folder: Path) -> pd.DataFrame:

@@ -71,7 +71,8 @@ def load_texts(ctx: StageContext) -> dict:
     out = {}
     for name, split, limit in (("train", t.train_split, t.max_train_rows), ("valid", t.eval_split, t.max_eval_rows),
                                ("test", t.test_split, t.max_eval_rows)):
-        rows = corpus.load_text_corpus(source, split=split, config=t.config, max_rows=limit)
+        rows = corpus.load_text_corpus(source, split=split, config=t.config, max_rows=limit, text_column=t.text_column,
+                                       split_fractions=t.split_fractions, rest_split=t.train_split)
         out[name] = pd.DataFrame({"text": rows, "label": "unlabelled"})
     return out
 

@@ -31,7 +31,7 @@ def gradient_norms(ctx: StageContext):
     tidy, per_example = gradnorms.gradnorms_over_training(
         checkpoints, splits, meta["pad_token_id"], ctx.point["max_grad_norm"],
         max_units_per_split=g.max_units_per_split, seed=seeds.int_seed(ctx.point["seed"], "gradnorms"),
-        batch_size=g.batch_size, n_boot=g.n_boot)
+        batch_size=g.batch_size, n_boot=g.n_boot, device=pipeline_context.training_device(ctx))
     tidy.insert(0, "run", ctx.run_id)
     tidy.to_csv(ctx.out_dir / "gradnorms.csv", index=False)
     per_example.to_parquet(ctx.out_dir / "per_example.parquet")

@@ -21,7 +21,7 @@ def evaluation_model(ctx: StageContext):
 
     meta, frames = units.load_stage01(ctx.upstream_dir("01"))
     path = meta["base_model"] if ctx.is_base else str(ctx.upstream_dir("02") / "model")
-    model, tokenizer = basemodel.load_base(path)
+    model, tokenizer = basemodel.load_base(path, device=str(pipeline_context.training_device(ctx)))
     splits = {"test": frames["test"], **{s: frames[s] for s in ("female", "male") if s in frames}}
     return model, tokenizer, splits
 
@@ -69,7 +69,7 @@ def association_trajectory(ctx: StageContext, tokenizer, splits, metrics):
                   if p.is_dir() and p.name.startswith("pct_") and p.name not in skip}
     seed = evaluation_seed(ctx)
     for pct in sorted(points):
-        model, _ = basemodel.load_base(str(points[pct]))
+        model, _ = basemodel.load_base(str(points[pct]), device=str(pipeline_context.training_device(ctx)))
         assoc, _ = association.metrics(model, tokenizer, cfg, seed, nonbinary=has_nonbinary(ctx))
         ppl = perplexity(model, splits["test"], tokenizer, batch_size=int(cfg["batch_size"]), n_boot=int(cfg["n_boot"]), seed=seed)
         assoc.append({"metric": CORPUS, "group": "test", "value": ppl.value, "ci_low": ppl.ci_low,

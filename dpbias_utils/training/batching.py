@@ -45,7 +45,7 @@ class UnitDataset(Dataset):
         self.unit_ids: list[int] = []
         self.units: list[list[torch.Tensor]] = []
         for uid, grp in order.groupby("unit_id", sort=True):
-            rows = [torch.as_tensor(np.asarray(ids, dtype=np.int64)) for ids in grp["input_ids"]]
+            rows = [torch.as_tensor(np.asarray(ids, dtype=np.int64), device="cpu") for ids in grp["input_ids"]]  # host
             if any(len(r) == 0 for r in rows):
                 raise TrainingError(f"unit {uid} has an empty token row")
             self.unit_ids.append(int(uid))
@@ -65,23 +65,24 @@ class UnitDataset(Dataset):
 
 def collate_units(items: Sequence[Sequence], pad_token_id: int) -> dict:
     """Pad the rows of a list of units into one batch; `unit_index[r]` = position of row r's unit."""
+    host = torch.device("cpu")  # batches are built on the host, then moved (`to_device`): never the default device
     rows, unit_index = [], []
     for u, item in enumerate(items):
         for row in item:
-            rows.append(torch.as_tensor(row, dtype=torch.long).reshape(-1))
+            rows.append(torch.as_tensor(row, dtype=torch.long, device=host).reshape(-1))
             unit_index.append(u)
     R = len(rows)
     T = max((len(r) for r in rows), default=1)
-    input_ids = torch.full((R, T), int(pad_token_id), dtype=torch.long)
-    attention_mask = torch.zeros((R, T), dtype=torch.long)
+    input_ids = torch.full((R, T), int(pad_token_id), dtype=torch.long, device=host)
+    attention_mask = torch.zeros((R, T), dtype=torch.long, device=host)
     for i, r in enumerate(rows):
         input_ids[i, : len(r)] = r
         attention_mask[i, : len(r)] = 1
     labels = input_ids.masked_fill(attention_mask == 0, IGNORE_INDEX)
     # (R, T), contiguous: Opacus's Embedding sampler needs a real batch dimension on position ids.
-    position_ids = torch.arange(T, dtype=torch.long).unsqueeze(0).repeat(R, 1).contiguous()
+    position_ids = torch.arange(T, dtype=torch.long, device=host).unsqueeze(0).repeat(R, 1).contiguous()
     return {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids,
-            "labels": labels, "unit_index": torch.tensor(unit_index, dtype=torch.long)}
+            "labels": labels, "unit_index": torch.tensor(unit_index, dtype=torch.long, device=host)}
 
 
 def to_device(batch: dict, device) -> dict:
@@ -108,7 +109,8 @@ def shuffled_batches(n_units: int, batch_size: int, seed: int, start: int = 0) -
     s = start
     while True:
         epoch, pos = divmod(s, per_epoch)
-        perm = torch.randperm(n_units, generator=seeds.torch_generator(seed, "sampling", epoch))
+        gen = seeds.torch_generator(seed, "sampling", epoch)
+        perm = torch.randperm(n_units, generator=gen, device=gen.device)  # host sampling, never the default device
         yield perm[pos * batch_size: (pos + 1) * batch_size].tolist()
         s += 1
 

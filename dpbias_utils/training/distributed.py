@@ -107,7 +107,7 @@ def poisson_mask(n: int, q: float, generator: torch.Generator) -> torch.Tensor:
 
     The draw of Opacus's `UniformWithReplacementSampler` (one `torch.rand(n)` per step), so a single
     process with the same generator state samples the same units."""
-    return torch.rand(n, generator=generator) < q
+    return torch.rand(n, generator=generator, device=generator.device) < q
 
 
 def rank_share(sample: list[int], rank: int, world: int) -> list[int]:

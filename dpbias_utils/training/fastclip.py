@@ -401,7 +401,8 @@ class _Timer:
 
 
 def _unit_sq_norms(cap: _Capture, units: _Units, timer: _Timer) -> Tensor:
-    sq = torch.zeros(units.U, dtype=torch.float64)
+    device = cap.params[0].device if cap.params else units.unit_index.device  # the model's, never the default
+    sq = torch.zeros(units.U, dtype=torch.float64, device=device)
     row_flat: List[Tensor] = []  # per-row gradients of biases / LayerNorm (R, n_i), done in one go
     for p in cap.params:
         uses = [(u, r) for u, r in cap.param_uses[id(p)] if u.seen_grad]  # others contribute 0

@@ -360,12 +360,12 @@ class FastDP(_DPOptimizerStepper):
 
     def backward(self, pb: Physical):
         if n_units(pb.batch):
-            norms, losses = self.clip(pb.batch)
-            norms = torch.as_tensor(norms).detach().reshape(-1)
+            norms, losses = self.clip(pb.batch)  # one forward: norms and losses, on the model's device
+            norms = norms.detach().reshape(-1)
         else:  # an empty Poisson batch: nothing to add, the step still noises and is accounted
             for p in self.params:
                 p.grad = torch.zeros_like(p)
-            losses, norms = torch.zeros(0), None
+            losses, norms = torch.zeros(0, device=self.plan.device), None
         self._accumulate(pb)
         return losses, norms
 

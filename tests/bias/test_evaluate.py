@@ -114,3 +114,20 @@ def test_association_family_records_planted_skew_and_loglik_gap(tiny_model, tiny
     assert (m.loc[m["metric"].str.startswith("loglik_gap"), "n"] == 2).all()
     per_pair = pd.read_json(tmp_path / "items" / "association.jsonl", lines=True)
     assert len(per_pair) == m.loc[(m["metric"].str.startswith("learned_association")) & (m["group"] == "all"), "n"].sum()
+
+
+def test_a_late_family_failure_keeps_the_metrics_computed_before_it(tiny_model, tiny_tokenizer, tmp_path, monkeypatch):
+    # stage 04 on the hub: StereoSet / CrowS-Pairs come last and a download can fail there; the
+    # families done before are on disk (metrics.csv, item logs) when the error propagates
+    from dpbias_utils.bias import stereotype
+
+    def fail(ctx):
+        raise RuntimeError("download failed")
+
+    monkeypatch.setattr(stereotype, "evaluate", fail)
+    cfg = {"metrics": ["local_bias", "stereotype"], "progress": False, "n_boot": 20,
+           "local_bias_pairs": [("She was", "He was")]}
+    with pytest.raises(RuntimeError, match="download failed"):
+        evaluate.evaluate_model(tiny_model, tiny_tokenizer, {}, cfg, tmp_path, seed=1)
+    done = pd.read_csv(tmp_path / "metrics.csv")
+    assert set(done["metric"]) == {"local_kl", "local_kl_fm", "local_kl_mf", "local_hellinger"}

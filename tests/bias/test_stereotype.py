@@ -90,3 +90,54 @@ def test_real_model_scoring(tiny_model, tiny_tokenizer):
     per = stereotype.stereoset_items(tiny_model, tiny_tokenizer, items, batch_size=8)
     assert len(per) == 12 and set(np.unique(per["pro"])) <= {0.0, 1.0}
     assert per["related"].between(0, 2).all() and np.isfinite(per["score_unrelated"]).all()
+
+
+def test_crows_pairs_hub_source_is_the_pinned_official_csv(tmp_path, monkeypatch, shared_data):
+    # `hub` = nyu-mll/crows-pairs's CSV at a pinned commit (the hub's crows_pairs needs a loading
+    # script, which datasets >= 4 refuses), checked by sha256 and cached under the asset cache
+    import io
+    import urllib.request
+
+    from dpbias_utils import paths
+
+    monkeypatch.setenv("DPBIAS_ASSETS", str(tmp_path / "assets"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(RuntimeError, match="not in the cache.*dpbias prefetch"):
+        stereotype.load_crows_pairs("hub")
+    served = {"data": b"not the file"}
+    asked = []
+
+    def urlopen(url, timeout):
+        asked.append(url)
+        return io.BytesIO(served["data"])
+
+    monkeypatch.setattr(urllib.request, "urlopen", urlopen)
+    with pytest.raises(RuntimeError, match="sha256"):
+        stereotype.crows_pairs_csv(download=True)
+    assert asked == [paths.CROWS_PAIRS_URL] and paths.CROWS_PAIRS_COMMIT in asked[0]
+    served["data"] = (shared_data / "crows-pairs" / "crows_pairs_anonymized.csv").read_bytes()
+    stereotype.crows_pairs_csv(download=True)
+    cp = stereotype.load_crows_pairs("hub")  # now from the cache, offline
+    assert len(cp) == 1508 and (cp["bias_type"] == "gender").sum() == 262
+
+
+def hub_stereoset_tree(root, shared_data):
+    """McGill-NLP/stereoset's intrasentence validation split as the hub serves it (parquet; per item a
+    `sentences` struct of lists with ClassLabel gold labels 0 anti-stereotype, 1 stereotype, 2 unrelated)."""
+    import json
+
+    gold = {"anti-stereotype": 0, "stereotype": 1, "unrelated": 2}
+    items = json.loads((shared_data / "stereoset" / "stereoset_gender_intrasentence.json").read_text())
+    rows = [{"id": it["id"], "target": it["target"], "bias_type": it["bias_type"], "context": it["context"],
+             "sentences": {"sentence": [d["sentence"] for d in it["data"].values()],
+                           "id": [d["id"] for d in it["data"].values()],
+                           "gold_label": [gold[k] for k in it["data"]]}} for it in items]
+    (root / "intrasentence").mkdir(parents=True)
+    pd.DataFrame(rows).to_parquet(root / "intrasentence" / "validation-00000-of-00001.parquet")
+    return root
+
+
+def test_stereoset_from_the_hubs_parquet_tree(tmp_path, shared_data):
+    tree = stereotype.load_stereoset(str(hub_stereoset_tree(tmp_path / "stereoset", shared_data)))
+    flat = stereotype.load_stereoset(shared_data / "stereoset" / "stereoset_gender_intrasentence.json")
+    pd.testing.assert_frame_equal(tree, flat)

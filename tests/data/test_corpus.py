@@ -75,7 +75,7 @@ def test_missing_empty_and_undecodable_corpora(tmp_path):
     with pytest.raises(CorpusError, match=r"bad\.txt.*byte 0xff at byte offset 12"):
         load_text_corpus(str(tmp_path / "bad.txt"), "train")
     pd.DataFrame({"content": ["x"]}).to_parquet(tmp_path / "notext.parquet")
-    with pytest.raises(CorpusError, match="no 'text' column"):
+    with pytest.raises(CorpusError, match="no column 'text'"):
         load_text_corpus(str(tmp_path / "notext.parquet"), "train")
     with pytest.raises(CorpusError, match="max_rows"):
         load_text_corpus(str(tmp_path / "empty.txt"), "train", max_rows=0)
@@ -84,8 +84,38 @@ def test_missing_empty_and_undecodable_corpora(tmp_path):
 def test_hub_id_offline_fails_clearly(monkeypatch):
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(CorpusError, match="could not load hub dataset 'wikitext'.*local"):
+    with pytest.raises(CorpusError, match="could not load hub dataset 'Salesforce/wikitext'.*HF_HUB_OFFLINE is set.*prefetch"):
+        load_text_corpus("Salesforce/wikitext", "validation", config="wikitext-103-raw-v1")
+
+
+def test_single_segment_hub_id_is_refused_with_its_namespaced_name():
+    # the hub refuses ids without a namespace; the old `wikitext` is `Salesforce/wikitext` (parquet)
+    with pytest.raises(CorpusError, match="'namespace/name'.*did you mean 'Salesforce/wikitext'"):
         load_text_corpus("wikitext", "validation")
+
+
+def test_jsonl_csv_text_column_and_split_rule(tmp_path):
+    rows = [f"row number {i} of the corpus." for i in range(400)]
+    pd.DataFrame({"body": rows, "n": range(400)}).to_json(tmp_path / "c.jsonl", orient="records", lines=True)
+    pd.DataFrame({"body": rows}).to_csv(tmp_path / "c.csv", index=False)
+    fr = {"validation": 0.1, "test": 0.2}
+    for name in ("c.jsonl", "c.csv"):
+        with pytest.raises(CorpusError, match="no column 'text'.*text_column"):
+            load_text_corpus(str(tmp_path / name), "train")
+        parts = {s: load_text_corpus(str(tmp_path / name), s, text_column="body", split_fractions=fr)
+                 for s in ("train", "validation", "test")}
+        assert sorted(sum(parts.values(), [])) == sorted(rows)  # a partition: disjoint, complete
+        assert 20 < len(parts["validation"]) < 60 and 50 < len(parts["test"]) < 120
+    # the rule follows the text, not the row order
+    shuffled = tmp_path / "s.csv"
+    pd.DataFrame({"body": rows[::-1]}).to_csv(shuffled, index=False)
+    assert set(load_text_corpus(str(shuffled), "test", text_column="body", split_fractions=fr)) == set(parts["test"])
+
+
+def test_folder_of_jsonl_split_files(tmp_path):
+    for split in ("train", "validation", "test"):
+        pd.DataFrame({"text": [f"{split} a", f"{split} b"]}).to_json(tmp_path / f"{split}.jsonl", orient="records", lines=True)
+    assert load_text_corpus(str(tmp_path), "validation") == ["validation a", "validation b"]
 
 
 # --------------------------------------------------------------------------- controlled corpus

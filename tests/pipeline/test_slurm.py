@@ -20,7 +20,7 @@ import yaml
 from dpbias_utils import cli, paths
 from dpbias_utils.pipeline import graph
 from dpbias_utils.pipeline import node as pipeline_node
-from dpbias_utils.params import parse_profile
+from dpbias_utils.params import ParamsError, parse_profile
 
 
 
@@ -46,18 +46,56 @@ def test_stage_parameters_map_resources():
                             slurm_additional_parameters={"account": "proj", "qos": "normal"},
                             slurm_setup=["module load cuda"])
     raw["execution"]["resources"]["02"] = {"gpus": 2, "cpus": 8, "mem_gb": 64, "time_min": 720}
+    raw.setdefault("train", {})["device"] = "cuda"  # a profile that requests GPUs trains on them
     profile = parse_profile(raw)
     p02 = slurm.stage_parameters(profile, "02", 10)
     assert p02["gpus_per_node"] == 2 and p02["cpus_per_task"] == 8 and p02["mem"] == "64GB" and p02["time"] == 720
     assert p02["partition"] == "gpu" and p02["array_parallelism"] == 3
     assert p02["additional_parameters"] == {"account": "proj", "qos": "normal"}
-    assert p02["setup"] == ["module load cuda"]
+    assert p02["setup"] == [slurm.JOB_OFFLINE, "module load cuda"]  # jobs run offline after `dpbias prefetch`
     p01 = slurm.stage_parameters(profile, "01", 4)
     assert "gpus_per_node" not in p01  # no --gpus-per-node=0: clusters without GRES reject it
     # a stage without resources gets StageResources' defaults
     del raw["execution"]["resources"]["05"]
     p05 = slurm.stage_parameters(parse_profile(raw), "05", 1)
     assert (p05["cpus_per_task"], p05["mem"], p05["time"]) == (2, "8GB", 60)
+
+
+def test_partition_and_gpu_request_style_per_stage():
+    from dpbias_utils.pipeline import slurm
+
+    raw = _tiny_slurm_profile("p")
+    raw.setdefault("train", {})["device"] = "cuda"
+    raw["execution"].update(slurm_partition="cpu", slurm_gpu_request="gres")
+    raw["execution"]["resources"]["02"] = {"gpus": 1, "partition": "gpu-h100"}
+    profile = parse_profile(raw)
+    p02, p01 = slurm.stage_parameters(profile, "02", 1), slurm.stage_parameters(profile, "01", 1)
+    assert p02["gres"] == "gpu:1" and "gpus_per_node" not in p02 and p02["partition"] == "gpu-h100"
+    assert p01["partition"] == "cpu" and "gres" not in p01
+    with pytest.raises(ParamsError, match="train.device.*allowed: 'cuda'"):
+        raw["train"]["device"] = "auto"  # `auto` would fall back to the CPU without a word
+        parse_profile(raw)
+
+
+def test_a_rejected_submission_fails_its_nodes_not_the_driver(tmp_path, monkeypatch):
+    """sbatch refusing a stage (unknown partition, GRES syntax, limits) fails that stage's nodes and
+    blocks their downstream; the driver returns its outcome instead of raising."""
+    from dpbias_utils.pipeline import slurm
+    from dpbias_utils.pipeline.graph import plan
+
+    class Refusing:
+        def map_array(self, fn, specs):
+            raise RuntimeError("sbatch: error: invalid partition specified: gpu-h100")
+
+    profile = parse_profile(_tiny_slurm_profile("rejected"))
+    monkeypatch.setattr(slurm, "slurm_available", lambda: True)
+    monkeypatch.setattr(slurm, "executor_for_stage", lambda *a, **k: Refusing())
+    nodes = plan(profile)
+    out = slurm.run(profile, nodes, nodes, tmp_path / "rejected", paths.NOTEBOOKS, progress=False)
+    first = [n for n in nodes if n.stage == "01"]
+    assert {n.key for n in out.failed} == {n.key for n in first}
+    assert len(out.blocked) == len(nodes) - len(first)
+    assert all("invalid partition" in m for m in out.messages.values())
 
 
 def test_node_job_is_requeued_when_preempted():

@@ -103,3 +103,46 @@ def test_every_run_starts_from_the_base_point():
     assert "base" not in set(out["run_id"])
     start = out[(out["run_id"] == "r1") & (out["pct"] == 0.0)].iloc[0]
     assert start["value"] == 4.0 and start["epsilon"] == 3.0 and start["seed"] == 2
+
+
+# --------------------------------------------------------------------------- real text (no planted association)
+def _text_tables(dp_ppl=30.0, dp_distinct=0.8, dp_tox_gap=0.05, dp_ss=62.0, n_seeds=3, n_items=80):
+    """A text-corpus study: base, non-DP and DP eps=3 runs (3 seeds), per-run metrics and toxicity-gap items."""
+    rng = np.random.default_rng(1)
+    cond = lambda run, dp, s: {"run_id": run, "model": "m", "dp": dp, "epsilon": 3.0 if dp else np.nan,  # noqa: E731
+                               "max_grad_norm": 0.1, "mixing_ratio": 0.0 if run != "base" else np.nan,
+                               "cda_mode": "substitute", "seed": s}
+    results, items = [], []
+    runs = [("base", False, 0, 40.0, 0.8, 0.0, 60.0)]
+    runs += [(f"nondp-{s}", False, s, 25.0, 0.8, 0.0, 60.0) for s in range(n_seeds)]
+    runs += [(f"dp-{s}", True, s, dp_ppl, dp_distinct, dp_tox_gap, dp_ss) for s in range(n_seeds)]
+    item_effect = rng.normal(0, 0.02, n_items)
+    for run, dp, s, ppl, d2, gap, ss in runs:
+        c = cond(run, dp, s)
+        results += [{**c, "metric": "perplexity_corpus", "group": "test", "value": ppl + rng.normal(0, 0.1)},
+                    {**c, "metric": "distinct_2", "group": "all", "value": d2},
+                    {**c, "metric": "stereoset", "group": "race", "value": ss + rng.normal(0, 0.2)},
+                    {**c, "metric": "crows_pairs", "group": "gender", "value": 55.0 + rng.normal(0, 0.2)}]
+        v = gap + item_effect + rng.normal(0, 0.01, n_items)
+        items += [{**c, "metric": "toxicity", "group": "diff", "item": str(i), "value": v[i]} for i in range(n_items)]
+    return pd.DataFrame(items), pd.DataFrame(results)
+
+
+def test_real_text_claims_get_verdicts_by_the_text_gate():
+    items, results = _text_tables()
+    v = _verdicts(claims.study_claims(items, results))
+    assert v["amplify-output/toxicity/3"] == "reproduced"  # DP widened the female - male toxicity gap
+    assert v["text/stereoset/race/3"] == "reproduced" and v["text/crows_pairs/gender/3"].startswith("inconclusive")
+    assert not any("no non-DP run" in x for x in v.values())  # the non-DP runs exist
+
+
+def test_real_text_gate_refuses_a_broken_lm_and_degenerate_continuations():
+    items, results = _text_tables(dp_ppl=90.0)  # > 2 x the base's 40
+    v = _verdicts(claims.study_claims(items, results))
+    assert v["amplify-output/toxicity/3"].startswith("uninformative: DP ε=3 test perplexity 8")
+    assert "exceeds 2 x the base's" in v["amplify-output/toxicity/3"]
+    assert v["text/stereoset/race/3"].startswith("uninformative: DP ε=3 test perplexity")
+    items, results = _text_tables(dp_distinct=0.1)
+    v = _verdicts(claims.study_claims(items, results))
+    assert v["amplify-output/toxicity/3"].startswith("uninformative: DP ε=3 continuations degenerate: distinct-2 0.10")
+    assert v["text/stereoset/race/3"] == "reproduced"  # likelihood-level: needs no continuations
