@@ -202,9 +202,13 @@ class Observer:
         return np.logaddexp(math.log1p(-self.q), math.log(self.q) + self.mu * z - self.mu ** 2 / 2).sum(axis=0)
 
 
-def run_observed(stepper, steps: int) -> None:
-    """The training loop's protocol (`loop.run_steps`) for `steps` optimizer steps, nothing written."""
+def run_observed(stepper, steps: int, desc: str | None = None) -> None:
+    """The training loop's protocol (`loop.run_steps`) for `steps` optimizer steps, nothing written;
+    a progress bar when `desc` is given."""
+    from ..progress import tqdm
+
     batches = stepper.batches(0)
+    bar = tqdm(total=steps, desc=desc, unit="step", disable=desc is None)
     try:
         done = 0
         while done < steps:
@@ -213,7 +217,9 @@ def run_observed(stepper, steps: int) -> None:
             if pb.last:
                 stepper.step()
                 done += 1
+                bar.update(1)
     finally:
+        bar.close()
         batches.close()
 
 
@@ -279,7 +285,7 @@ def audit_whitebox(base_path: str, train_df, out_dir, *, epsilon: float, m: int,
                         sigma=plan.sigma, sample_rate=plan.sample_rate)
     observer.attach(optimizer)
     sampled = _record_sampled(stepper.dataset)
-    run_observed(stepper, stepper.plan.steps)
+    run_observed(stepper, stepper.plan.steps, desc=f"audit {meth.name} {f.name} eps={epsilon:g}")
     row = _score_row(observer, canaries, stepper, k_pos, k_neg, alpha, epsilon, meth.name, f.name, seed, world=1)
     row["n_sampled_included"] = int(sum(1 for i in sampled if i >= len(stepper.dataset) - row["n_included"]))
     _write_canaries(Path(out_dir) / "canaries.jsonl", canaries, row)
