@@ -142,3 +142,15 @@ def test_nondp_keeps_its_final_loss(base, tmp_path):
     res = train(base, frame(24), tmp_path, **{**KW, "epsilon": None, "clipping": "opacus"}, noise="secret")
     assert isinstance(res["final_loss"], float)
     assert (tmp_path / "checkpoints" / "last.pt").is_file()  # not private: nothing to delete
+
+
+@pytest.mark.slow
+def test_distributed_secret_run_deletes_every_ranks_checkpoint(base, tmp_path):
+    """Two gloo processes, secret mode: model written, no checkpoint of any rank left (slow: spawns)."""
+    from dpbias_utils.training import distributed
+
+    distributed.spawn_local(distributed.train_distributed, 2, base, frame(24), str(tmp_path), backend="gloo",
+                            epsilon=8.0, max_grad_norm=0.1, accountant="rdp", epochs=0.5, logical_batch_size=4,
+                            physical_batch_size=2, lr=1e-2, seed=0, checkpoint_every=2, noise="secret")
+    assert (tmp_path / "model").is_dir() and (tmp_path / "privacy.json").is_file()
+    assert not list((tmp_path / "checkpoints").glob("*.pt"))
