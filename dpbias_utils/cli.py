@@ -60,13 +60,24 @@ def _main(argv: list[str] | None) -> int:
                       help="where the measurements are appended (default benchmarks/throughput.csv)")
     p_fl.add_argument("--no-append", action="store_true", help="measure without appending")
     p_aud = sub.add_parser("audit", help="one-run empirical privacy audit of the profile's DP training "
-                                         "(Steinke, Nasr and Jagielski 2023): audit.csv with eps_lower per epsilon")
+                                         "(Steinke, Nasr and Jagielski 2023): eps_lower per epsilon (white-box: every "
+                                         "step's noisy clipped sum observed; black-box: the final model)")
+    p_aud.add_argument("--mode", choices=["white-box", "black-box"], default="white-box",
+                       help="white-box (default): canaries through the real steppers, each step's release observed "
+                            "(audit_whitebox.csv); black-box: canary sentences, the final model only (audit.csv)")
+    p_aud.add_argument("--fault", nargs="+", default=["none"],
+                       help="white-box: broken mechanisms to inject (none, noise-off, sigma/10, no-clipping, "
+                            "accountant-q/50); each is audited at every epsilon")
+    p_aud.add_argument("--method", default=None,
+                       help="white-box: the private method audited (dp-adam, dp-sgd, global, global-adapt; "
+                            "default dp-adam)")
     p_aud.add_argument("params", nargs="?", default=str(paths.DEFAULT_PARAMS))
     p_aud.add_argument("--epsilon", type=float, nargs="+", default=None,
                        help="target epsilons to audit (default: the DP epsilons of the profile's grid)")
     p_aud.add_argument("--canaries", type=int, default=1000, help="m, the number of canaries (default 1000)")
-    p_aud.add_argument("--k-pos", type=int, default=None, help="k+ guesses 'in' (default m // 10)")
-    p_aud.add_argument("--k-neg", type=int, default=None, help="k- guesses 'out' (default m // 10)")
+    p_aud.add_argument("--k-pos", type=int, default=None,
+                       help="k+ guesses 'in' (default m // 5 white-box, m // 10 black-box)")
+    p_aud.add_argument("--k-neg", type=int, default=None, help="k- guesses 'out' (default 0 white-box, m // 10 black-box)")
     p_aud.add_argument("--seed", type=int, default=0, help="seed of the training units, canaries and run")
     p_aud.add_argument("--out", type=Path, default=None, help="output folder (default <runs>/<profile>/audit)")
     p_aud.add_argument("--runs-dir", type=Path, default=None, help="output root (as for `run`)")
@@ -152,6 +163,8 @@ def _audit(profile, args) -> int:
 
     out = args.out or paths.profile_dir(profile.name, args.runs_dir) / "audit"
     try:
+        if args.mode == "white-box":
+            return _audit_whitebox(profile, args, out)
         epsilons = check_audit_arguments(profile, args.epsilon, args.canaries, args.k_pos, args.k_neg)
     except (TrainingError, PrivacyError) as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -164,6 +177,39 @@ def _audit(profile, args) -> int:
               f"canaries, eps_lower {r['eps_lower']:.3f} at delta {r['delta']:.3g} ({verdict})")
     print(f"audit: {out / 'audit.csv'}")
     return 0 if all(r["eps_lower"] <= r["epsilon"] for r in rows) else 1
+
+
+def _audit_whitebox(profile, args, out: Path) -> int:
+    """`dpbias audit --mode white-box`: arguments checked before any work (TrainingError / PrivacyError
+    reach `_audit`, status 2); status 1 when the correct mechanism's bound exceeds its epsilon."""
+    from .training.audit import check_audit_arguments
+    from .training.audit_whitebox import audit_profile_whitebox, check_fault, default_k_whitebox
+    from .training.loop import resolve_method
+    from .training.privacy import PrivacyError
+
+    k_pos, k_neg = default_k_whitebox(args.canaries) if args.canaries >= 2 else (1, 0)
+    k_pos = k_pos if args.k_pos is None else args.k_pos
+    k_neg = k_neg if args.k_neg is None else args.k_neg
+    epsilons = check_audit_arguments(profile, args.epsilon, args.canaries, k_pos, k_neg)
+    for f in args.fault:
+        check_fault(f)
+    if args.method is not None and not resolve_method(1.0, args.method).private:
+        raise PrivacyError(f"--method {args.method}: not a private method; allowed: dp-adam, dp-sgd, global, "
+                           "global-adapt")
+
+    def report(r):
+        verdict = ("ok" if r["eps_lower"] <= r["epsilon"] else "eps_lower > epsilon: "
+                   + ("BROKEN" if r["fault"] == "none" else "fault caught"))
+        print(f"{r['method']} {r['fault']} epsilon {r['epsilon']:g}: {r['correct']}/{r['k_pos'] + r['k_neg']} correct "
+              f"on m={r['m']} canaries ({r['n_sampled_included']} of {r['n_included']} included ever sampled), "
+              f"eps_lower {r['eps_lower']:.3f} at delta {r['delta']:.3g}, accountant epsilon {r['epsilon_spent']:.3f} "
+              f"({verdict})", flush=True)
+
+    rows = audit_profile_whitebox(profile, out, epsilons=epsilons, m=args.canaries, k_pos=k_pos, k_neg=k_neg,
+                                  seed=args.seed, faults=args.fault, method=args.method, runs_dir=args.runs_dir,
+                                  on_row=report)
+    print(f"audit: {out / 'audit_whitebox.csv'}")
+    return 0 if all(r["eps_lower"] <= r["epsilon"] for r in rows if r["fault"] == "none") else 1
 
 
 def run(profile, **options):

@@ -376,7 +376,9 @@ def training_summary(result: dict) -> Record:
     if method != default_method(eps):  # an ablation: clip-only has no ε, noise-only's target is not earned
         condition = f"{method} · {condition}" + ("" if METHODS[method].private else " · not private")
     rows = {"condition": condition,
-            "optimizer steps": result.get("steps"), "final training loss": result.get("final_loss"),
+            "optimizer steps": result.get("steps"),
+            "final training loss": (result.get("final_loss") if not result.get("dp") else
+                                    "not shown: a statistic of a private batch, not covered by ε (steps.csv)"),
             "privacy units (N)": result.get("n_units"),
             "resumed from step": result.get("resumed_from") if result.get("resumed_from") is not None else "– (fresh run)",
             "wall time (s)": round(float(result.get("wall_seconds") or 0), 1), "device": result.get("device")}
@@ -388,7 +390,7 @@ PRIVACY_FIELDS = {"epsilon_target": "ε target", "epsilon_spent": "ε spent (acc
                   "expected_batch_size": "expected batch (units)", "steps": "steps", "n_units": "privacy units (N)",
                   "max_grad_norm": "clipping norm C", "clipping": "clipping implementation", "accountant": "accountant",
                   "privacy_unit": "privacy unit", "noise_mode": "noise mode", "release": "release",
-                  "noise_rng": "sampling and noise generator", "not_covered_by_epsilon": "not covered by ε"}
+                  "noise_rng": "sampling, noise and dropout generators", "not_covered_by_epsilon": "not covered by ε"}
 # What stage 02's training curves show besides ε: steps.csv's statistics of the private batches.
 PRIVATE_STEPS_CAPTION = "statistics of the private batches, not covered by ε (diagnostics only; not for release)"
 

@@ -26,6 +26,11 @@ Purposes:
 * ``cda``: stage 01, which training units counterfactual data augmentation swaps.
 * ``gradnorms``: stage 03, the subsample of units whose gradient norms are measured, its bootstraps.
 * ``audit``: the privacy audit (`training.audit`): which tokens are canaries, which canaries are included.
+* ``dropout``: a secret DP run's dropout masks (torch's global generators set from the secret after the
+  model is built; `training.secret_rng.seed_dropout`). Reproducible runs draw dropout from ``init``.
+
+A secret stream's torch generator is never seeded with an integer (torch keeps 64 bits of a seed, the
+CPU generator only 32): its whole state comes from the SeedSequence (`training.secret_rng`).
 """
 from __future__ import annotations
 
@@ -34,7 +39,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-PURPOSES = ("init", "sampling", "noise", "generation", "cda", "gradnorms", "audit")
+PURPOSES = ("init", "sampling", "noise", "generation", "cda", "gradnorms", "audit", "dropout")
 SECRET_BITS = 128
 
 # Noise modes of DP training (`train.noise`): where the sampling and noise streams' entropy comes from,
@@ -104,4 +109,18 @@ class Streams:
         return int_seed(self.entropy, purpose, *key)
 
     def generator(self, purpose: str, *key: int, device="cpu"):
+        """The stream's torch.Generator: seeded with `int_seed` (reproducible), or for a secret its whole
+        state set from the SeedSequence (`training.secret_rng.generator`: no 32- or 64-bit seed)."""
+        if self.secret:
+            from .training import secret_rng
+
+            return secret_rng.generator(sequence(self.entropy, purpose, *key), device=device)
         return torch_generator(self.entropy, purpose, *key, device=device)
+
+    def seed_dropout(self, device="cpu") -> None:
+        """Secret streams: set torch's global generators (dropout masks) from the stream "dropout"."""
+        if not self.secret:
+            raise SeedError("only a secret run's dropout is drawn from a separate stream (reproducible: init)")
+        from .training import secret_rng
+
+        secret_rng.seed_dropout(sequence(self.entropy, "dropout"), device)

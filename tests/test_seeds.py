@@ -59,8 +59,8 @@ def test_shuffles_and_global_seed_follow_their_streams():
 
 
 def test_bad_seed_or_purpose_is_refused_with_what_exists():
-    with pytest.raises(seeds.SeedError, match="purpose='dropout' names no random stream; allowed: init, sampling"):
-        seeds.int_seed(0, "dropout")
+    with pytest.raises(seeds.SeedError, match="purpose='mask' names no random stream; allowed: init, sampling"):
+        seeds.int_seed(0, "mask")
     with pytest.raises(seeds.SeedError, match="seed=-1 must be a non-negative integer"):
         seeds.int_seed(-1, "noise")
 

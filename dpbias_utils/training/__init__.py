@@ -6,8 +6,10 @@ state, atomic checkpoints, resume, steps.csv), `loop` (`train`), `privacy` (nois
 independent epsilon check), `dp_hooks` (Opacus hooks, per-unit per-sample gradients), `fastclip`
 (exact per-unit clipping without per-example gradients), `grad_samplers` (GPT-2's Conv1D for Opacus),
 `distributed` (multi-process DP training), `methods` (the ways of training a profile names: dp-adam,
-dp-sgd and the issue-16 ablations), `audit` (the one-run empirical privacy audit behind `dpbias audit`:
-an epsilon lower bound that detects a broken mechanism).
+dp-sgd and the issue-16 ablations), `audit` (the one-run empirical privacy audit's bound and its
+black-box mode: an epsilon lower bound that detects a broken mechanism), `audit_whitebox` (the
+white-box mode behind `dpbias audit`: every step's noisy clipped sum observed, injectable faults),
+`secret_rng` (secret mode's full-entropy generators).
 
 The public names below are re-exported here and resolved on first use, so importing one light module
 (e.g. `dpbias_utils.training.batching` from stage 03 or the base-model builder) does not import

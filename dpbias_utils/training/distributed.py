@@ -59,7 +59,7 @@ from .batching import TrainingError, UnitDataset, chunks, n_units, per_unit_loss
 from .checkpoint import Checkpoints, frame_fingerprint, seed_everything, write_json, write_steps_csv
 from .dp_hooks import _is_tied, check_sample_rate, check_tie_kept, dp_backward, make_private_units, per_sample_norms
 from .loop import (_check_numbers, _final_epsilon, _privacy_record, make_plan, resolve_method, run_steps,
-                   training_method, unit_record)
+                   secret_release, training_method, unit_record)
 from .privacy import PrivacyError, epsilon_spent
 from .steppers import NonDP, Physical, Plan, _DPOptimizerStepper
 
@@ -330,6 +330,8 @@ def train_distributed(base_path: str, train_df, out_dir, *, epsilon: Optional[fl
         write_json(result, out / "privacy.json")
         write_steps_csv(rows, out / "steps.csv")
     dist.barrier()
+    if secret_release(plan):  # as `training.train`: a secret run's generator states die with it
+        ckpts.path.unlink(missing_ok=True)
     return result
 
 

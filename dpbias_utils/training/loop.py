@@ -20,7 +20,6 @@ simulation of DP, not a private release. privacy.json states the mode, what epsi
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import math
 import time
 from pathlib import Path
@@ -36,6 +35,7 @@ from .checkpoint import (DONE_FILE, PRIVATE_STATISTICS, Checkpoints, StepLog, fi
                          seed_everything, token_bytes, write_json, write_steps_csv)
 from .privacy import PrivacyError, calibrate_noise, default_delta, epsilon_spent, group_privacy
 from .methods import METHODS, Method, default_method, method_problem
+from . import secret_rng
 from .steppers import GlobalZ, Plan, Stepper, check_noise_mode, make_stepper
 
 CLIPPING_MODES = ("opacus", "fast")
@@ -44,8 +44,9 @@ PRIVACY_UNIT = ("one original text chunk (unit_id) of at most block_size tokens;
 FREEZABLE = {"embeddings": ("wte", "wpe")}
 NOT_COVERED = {
     "steps.csv": list(PRIVATE_STATISTICS),
-    "checkpoints/": "sampling and noise generator states (they determine every batch and noise vector) and the "
-                    "rows of steps.csv: private material, to be deleted or kept as secret as the training data",
+    "checkpoints/": "sampling, noise and dropout generator states (they determine every batch, noise vector and "
+                    "mask) and the rows of steps.csv: private material, to be deleted or kept as secret as the "
+                    "training data (a secret run deletes its last checkpoint when it finishes unless told to keep it)",
 }
 
 
@@ -55,7 +56,7 @@ def train(base_path: str, train_df, out_dir, *, epsilon: float | None, max_grad_
           device: str = "auto", clipping: str = "opacus", progress_points: Sequence[int] = (0, 25, 50, 100),
           dropout: float | None = None, freeze: Sequence[str] = (), noise: str = "secret",
           on_step: Callable[[int], None] | None = None, privacy_unit: dict | None = None, method: str | None = None,
-          global_z: GlobalZ | None = None) -> dict:
+          global_z: GlobalZ | None = None, keep_private_checkpoint: bool = False) -> dict:
     """Fine-tune `base_path` on `train_df` (DP when `epsilon` is a number, non-DP when None).
 
     `noise`: "secret" (sampling and noise from a CSPRNG secret never written: a private release) or
@@ -69,6 +70,13 @@ def train(base_path: str, train_df, out_dir, *, epsilon: float | None, max_grad_
     `on_step(step)` is called after every optimizer step and checkpoint (a progress/fault hook).
     `privacy_unit`: stage 01's statement of the unit (`data.units.privacy_unit_record`), completed in
     privacy.json with what this run measures on `train_df` and the group guarantees (`unit_record`).
+
+    A secret DP run (`secret_release`) that finds no checkpoint first deletes what an earlier attempt
+    wrote (progress/, model/, steps.csv, privacy.json: trained under a secret that died with that
+    attempt, not covered by this run's epsilon), and deletes checkpoints/last.pt when it finishes (it
+    holds the generator states that determine every batch, noise vector and dropout mask) unless
+    `keep_private_checkpoint` (the caller then holds private material). A DP run's DONE.json has no
+    final loss (a noise-free statistic of a private batch: steps.csv, labelled, has it).
     """
     out_dir = Path(out_dir)
     request = {"base_path": str(base_path), "data": frame_fingerprint(train_df), "epsilon": epsilon,
@@ -111,6 +119,9 @@ def train(base_path: str, train_df, out_dir, *, epsilon: float | None, max_grad_
     optimizer = make_optimizer(m, [p for p in model.parameters() if p.requires_grad], lr)
     stepper = make_stepper(stepper_name, model, optimizer, dataset, plan)
     step, rows, resumed_from = ckpts.resume(stepper)
+    secret = secret_release(plan)
+    if secret and resumed_from is None:
+        clear_earlier_attempt(out_dir)
     hf = stepper.module
     if 0 in progress and not (out_dir / "progress" / "pct_0").is_dir() and step == 0:
         save_model_atomic(hf, tokenizer, out_dir / "progress" / "pct_0")
@@ -130,10 +141,36 @@ def train(base_path: str, train_df, out_dir, *, epsilon: float | None, max_grad_
               "method": m.name, "private": m.private,
               "steps": plan.steps, "epsilon_target": epsilon, "epsilon_spent": eps_final, "delta": plan.delta,
               "noise_multiplier": plan.sigma, "sample_rate": plan.sample_rate if plan.dp else None,
-              "n_units": plan.n_units, "final_loss": rows[-1]["loss"] if rows else None,
-              "resumed_from": resumed_from, "wall_seconds": time.time() - t0, "device": str(dev)}
+              "n_units": plan.n_units, "resumed_from": resumed_from, "wall_seconds": time.time() - t0,
+              "device": str(dev)}
+    if not plan.dp:  # a DP run's batch loss is a noise-free statistic of a private batch: steps.csv only
+        result["final_loss"] = rows[-1]["loss"] if rows else None
     write_json(result, out_dir / DONE_FILE)
+    if secret and not keep_private_checkpoint:
+        ckpts.path.unlink(missing_ok=True)
     return result
+
+
+def secret_release(plan: Plan) -> bool:
+    """A DP run in secret mode: what it writes outside checkpoints/ may be released under (epsilon, delta)."""
+    return plan.dp and plan.noise == "secret"
+
+
+EARLIER_ATTEMPT = ("progress", "model", "steps.csv", "privacy.json")
+
+
+def clear_earlier_attempt(out_dir: Path) -> None:
+    """Delete what an earlier, unfinished attempt at a secret run left in `out_dir` (`EARLIER_ATTEMPT`):
+    it was trained under another secret, which died with that attempt, and this run's epsilon does not
+    cover it."""
+    import shutil
+
+    for name in EARLIER_ATTEMPT:
+        p = out_dir / name
+        if p.is_dir():
+            shutil.rmtree(p)
+        elif p.exists():
+            p.unlink()
 
 
 
@@ -167,7 +204,9 @@ def run_steps(stepper: Stepper, ckpts: Checkpoints, step: int, rows: list[dict],
                                  last_eps if eps_now else (math.nan if plan.dp else None), plan.lr,
                                  plan.max_grad_norm if plan.dp else None)
             bar.update(1)
-            bar.set_postfix(loss=f"{row['loss']:.3f}", eps="inf" if not plan.dp else f"{last_eps:.2f}")
+            # DP: no loss on the console (a noise-free statistic of a private batch; steps.csv labels it)
+            bar.set_postfix(**({} if plan.dp else {"loss": f"{row['loss']:.3f}"}),
+                            eps="inf" if not plan.dp else f"{last_eps:.2f}")
             for p_, s_ in progress.items():
                 if s_ == step and p_ != 0 and snapshot is not None:
                     snapshot(p_)
@@ -381,14 +420,11 @@ def _noise_record(plan: Plan, m: Method) -> dict:
 
 
 def noise_rng(noise: str) -> str:
-    """What exactly draws the Poisson samples and the noise of a DP run in mode `noise`."""
-    source = ("128 bits from the operating system's CSPRNG (secrets.randbits), drawn at run time and never written"
-              if noise == "secret" else "the recorded seed")
-    csprng = "installed but not used" if importlib.util.find_spec("torchcsprng") else "not installed"
-    secure = ("Opacus's secure_mode noise is on (4 Gaussian draws per coordinate, the defence against "
-              "floating-point attacks)" if noise == "secret" else "Opacus's secure_mode noise is off (one draw per "
-              "coordinate)")
-    return (f"torch.Generator (mt19937 on CPU, Philox4x32-10 on CUDA) per stream (sampling, noise), each seeded with "
-            f"63 bits that numpy.random.SeedSequence derives from {source}: a PRNG with a "
-            f"{'secret' if noise == 'secret' else 'public'} 63-bit seed, not a cryptographically secure generator "
-            f"(torchcsprng {csprng}); {secure}")
+    """What exactly draws the Poisson samples, the noise and the dropout masks of a DP run in mode `noise`."""
+    if noise == "secret":
+        return (f"{secret_rng.describe()}; Opacus's secure_mode noise is on (4 Gaussian draws per coordinate, the "
+                "defence against floating-point attacks)")
+    return ("reproducible mode: torch.Generator (mt19937 on CPU, Philox4x32-10 on CUDA) per stream (sampling, noise), "
+            "each seeded with 63 bits that numpy.random.SeedSequence derives from the recorded seed (mt19937 keeps "
+            "their low 32), dropout masks from the recorded seed's init stream: a PRNG with a public seed, a "
+            "simulation of DP; Opacus's secure_mode noise is off (one draw per coordinate)")

@@ -16,8 +16,11 @@ accounting). The loop (`loop.train`) only moves batches through it::
 Random streams (`seeds`): `sampler_gen` draws the units of each batch, `noise_gen` the Gaussian noise.
 With `plan.noise == "reproducible"` both derive from the recorded `plan.seed` (a simulation of DP:
 anyone with the config regenerates every batch and every noise vector); with "secret" (the default)
-from 128 bits of the OS CSPRNG drawn when the stepper is built and never written. Either way they
-are torch's own generators (mt19937 on CPU, Philox on CUDA) seeded with 63 bits of that stream.
+from 128 bits of the OS CSPRNG drawn when the stepper is built and never written. Reproducible:
+torch's own generators (mt19937 on CPU, Philox on CUDA) seeded with 63 bits of the stream; secret:
+the same generators with their whole state set from the stream (`secret_rng`: no integer seed, which
+torch would cut to 64 or, on CPU, 32 bits), and a secret DP stepper also sets torch's global
+generators from the stream "dropout", so dropout masks are secret too.
 Non-DP shuffles always follow the recorded seed (`batching.shuffled_batches`): nothing is private.
 
 Precision: every stepper computes in float32 (no autocast), so DP and non-DP runs differ only in
@@ -122,6 +125,8 @@ class Stepper(ABC):
         self.streams = private_streams(plan)
         self.sampler_gen = self.streams.generator("sampling")
         self.noise_gen = self.streams.generator("noise", device=plan.device)
+        if self.streams.secret and self.dp:  # dropout masks from the secret too (`secret_rng.seed_dropout`)
+            self.streams.seed_dropout(plan.device)
         self.accountant = None
 
     @property
