@@ -753,35 +753,33 @@ def fig_regime_pull(table: pd.DataFrame, figures_dir: Path):
         return None
     by_n = t["n_units"].nunique() > 1
     fig, axes = plt.subplots(1, 2 if by_n else 1, figsize=(11 if by_n else 5.8, 3.8), squeeze=False)
-    ax = axes[0, 0]
-    for i, ((b, s, n), g) in enumerate(t.groupby([t["base_skew"].fillna(-1), t["skew"].fillna(-1), t["n_units"].fillna(0)])):
-        g = g.sort_values("epsilon")
-        r = g.iloc[0]
-        ax.errorbar(g["epsilon"], g["pull"], yerr=[g["pull"] - g["pull_low"], g["pull_high"] - g["pull"]], fmt="o-",
-                    capsize=3, color=f"C{i % 10}", label=f"{r['regime']}: {_cell_label(r)}")
+    keys = [t["base_skew"].fillna(-1), t["skew"].fillna(-1)]
+    _pull_lines(axes[0, 0], t, keys + [t["n_units"].fillna(0)], "epsilon", lambda g: f"{g['regime'].iloc[0]}: {_cell_label(g.iloc[0])}",
+                [f"{e:g}" for e in sorted(set(t["epsilon"]))])
+    axes[0, 0].axhline(1, color="grey", lw=0.8, ls=":")
+    axes[0, 0].set(xlabel="ε", ylabel="pull toward the base (DP − non-DP) / (base − non-DP)", title="pull against ε")
+    direction_note(axes[0, 0], "1 = DP stayed at the base, 0 = as far as non-DP")
+    if by_n:
+        _pull_lines(axes[0, 1], t, keys + [t["epsilon"]], "n_units",
+                    lambda g: f"{g['regime'].iloc[0]}, {privacy_label(g['epsilon'].iloc[0])}",
+                    [f"{int(n):,}" for n in sorted(set(t["n_units"]))])
+        axes[0, 1].set(xlabel="privacy units N (DP: same q and steps)", title="pull against N")
+    return _publish(fig, figures_dir, "regime_pull", "Pull toward the base against ε and N (1: DP stayed at the base)")
+
+
+def _pull_lines(ax, t: pd.DataFrame, keys: list, x: str, label, ticks: list[str]) -> None:
+    """One line of the pull against ``x`` (log axis, ticks at its values) per group of ``keys`` with two points or more."""
+    for i, (_, g) in enumerate(t.groupby(keys)):
+        g = g.sort_values(x)
+        if len(g) < 2 and x == "n_units":
+            continue
+        ax.errorbar(g[x], g["pull"], yerr=[g["pull"] - g["pull_low"], g["pull_high"] - g["pull"]], fmt="o-", capsize=3,
+                    color=f"C{i % 10}", label=label(g))
     ax.set_xscale("log")
-    ax.set_xticks(sorted(set(t["epsilon"])), [f"{e:g}" for e in sorted(set(t["epsilon"]))])
+    ax.set_xticks(sorted(set(t[x])), ticks)
     ax.minorticks_off()
     ax.axhline(0, color="grey", lw=0.8, ls=":")
-    ax.axhline(1, color="grey", lw=0.8, ls=":")
-    ax.set(xlabel="ε", ylabel="pull toward the base (DP − non-DP) / (base − non-DP)", title="pull against ε")
-    direction_note(ax, "1 = DP stayed at the base, 0 = as far as non-DP")
     ax.legend(fontsize=7)
-    if by_n:
-        ax = axes[0, 1]
-        for i, ((b, s, e), g) in enumerate(t.groupby([t["base_skew"].fillna(-1), t["skew"].fillna(-1), "epsilon"])):
-            g = g.sort_values("n_units")
-            if len(g) < 2:
-                continue
-            ax.errorbar(g["n_units"], g["pull"], yerr=[g["pull"] - g["pull_low"], g["pull_high"] - g["pull"]], fmt="o-",
-                        capsize=3, color=f"C{i % 10}", label=f"{g['regime'].iloc[0]}, {privacy_label(e)}")
-        ax.set_xscale("log")
-        ax.set_xticks(sorted(set(t["n_units"])), [f"{int(n):,}" for n in sorted(set(t["n_units"]))])
-        ax.minorticks_off()
-        ax.axhline(0, color="grey", lw=0.8, ls=":")
-        ax.set(xlabel="privacy units N (DP: same q and steps)", title="pull against N")
-        ax.legend(fontsize=7)
-    return _publish(fig, figures_dir, "regime_pull", "Pull toward the base against ε and N (1: DP stayed at the base)")
 
 
 def fig_regime_trajectories(table: pd.DataFrame, trajectory: pd.DataFrame, figures_dir: Path):

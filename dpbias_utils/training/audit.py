@@ -220,7 +220,7 @@ def audit(base_path: str, train_df, out_dir, *, epsilon: float, m: int, k_pos: i
     t = guesses(scores, k_pos, k_neg)
     v = correct_guesses(t, canaries.included)
     eps_lower = epsilon_lower_bound(m, k_pos + k_neg, v, result["delta"], alpha)
-    _write_canaries(out_dir / "canaries.jsonl", canaries, scores, t)
+    write_canaries(out_dir / "canaries.jsonl", canaries, scores, t)
     return {"epsilon": epsilon, "delta": result["delta"], "m": m, "k_pos": k_pos, "k_neg": k_neg, "correct": v,
             "eps_lower": eps_lower, "alpha": alpha, "noise_multiplier": result["noise_multiplier"],
             "sample_rate": result["sample_rate"], "steps": result["steps"], "n_units": result["n_units"],
@@ -233,7 +233,8 @@ def _with_canaries(train_df, canaries: Canaries):
     return pd.concat([train_df, canary_frame(canaries, int(train_df["unit_id"].max()) + 1)], ignore_index=True)
 
 
-def _write_canaries(path: Path, canaries: Canaries, scores: np.ndarray, t: np.ndarray) -> None:
+def write_canaries(path: Path, canaries: Canaries, scores: np.ndarray, t: np.ndarray) -> None:
+    """Per canary: token, included, score, guess (`canaries.jsonl`; both audit modes)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".jsonl.tmp")
     with open(tmp, "w") as fh:

@@ -62,7 +62,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from .audit import ALPHA, Canaries, _check_k, _with_canaries, correct_guesses, epsilon_lower_bound, guesses, make_canaries
+from .audit import ALPHA, Canaries, _check_k, write_canaries, _with_canaries, correct_guesses, epsilon_lower_bound, guesses, make_canaries
 from .batching import TrainingError, UnitDataset
 from .privacy import PrivacyError, calibrate_noise
 
@@ -288,7 +288,7 @@ def audit_whitebox(base_path: str, train_df, out_dir, *, epsilon: float, m: int,
     run_observed(stepper, stepper.plan.steps, desc=f"audit {meth.name} {f.name} eps={epsilon:g}")
     row = _score_row(observer, canaries, stepper, k_pos, k_neg, alpha, epsilon, meth.name, f.name, seed, world=1)
     row["n_sampled_included"] = int(sum(1 for i in sampled if i >= len(stepper.dataset) - row["n_included"]))
-    _write_canaries(Path(out_dir) / "canaries.jsonl", canaries, row)
+    write_canaries(Path(out_dir) / "canaries.jsonl", canaries, row["_scores"], row["_guesses"])
     return row
 
 
@@ -333,16 +333,6 @@ def _accounted(stepper) -> float:
     """What the accountant recorded: the epsilon the run would report (a fault keeps the claim)."""
     acc = stepper.accountant
     return float(acc.get_epsilon(delta=stepper.plan.delta)) if len(acc.history) else 0.0
-
-
-def _write_canaries(path: Path, canaries: Canaries, row: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    scores, t, tmp = row["_scores"], row["_guesses"], path.with_suffix(".jsonl.tmp")
-    with open(tmp, "w") as fh:
-        for i in range(canaries.m):
-            fh.write(json.dumps({"canary": i, "token": canaries.tokens[i], "included": bool(canaries.included[i]),
-                                 "score": float(scores[i]), "guess": int(t[i])}) + "\n")
-    tmp.replace(path)
 
 
 def public_row(row: dict) -> dict:
@@ -449,5 +439,5 @@ def _distributed_rank(base_path, frame, canaries: Canaries, out_dir: str, audit_
     if rank == 0:
         row = _score_row(observer, canaries, stepper, audit_kw["k_pos"], audit_kw["k_neg"], audit_kw["alpha"], epsilon,
                          "dp-adam", f.name, seed, world=world)
-        _write_canaries(Path(out_dir) / "canaries.jsonl", canaries, row)
+        write_canaries(Path(out_dir) / "canaries.jsonl", canaries, row["_scores"], row["_guesses"])
         (Path(out_dir) / "row.json").write_text(json.dumps(public_row(row), default=float))
