@@ -31,7 +31,7 @@ def _study(dp_arms: list[tuple[float, int, float, float, float]], nondp_lean: fl
             cond = dict(run_id="base" if base else f"{name}-s{s}", model="builtin", dp=eps is not None,
                         epsilon=eps if eps else (np.nan if base else np.inf), max_grad_norm=np.nan if base else 0.1,
                         mixing_ratio=np.nan if base else 0.0, cda_mode="none" if base else "substitute", seed=s,
-                        method="none" if base else ("dp-adam" if eps else "nondp"), skew=np.nan)
+                        method="none" if base else ("dp-adam" if eps else "nondp"), skew=np.nan, base_skew=np.nan, n_units=np.nan)
             shift = rng.normal(0, 0.003)
             for f, (fam, planted) in enumerate(PLANTED.items()):
                 results.append({**cond, "metric": f"learned_association_{fam}", "group": "planted", "value": planted,

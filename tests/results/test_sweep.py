@@ -45,7 +45,7 @@ def tables():
             run = f"{method}_{eps}_{clip}_{skew}_{ratio}_{seed}"
             cond = dict(run_id=run, model="builtin", dp=eps is not None, epsilon=eps if eps else np.inf,
                         max_grad_norm=clip if clip else np.nan, mixing_ratio=ratio, cda_mode="substitute", seed=seed,
-                        method=method, skew=skew)
+                        method=method, skew=skew, base_skew=np.nan, n_units=np.nan)
             shift = rng.normal(0, 0.002)
             for f, fam in enumerate(FAMS):
                 for i in range(N_ITEMS):
