@@ -499,7 +499,7 @@ def _matched_claim(trajectory, cal, why, eps, sign, word, clip) -> dict:
     k = len(arms) // 2
     weights = [w / k for _ in range(k) for w in (1.0, -1.0)]
     res = inference.two_way_bootstrap(arms, contrast=lambda m: float(np.dot(weights, m)), n_boot=claims.N_BOOT, seed=0)
-    return claims._claim(f"regime/matched-{word}/{eps:g}", f"At equal perplexity, {_CLAIM_TEXT[sign][1][3:]} "
+    return claims._claim(f"regime/matched-{word}/{eps:g}", f"At equal perplexity, {_CLAIM_TEXT[sign][1]} "
                          f"({privacy_label(eps)})", POOLED, f"{privacy_label(eps)} - non-DP path at DP's perplexity, "
                          f"mean over cells with {SIGNS[sign]}", res, sign, why is None, why)
 
@@ -685,8 +685,13 @@ def explanation(judged: pd.DataFrame | None) -> str:
         return (f"The cells follow \"DP learns less, so it stays at the base\": the sign of DP - non-DP followed the sign "
                 f"of base - data (reproduced at {follows} of {len(sign)} ε), and at equal perplexity no matched contrast "
                 "was non-zero, so the clipping reading is not needed to explain them.")
-    return (f"Mixed: the sign claim was reproduced at {follows} of {len(sign)} ε; matched-utility verdicts: "
-            + ", ".join(f"{w}" for w in m_amp + m_att) + ".")
+    def count(words):
+        return ", ".join(f"{w} {words.count(w)}" for w in dict.fromkeys(words))
+    return (f"The sign of DP - non-DP followed the sign of base - data (reproduced at {follows} of {len(sign)} ε). At equal "
+            f"perplexity (matched utility), where the base is more biased: {count(m_amp) or 'no claim'}; where it is less "
+            f"biased: {count(m_att) or 'no claim'} (uninformative where DP's perplexity lies outside the non-DP path). "
+            "Where a matched contrast is non-zero in the direction of the base, DP keeps more of the base than learning "
+            "less explains; the clipping reading would need it above non-DP in both regimes, which no verdict shows.")
 
 
 # --------------------------------------------------------------------------- figures
