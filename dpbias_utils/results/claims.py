@@ -375,3 +375,31 @@ def gap_claims(results: pd.DataFrame, metric: str, group: str, kind: str, claim:
 
 def format_interval(row) -> str:
     return f"{row['point']:+.4f} [{row['low']:+.4f}, {row['high']:+.4f}]"
+
+
+# The paper's claims by kind (the part of a claim id before the first "/"), in reading order.
+CLAIM_KINDS = {"regime": "The regime map: when DP amplifies or attenuates (`regimes`)",
+               "amplify": "DP amplifies the learned association",
+               "amplify-output": "DP amplifies the toxicity gap of continuations",
+               "matched": "At equal perplexity, DP carries more association",
+               "cda": "CDA reduces the learned association",
+               "gradnorm": "Female per-example gradient norms exceed male",
+               "gradnorm-widen": "DP widens the female - male gradient-norm gap",
+               # the mechanism sweep (`sweep`): signed contrasts, each read beside the sign of DP - non-DP
+               "method": "A way of training amplifies the learned association (method - non-DP)",
+               "dose-C": "A smaller clipping norm leaves DP-Adam more association",
+               "dose-skew": "DP-Adam amplifies more at a larger planted skew",
+               "misalign": "Clipping misaligns the anti-stereotypical units' gradient more",
+               "cda-pair": "CDA's counterfactual rows have larger gradient norms than their originals",
+               "global": "DPSGD-Global leaves less association than DP-Adam",
+               "cda-vs-global": "CDA leaves less association than DPSGD-Global",
+               # non-binary subjects (`nonbinary`)
+               "nb-lean": "DP places non-binary subjects further from the female-male midpoint",
+               "nb-gradnorm": "Non-binary per-example gradient norms exceed binary ones",
+               "nb-gradnorm-widen": "DP widens the non-binary - binary gradient-norm gap",
+               "nb-misalign": "Clipping misaligns the non-binary units' summed gradient more than the binary ones'"}
+
+
+def verdict_word(verdict: str) -> str:
+    """The verdict's first word (`reproduced`, `inconclusive`, ...)."""
+    return str(verdict).split(":")[0].split(" (")[0]

@@ -434,7 +434,7 @@ def fig_claims_forest(judged: pd.DataFrame, figures_dir: Path):
     import matplotlib.pyplot as plt
     from matplotlib.lines import Line2D
 
-    from .findings import CLAIM_KINDS, _verdict_word
+    from .claims import CLAIM_KINDS, verdict_word as _verdict_word
 
     if judged is None or judged.empty:
         return None

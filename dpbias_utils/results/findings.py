@@ -15,6 +15,7 @@ from ..params import NON_DP, privacy_label
 from ..seeds import NOISE_LABEL
 from ..training.methods import DP_ADAM, default_method
 from . import claims, nonbinary, regimes, sweep
+from .claims import CLAIM_KINDS, verdict_word as _verdict_word  # the claim kinds live with the claims
 from .figures import TOXICITY_SCORES, figure_list
 from .tables import ci_text, md_table, association_summary, condition_order, epsilon_of, seed_summary, table1
 
@@ -41,33 +42,6 @@ def claims_display(judged: pd.DataFrame):
                                "estimate [95% CI]": [claims.format_interval(r) for _, r in judged.iterrows()],
                                "p (Holm)": ["" if pd.isna(p) else f"{p:.3g}" for p in judged["p_holm"]],
                                "verdict": judged["verdict"]}), index=False)
-
-
-# The paper's claims by kind (the part of a claim id before the first "/"), in reading order.
-CLAIM_KINDS = {"regime": "The regime map: when DP amplifies or attenuates (`regimes`)",
-               "amplify": "DP amplifies the learned association",
-               "amplify-output": "DP amplifies the toxicity gap of continuations",
-               "matched": "At equal perplexity, DP carries more association",
-               "cda": "CDA reduces the learned association",
-               "gradnorm": "Female per-example gradient norms exceed male",
-               "gradnorm-widen": "DP widens the female - male gradient-norm gap",
-               # the mechanism sweep (`sweep`): signed contrasts, each read beside the sign of DP - non-DP
-               "method": "A way of training amplifies the learned association (method - non-DP)",
-               "dose-C": "A smaller clipping norm leaves DP-Adam more association",
-               "dose-skew": "DP-Adam amplifies more at a larger planted skew",
-               "misalign": "Clipping misaligns the anti-stereotypical units' gradient more",
-               "cda-pair": "CDA's counterfactual rows have larger gradient norms than their originals",
-               "global": "DPSGD-Global leaves less association than DP-Adam",
-               "cda-vs-global": "CDA leaves less association than DPSGD-Global",
-               # non-binary subjects (`nonbinary`)
-               "nb-lean": "DP places non-binary subjects further from the female-male midpoint",
-               "nb-gradnorm": "Non-binary per-example gradient norms exceed binary ones",
-               "nb-gradnorm-widen": "DP widens the non-binary - binary gradient-norm gap",
-               "nb-misalign": "Clipping misaligns the non-binary units' summed gradient more than the binary ones'"}
-
-
-def _verdict_word(verdict: str) -> str:
-    return str(verdict).split(":")[0].split(" (")[0]
 
 
 def verdict_summary(judged: pd.DataFrame) -> list[str]:
