@@ -24,6 +24,7 @@ RUNS = Path(os.environ.get("DPBIAS_RUNS") or REPO_ROOT / "runs")
 MARKER = "_COMPLETE.json"  # a node is complete when this file (written last) exists in its folder
 NODE_SPEC = "node.json"  # what the runner injects into the notebook (stage, notebook, parameters)
 NODE_LOG = "runner.log"  # the node process's stdout and stderr
+WORKER_LOG = ".workers.log"  # in the profile folder: the local runner's node workers' own stderr (imports, a crash)
 CONTEXT_FILE = "context.json"  # the node's stage, profile, point and run id (stage 05 labels outputs by it)
 LOCK = ".lock"  # fcntl lock: held exclusively while the node runs, shared while downstream nodes read it
 PROGRESS = ".progress.json"  # the node's progress bars, for the runner's console (progress.tqdm)

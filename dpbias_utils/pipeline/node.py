@@ -1,6 +1,11 @@
 """One node: its spec, its execution with papermill in a process of its own, its locks, its
 completion marker, its HTML report and the progress line of it running.
 
+The notebook's cells run in the node's own process (`inprocess`, a papermill engine); with
+``DPBIAS_NODE_ENGINE=kernel`` papermill starts a Jupyter kernel for them instead, as a notebook
+run by hand does. The local runner forks node processes from warm workers (`worker`); a Slurm job
+runs this module as a fresh process.
+
 A node is complete when `_COMPLETE.json` (`paths.MARKER`) exists in its folder; it is written
 last, after the executed notebook, its HTML rendering and the stage's outputs. Re-running skips
 complete nodes, so an interrupted study resumes (stage 02 also resumes inside a run from its
@@ -9,6 +14,7 @@ checkpoints). A node's process is `python -m dpbias_utils.pipeline.node NODE_JSO
 from __future__ import annotations
 
 import fcntl
+import functools
 import json
 import os
 import shutil
@@ -53,6 +59,18 @@ def write_node_spec(profile: Profile, node: Node, profile_dir: Path, notebooks: 
     return path
 
 
+ENGINE_ENV = "DPBIAS_NODE_ENGINE"  # "inprocess" (default) or "kernel"
+ENGINES = ("inprocess", "kernel")
+
+
+@functools.lru_cache(maxsize=1)
+def html_exporter():
+    """The report exporter (no code input), built once per process: its templates compile on first use."""
+    from nbconvert import HTMLExporter
+
+    return HTMLExporter(exclude_input=True, exclude_input_prompt=True, exclude_output_prompt=True)
+
+
 def render_html(notebook_path: Path, html_path: Path) -> None:
     """HTML report of an executed notebook without code input (what readers open).
 
@@ -60,15 +78,21 @@ def render_html(notebook_path: Path, html_path: Path) -> None:
     executed notebook beside it, and errors are always shown.
     """
     import nbformat
-    from nbconvert import HTMLExporter
 
     nb = nbformat.read(notebook_path, as_version=4)
     for cell in nb.cells:
         if cell.get("outputs"):
             cell.outputs = [o for o in cell.outputs if not (o.get("output_type") == "stream" and o.get("name") == "stderr")]
-    exporter = HTMLExporter(exclude_input=True, exclude_input_prompt=True, exclude_output_prompt=True)
-    body, _ = exporter.from_notebook_node(nb)
+    body, _ = html_exporter().from_notebook_node(nb)
     paths.atomic_write_text(html_path, body)
+
+
+def engine() -> str:
+    """The node engine `ENGINE_ENV` names (`ENGINES`); an unknown name is an error before any node runs."""
+    name = os.environ.get(ENGINE_ENV, "inprocess")
+    if name not in ENGINES:
+        raise ValueError(f"environment variable {ENGINE_ENV}={name!r}: allowed values are {', '.join(ENGINES)}")
+    return name
 
 
 # --------------------------------------------------------------------------- locks and markers
@@ -129,10 +153,15 @@ def _execute(spec: dict, folder: Path, notebook: str) -> bool:
     """papermill on the node; renders the report even after a failure (the partial notebook stays)."""
     import papermill as pm
 
+    from . import inprocess
+
     out_nb = folder / "notebook.ipynb"
+    # in process, the kernel name only picks papermill's parameter translator (Python's)
+    how = ({"engine_name": inprocess.register(), "kernel_name": paths.KERNEL} if engine() == "inprocess"
+           else {"kernel_name": paths.kernel_name()})
     try:
-        pm.execute_notebook(notebook, str(out_nb), parameters=spec["parameters"], kernel_name=paths.kernel_name(),
-                            cwd=str(folder), progress_bar=False, log_output=False)
+        pm.execute_notebook(notebook, str(out_nb), parameters=spec["parameters"], cwd=str(folder),
+                            progress_bar=False, log_output=False, **how)
     except Exception as exc:  # noqa: BLE001 - any failure of the notebook fails the node
         try:
             render_html(out_nb, folder / "report.html")

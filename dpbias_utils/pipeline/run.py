@@ -8,6 +8,8 @@ before the local pool starts and `write_index` after either executor.
 """
 from __future__ import annotations
 
+import os
+import queue
 import signal
 import subprocess
 import sys
@@ -29,15 +31,72 @@ Prepare = Callable[[Profile, Optional[Path], bool], None]  # (profile, runs_dir,
 WriteIndex = Callable[[Profile, list, Path], object]  # (profile, nodes, profile_dir)
 
 
-class _Children:
-    """The node processes this runner started, so that an interrupt reaches them and is waited for."""
+class _Worker:
+    """One warm node worker (`pipeline.worker`): its process, in a process group of its own with the
+    node children it forks."""
 
-    def __init__(self):
+    def __init__(self, env: dict, log: Path):
+        with open(log, "ab") as err:
+            self.proc = subprocess.Popen([sys.executable, "-m", "dpbias_utils.pipeline.worker"], stdin=subprocess.PIPE,
+                                         stdout=subprocess.PIPE, stderr=err, env=env, text=True, bufsize=1,
+                                         start_new_session=True)
+        self.ready = self.proc.stdout.readline().strip() == "ready"
+
+    def run(self, spec_path: Path) -> Optional[int]:
+        """The node's exit status, or None when the worker itself died (its log says why)."""
+        try:
+            self.proc.stdin.write(f"{spec_path}\n")
+            line = self.proc.stdout.readline()
+        except (BrokenPipeError, OSError):
+            return None
+        return int(line) if line.strip().lstrip("-").isdigit() else None
+
+    def signal(self, sig: int) -> None:
+        try:
+            os.killpg(self.proc.pid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+    def close(self) -> None:
+        try:
+            self.proc.stdin.close()
+        except OSError:
+            pass
+
+
+class _Children:
+    """The node processes this runner started, so that an interrupt reaches them and is waited for.
+
+    Each node runs in a child forked by one of `jobs` warm workers (`pipeline.worker`: torch, papermill
+    and the package imported once per worker, not once per node); a worker that dies is replaced. Where
+    the OS cannot fork, or with ``DPBIAS_NODE_ENGINE=kernel``, a node is a fresh process of its own."""
+
+    def __init__(self, log_dir: Optional[Path] = None):
         self.procs: set[subprocess.Popen] = set()
+        self.workers: list[_Worker] = []  # all started, to stop
+        self.idle: "queue.SimpleQueue[_Worker]" = queue.SimpleQueue()
         self.lock = threading.Lock()
+        self.log_dir = log_dir
+        self.use_workers = hasattr(os, "fork") and node_exec.engine() == "inprocess" and log_dir is not None
 
     def run(self, spec_path: Path, jobs: int) -> int:
         """Execute a node in a child process; its log goes beside the notebook."""
+        if not self.use_workers:
+            return self._run_process(spec_path, jobs)
+        try:
+            worker = self.idle.get_nowait()
+        except queue.Empty:
+            worker = _Worker(node_exec.node_environment(jobs), Path(self.log_dir) / paths.WORKER_LOG)
+            with self.lock:
+                self.workers.append(worker)
+        rc = worker.run(spec_path) if worker.ready else None
+        if rc is None:  # the worker died (see its log): this node runs as a process of its own
+            worker.close()
+            return self._run_process(spec_path, jobs)
+        self.idle.put(worker)
+        return rc
+
+    def _run_process(self, spec_path: Path, jobs: int) -> int:
         with open(Path(spec_path).with_name(paths.NODE_LOG), "ab") as log:
             proc = subprocess.Popen([sys.executable, "-m", "dpbias_utils.pipeline.node", str(spec_path)], stdout=log,
                                     stderr=subprocess.STDOUT, env=node_exec.node_environment(jobs))
@@ -49,20 +108,35 @@ class _Children:
                 with self.lock:
                     self.procs.discard(proc)
 
+    def close(self) -> None:
+        """End the idle workers (end of their input)."""
+        for w in self.workers:
+            w.close()
+        for w in self.workers:
+            try:
+                w.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                w.signal(signal.SIGKILL)
+
     def stop(self, grace_s: float = 30.0) -> None:
-        """SIGINT to every child (papermill then shuts its kernel down), SIGKILL after `grace_s`."""
+        """SIGINT to every child (papermill then shuts its kernel down; a forked node fails with
+        KeyboardInterrupt), SIGKILL after `grace_s`."""
         with self.lock:
-            procs = list(self.procs)
+            procs, workers = list(self.procs), list(self.workers)
         for p in procs:
             if p.poll() is None:
                 p.send_signal(signal.SIGINT)
+        for w in workers:
+            w.signal(signal.SIGINT)
+            w.close()
         deadline = time.time() + grace_s
-        for p in procs:
+        for p in procs + [w.proc for w in workers]:
             try:
                 p.wait(max(0.1, deadline - time.time()))
             except subprocess.TimeoutExpired:
                 p.kill()
-
+        for w in workers:
+            w.signal(signal.SIGKILL)  # a forked node still running after the grace period
 
 
 @dataclass
@@ -124,7 +198,7 @@ class _LocalRun:
         self.failed: set[tuple[str, str]] = set()
         self.running: dict = {}  # future -> (node, start time)
         self.waiting: dict[tuple[str, str], tuple[Node, float]] = {}  # computed by another process
-        self.children = _Children()
+        self.children = _Children(profile_dir)
         self.last_progress = time.time()
 
     def finished(self) -> int:
@@ -214,6 +288,7 @@ class _LocalRun:
             raise
         finally:
             pool.shutdown(wait=True)
+            self.children.close()
 
 
 def run(profile: Profile, *, jobs: int = 1, only: Optional[str] = None, runs_dir: Optional[Path] = None,

@@ -1,0 +1,110 @@
+"""The in-process papermill engine records what a Jupyter kernel would, and the node worker forks a
+fresh child per node (`pipeline.inprocess`, `pipeline.worker`)."""
+import json
+import os
+import subprocess
+import sys
+
+import nbformat
+import papermill as pm
+import pytest
+from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
+
+from dpbias_utils import paths
+from dpbias_utils.pipeline import inprocess, worker
+
+
+def _notebook(path, *sources):
+    nb = new_notebook(cells=[new_markdown_cell("# t"), new_code_cell("x = 1", metadata={"tags": ["parameters"]}),
+                             *[new_code_cell(s) for s in sources]])
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nbformat.write(nb, path)
+    return path
+
+
+def _run_in_child(code: str, tmp_path):
+    """Run `code` in a fresh interpreter (the engine's shell is one per process)."""
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True,
+                          env=dict(os.environ, PYTHONPATH=str(paths.REPO_ROOT)))
+    return proc
+
+
+def test_outputs_are_those_a_kernel_sends(tmp_path):
+    src = _notebook(tmp_path / "in.ipynb",
+                    "import sys\nprint('hello', x)\nsys.stderr.write('warned\\n')\nprint('again')",
+                    "from IPython.display import Markdown, display\ndisplay(Markdown('**shown**'))\n"
+                    "class R:\n    def _repr_markdown_(self):\n        return '| a |\\n|---|'\nR()",
+                    "import os\nos.getcwd()", "y = x * 2;")
+    code = ("import papermill as pm; from dpbias_utils.pipeline import inprocess; "
+            f"pm.execute_notebook({str(src)!r}, 'out.ipynb', parameters={{'x': 5}}, engine_name=inprocess.register(), "
+            f"kernel_name='python3', progress_bar=False, cwd={str(tmp_path / 'sub')!r})")
+    (tmp_path / "sub").mkdir()
+    proc = _run_in_child(code, tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    nb = nbformat.read(tmp_path / "out.ipynb", as_version=4)
+    code_cells = [c for c in nb.cells if c.cell_type == "code"]
+    injected = [c for c in code_cells if "injected-parameters" in c.metadata.get("tags", [])]
+    assert len(injected) == 1 and "x = 5" in injected[0].source
+    streams = code_cells[2].outputs
+    assert [(o.name, o.text) for o in streams] == [("stdout", "hello 5\n"), ("stderr", "warned\n"), ("stdout", "again\n")]
+    shown = code_cells[3].outputs
+    assert shown[0].output_type == "display_data" and shown[0].data["text/markdown"] == "**shown**"
+    assert shown[1].output_type == "execute_result" and shown[1].data["text/markdown"] == "| a |\n|---|"
+    assert shown[1].execution_count == code_cells[3].execution_count
+    assert code_cells[4].outputs[0].data["text/plain"] == repr(str(tmp_path / "sub"))  # runs in `cwd`
+    assert code_cells[5].outputs == []  # a trailing semicolon shows nothing
+    assert [c.execution_count for c in code_cells] == [1, 2, 3, 4, 5, 6]
+    assert nb.metadata.papermill["exception"] is None or nb.metadata.papermill["exception"] is False
+    assert all(c.metadata.papermill["status"] == "completed" for c in nb.cells)
+
+
+def test_a_failing_cell_stops_the_notebook_and_papermill_raises(tmp_path):
+    src = _notebook(tmp_path / "in.ipynb", "print('before')", "1 / 0", "print('never')")
+    code = ("import papermill as pm; from dpbias_utils.pipeline import inprocess\n"
+            "try:\n"
+            f"    pm.execute_notebook({str(src)!r}, 'out.ipynb', engine_name=inprocess.register(), kernel_name='python3', "
+            "progress_bar=False)\n"
+            "except pm.PapermillExecutionError as e:\n"
+            "    print('RAISED', e.ename, e.evalue)\n")
+    proc = _run_in_child(code, tmp_path)
+    assert "RAISED ZeroDivisionError division by zero" in proc.stdout, proc.stderr[-3000:]
+    nb = nbformat.read(tmp_path / "out.ipynb", as_version=4)
+    code_cells = [c for c in nb.cells if c.cell_type == "code"]
+    assert [c.source for c in code_cells[1:]] == ["print('before')", "1 / 0", "print('never')"]
+    assert code_cells[1].outputs[0].text == "before\n"
+    err = code_cells[2].outputs[-1]
+    assert err.output_type == "error" and err.ename == "ZeroDivisionError"
+    assert any("1 / 0" in line for line in err.traceback)
+    assert code_cells[2].metadata.papermill["status"] == "failed" and nb.metadata.papermill["exception"] is True
+    assert code_cells[3].outputs == [] and code_cells[3].execution_count is None
+    assert any("papermill-error-cell" in c.source for c in nb.cells if c.cell_type == "markdown")
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="the node worker forks")
+def test_worker_forks_a_fresh_child_per_node_and_answers_its_status(tmp_path, monkeypatch):
+    """Two 'nodes' through one worker: each child's numpy global state is fresh (not the worker's), each
+    writes its log beside its spec, and a child's failure is its status, not the worker's."""
+    import numpy as np
+
+    def fake_execute(spec_path):
+        spec = json.loads(spec_path.read_text())
+        print("node", spec["name"], flush=True)
+        (spec_path.parent / "draw.txt").write_text(repr(np.random.random()))
+        return spec["rc"]
+
+    monkeypatch.setattr("dpbias_utils.pipeline.node.execute_node", fake_execute)
+    np.random.seed(0)  # the worker's own state: children must not inherit it
+    specs = []
+    for name, rc in (("a", 0), ("b", 7)):
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / paths.NODE_SPEC).write_text(json.dumps({"name": name, "rc": rc}))
+        specs.append(folder / paths.NODE_SPEC)
+    from dpbias_utils.pipeline import provenance
+
+    imported = provenance.package_hash()
+    statuses = [worker.run_forked(str(s), imported) for s in specs]
+    assert statuses == [0, 7]
+    draws = [(tmp_path / n / "draw.txt").read_text() for n in ("a", "b")]
+    assert draws[0] != draws[1] and repr(np.random.RandomState(0).random_sample()) not in draws
+    assert (tmp_path / "a" / paths.NODE_LOG).read_text().strip() == "node a"
