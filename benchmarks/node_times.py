@@ -11,6 +11,10 @@ From a finished profile folder (``runs/<profile>``), with no re-running:
   there), ``other`` (marker seconds minus papermill's own duration: the node process importing
   papermill before the notebook starts, the HTML report after it);
 
+the node workers' one-off import time (``.workers.log`` of the profile folder: the local runner's
+workers import torch, transformers, papermill and the package once each and fork every node from
+themselves, `dpbias_utils.pipeline.worker`; their nodes then show ``kernel`` and ``imports`` near 0);
+
 and measured here, side by side on this machine (``--measure``, a few seconds each, the minimum of
 ``--repeat`` tries): the node process's own imports (papermill, nbconvert), a fresh Python process
 that imports what a node's first cell imports, a fresh Jupyter kernel started and stopped, and
@@ -24,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import statistics
 import subprocess
 import sys
@@ -37,6 +42,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from dpbias_utils import paths  # noqa: E402
 
 FIRST_CELL_IMPORTS = "import torch, transformers, pandas; import dpbias_utils.plots, dpbias_utils.stages.s04_bias"
+
+
+def worker_imports(profile_dir: Path) -> list[float]:
+    """Seconds each node worker spent importing before its first node (from `.workers.log`)."""
+    log = profile_dir / paths.WORKER_LOG
+    if not log.is_file():
+        return []
+    found = re.findall(r"imported \d+ modules in ([0-9.]+) s", log.read_text(errors="replace"))
+    return [float(x) for x in found]
 
 
 def _t(s: str) -> float:
@@ -168,6 +182,11 @@ def main(argv=None) -> dict:
     fixed_logged = split["kernel"] + split["imports"] + split["other"]
     print(f"fixed cost from the notebooks: kernel {split['kernel']:.1f} s + imports {split['imports']:.1f} s "
           f"+ other (papermill import, HTML) {split['other']:.1f} s per node (model loads are inside 'work')")
+    workers = worker_imports(args.profile_dir)
+    if workers:
+        print(f"node workers: {len(workers)} started, each imported once in {statistics.mean(workers):.1f} s on average "
+              f"({sum(workers):.0f} s in all, not in the node-seconds above)")
+    result["worker_imports"] = workers
     if args.measure:
         node_imp, node_imp_iri = measure_node_process_imports(args.repeat)
         imp = measure_imports(args.repeat)

@@ -25,6 +25,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import time
 import traceback
 from pathlib import Path
 
@@ -115,7 +116,10 @@ def main() -> int:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     replies = os.fdopen(os.dup(1), "w", buffering=1)
     os.dup2(2, 1)  # anything printed while importing goes to the worker's log, never into the replies
+    started = time.time()
     imported_hash = preload()
+    print(f"worker {os.getpid()}: imported {len(PRELOAD)} modules in {time.time() - started:.1f} s "
+          f"(package {imported_hash})", file=sys.stderr, flush=True)  # benchmarks/node_times.py reads it
     replies.write("ready\n")
     for line in sys.stdin:
         spec = line.strip()

@@ -282,10 +282,35 @@ def seed_interval(values, ci_low=None, ci_high=None) -> tuple[float, float, floa
     return m, lo, hi
 
 
+_SUMMARIES: dict[str, pd.DataFrame] = {}  # content key of a results table -> its seed summary (a few at most)
+
+
+def _content_key(frame: pd.DataFrame) -> str:
+    """A digest of a table's columns, index and values: equal tables, equal keys."""
+    import hashlib
+
+    h = hashlib.sha256("\0".join(map(str, frame.columns)).encode())
+    h.update(pd.util.hash_pandas_object(frame, index=True).to_numpy().tobytes())
+    return h.hexdigest()
+
+
 def seed_summary(results: pd.DataFrame) -> pd.DataFrame:
     """Mean over seeds per condition x metric x group with `seed_interval`'s interval and the pooled
     n. The claims use the two-way bootstrap over seeds and prompts of `claims`; this summary draws the
-    per-metric figures."""
+    per-metric figures.
+
+    A pure function of the table, computed once per distinct table (stage 05 draws eight figures and the
+    findings from one results table; a bootstrap per condition, metric and group each time was a third
+    of the report node): the caller gets its own copy."""
+    key = _content_key(results)
+    if key not in _SUMMARIES:
+        if len(_SUMMARIES) >= 4:
+            _SUMMARIES.pop(next(iter(_SUMMARIES)))
+        _SUMMARIES[key] = _seed_summary(results)
+    return _SUMMARIES[key].copy()
+
+
+def _seed_summary(results: pd.DataFrame) -> pd.DataFrame:
     keys = ["condition", "dp", "epsilon", "mixing_ratio", "cda_mode", "metric", "group"]
     results = main_design(results)
     if results.empty:  # e.g. a profile of sweep runs only

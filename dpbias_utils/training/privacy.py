@@ -17,6 +17,23 @@ from opacus.accountants.utils import get_noise_multiplier
 ACCOUNTANTS = ("prv", "rdp")
 
 
+def _memoise_per_order_rdp() -> None:
+    """Opacus's RDP of one subsampled Gaussian step at one order, `analysis.rdp._compute_rdp(q, sigma,
+    alpha)`, is a pure function of three numbers, and its PRV accountant recomputes it for ~150 orders on
+    every epsilon query (to size the PRV's domain): a DP run asks for epsilon at every checkpoint with the
+    same q and sigma, so that was seconds of a run. Memoised, each query gets the very floats it computed
+    before (the accountants' own state, their history, is untouched: a fresh accountant is still fresh).
+    Skipped if an Opacus version no longer has the function."""
+    from opacus.accountants.analysis import rdp
+
+    fn = getattr(rdp, "_compute_rdp", None)
+    if fn is not None and not hasattr(fn, "cache_info"):
+        rdp._compute_rdp = functools.lru_cache(maxsize=8192)(fn)
+
+
+_memoise_per_order_rdp()
+
+
 class PrivacyError(ValueError):
     """A privacy target that cannot be met (or an accounting that does not add up)."""
 

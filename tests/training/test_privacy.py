@@ -105,3 +105,17 @@ def test_group_privacy_bounds_the_chained_guarantee(epsilon):
     assert group_privacy(3.0, 1e-5, 7)[1] > 1  # a text repeated 7 times at eps 3: delta promises nothing
     with pytest.raises(PrivacyError, match="group size k=0"):
         group_privacy(1.0, 1e-5, 0)
+
+
+@pytest.mark.parametrize("accountant", ["prv", "rdp"])
+def test_memoised_per_order_rdp_gives_the_same_epsilons(accountant, monkeypatch):
+    """`privacy._memoise_per_order_rdp`: epsilon with Opacus's own (unmemoised) per-order RDP equals
+    epsilon through the memo, value for value, over a run's checkpoints and two noise levels."""
+    from opacus.accountants.analysis import rdp
+
+    assert hasattr(rdp._compute_rdp, "cache_info"), "the memo is installed when privacy is imported"
+    q, delta = 256 / 6000, 1 / 6000**1.1
+    memo = [epsilon_spent(s, q, k, delta, accountant) for s in (0.8, 1.3) for k in (1, 10, 47)]
+    monkeypatch.setattr(rdp, "_compute_rdp", rdp._compute_rdp.__wrapped__)
+    plain = [epsilon_spent(s, q, k, delta, accountant) for s in (0.8, 1.3) for k in (1, 10, 47)]
+    assert memo == plain
