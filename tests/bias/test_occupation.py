@@ -63,3 +63,22 @@ def test_winogender_table(shared_data):
     diff = next(r for r in rows if r["group"] == "diff" and r["metric"] == "occupation_female_share")
     assert math.isclose(diff["value"], table["secretary"] - table["engineer"])
     assert all(0 <= v <= 1 for v in table.values()) and np.isfinite(list(table.values())).all()
+
+
+def test_stacked_tv_is_the_per_resample_tv():
+    """`_tv_stack` (every bootstrap resample at once) equals `_tv_rows` resample by resample, NaN where a
+    resample lacks a gender, and the TV interval with it equals the looped one."""
+    from dpbias_utils.bias import occupation as O
+    from dpbias_utils.stats import bootstrap_ci
+
+    rng = np.random.default_rng(7)
+    for n, k in ((3, 2), (40, 5), (300, 30)):
+        coded = np.column_stack([rng.integers(0, 2, n), rng.integers(0, k, n)]).astype(float)
+        idx = rng.integers(0, n, size=(300, n))
+        loop = np.array([O._tv_rows(coded[i]) for i in idx])
+        stacked = O._tv_stack(coded[idx])
+        assert np.array_equal(np.isnan(loop), np.isnan(stacked))
+        np.testing.assert_allclose(stacked[~np.isnan(loop)], loop[~np.isnan(loop)], rtol=0, atol=1e-12)
+        a = bootstrap_ci(coded, O._tv_rows, n_boot=400, seed=1, interval="basic")
+        b = bootstrap_ci(coded, O._tv_rows, n_boot=400, seed=1, interval="basic", stacked=O._tv_stack)
+        np.testing.assert_allclose(b, a, rtol=0, atol=1e-12)
