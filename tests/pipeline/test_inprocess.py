@@ -108,3 +108,20 @@ def test_worker_forks_a_fresh_child_per_node_and_answers_its_status(tmp_path, mo
     draws = [(tmp_path / n / "draw.txt").read_text() for n in ("a", "b")]
     assert draws[0] != draws[1] and repr(np.random.RandomState(0).random_sample()) not in draws
     assert (tmp_path / "a" / paths.NODE_LOG).read_text().strip() == "node a"
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="the node worker forks")
+def test_the_tiny_study_ran_every_node_in_two_warm_workers(tiny_study):
+    """`dpbias run --jobs 2` (the shared tiny study): two workers imported once each, and every node's
+    notebook was executed (by the in-process engine: no kernel start before the first cell)."""
+    import re
+
+    log = (tiny_study / paths.WORKER_LOG).read_text()
+    assert len(re.findall(r"imported \d+ modules in [0-9.]+ s", log)) == 2, log[-2000:]
+    notebooks = sorted(tiny_study.glob("0*/*/notebook.ipynb"))
+    assert len(notebooks) >= 10
+    for nb_path in notebooks:
+        nb = nbformat.read(nb_path, as_version=4)
+        assert nb.metadata.papermill["exception"] in (None, False), nb_path
+        first = next(c for c in nb.cells if c.cell_type == "code")
+        assert first.execution_count == 1 and first.metadata.papermill["status"] == "completed"
