@@ -103,6 +103,13 @@ def _main(argv: list[str] | None) -> int:
     if args.jobs < 1:
         print(f"error: --jobs = {args.jobs}: must be >= 1", file=sys.stderr)
         return EXIT_BAD_PARAMS
+    from .pipeline.node import engine
+
+    try:
+        engine()
+    except ValueError as exc:
+        print(f"error: {exc}; nothing was run", file=sys.stderr)
+        return EXIT_BAD_PARAMS
     if args.dry_run:
         from . import cost
         from .pipeline.run import describe_plan

@@ -125,3 +125,14 @@ def test_the_tiny_study_ran_every_node_in_two_warm_workers(tiny_study):
         assert nb.metadata.papermill["exception"] in (None, False), nb_path
         first = next(c for c in nb.cells if c.cell_type == "code")
         assert first.execution_count == 1 and first.metadata.papermill["status"] == "completed"
+
+
+def test_an_unknown_node_engine_is_one_line_and_exit_2(monkeypatch, capsys, tmp_path):
+    from dpbias_utils import cli
+    from dpbias_utils.pipeline import node
+
+    monkeypatch.setenv(node.ENGINE_ENV, "docker")
+    rc = cli.main(["run", str(paths.REPO_ROOT / "tests/profiles/tiny.yaml"), "--runs-dir", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert rc == 2 and "DPBIAS_NODE_ENGINE='docker'" in err and "inprocess, kernel" in err
+    assert not any(tmp_path.iterdir())  # nothing was run
