@@ -299,6 +299,24 @@ def load_tokenizer(name_or_path: str):
     return tokenizer
 
 
+def _builtin_spec(profile) -> dict:
+    """What identifies a profile's built-in base (hashed into its cache folder's name)."""
+    spec = profile.model.builtin.model_dump()
+    spec["block_size"] = profile.data.block_size
+    b = profile.model.builtin
+    skew, pretrain_seed = b.pretrain_skew, profile.data.controlled.seed + 3
+    spec["corpus"] = {"kind": "balanced-controlled", "seed": pretrain_seed}
+    if skew != 0.5 or b.circuit_steps or b.settle_steps:
+        spec["corpus"] = {"kind": "controlled", "skew": skew, "seed": pretrain_seed}
+    return spec
+
+
+def builtin_base_is_cached(profile, cache_root: Path | None = None) -> bool:
+    """Is the built-in base of `profile` already built under `cache_root` (`base_for_profile`'s cache)?"""
+    folder = Path(cache_root or paths.cache_dir()) / "base-models" / f"builtin-{spec_hash(_builtin_spec(profile))}"
+    return (folder / "spec.json").is_file()
+
+
 def base_for_profile(profile, cache_root: Path | None = None) -> str:
     """The base model a profile's stages start from: a hub id, a local folder, or the offline
     built-in one (a small GPT-2 with its own BPE tokenizer, pretrained on the controlled corpus as
@@ -309,13 +327,7 @@ def base_for_profile(profile, cache_root: Path | None = None) -> str:
     m = profile.model
     if m.base != BUILTIN:
         return str(resolve_path(m.base)) if paths.looks_like_path(m.base) else m.base
-    spec = m.builtin.model_dump()
-    spec["block_size"] = profile.data.block_size
     b = m.builtin
-    skew, pretrain_seed = b.pretrain_skew, profile.data.controlled.seed + 3
-    spec["corpus"] = {"kind": "balanced-controlled", "seed": pretrain_seed}
-    if skew != 0.5 or b.circuit_steps or b.settle_steps:
-        spec["corpus"] = {"kind": "controlled", "skew": skew, "seed": pretrain_seed}
     corpora = lambda: builtin_pretraining_corpora(profile)  # noqa: E731
     texts = lambda: corpora()["blocks"]  # noqa: E731
 
@@ -323,7 +335,8 @@ def base_for_profile(profile, cache_root: Path | None = None) -> str:
         c = corpora()
         return [(c["circuit"], b.circuit_steps, circuit_formed(b.circuit_skew)), (c["settle"], b.settle_steps)]
 
-    return str(ensure_builtin_base(Path(cache_root or paths.cache_dir()) / "base-models", spec, texts, phases))
+    return str(ensure_builtin_base(Path(cache_root or paths.cache_dir()) / "base-models", _builtin_spec(profile), texts,
+                                   phases))
 
 
 def builtin_pretraining_corpora(profile) -> dict[str, list[str]]:

@@ -27,7 +27,7 @@ from . import provenance
 from .graph import STAGES, Node, label, plan, upstream_keys
 from .node import EXIT_DONE_ELSEWHERE, PROGRESS_EVERY_S, is_current, lock_holder, progress_line, read_marker, write_node_spec
 
-Prepare = Callable[[Profile, Optional[Path], bool], None]  # (profile, runs_dir, progress)
+Prepare = Callable[[Profile, Optional[Path], bool, int], None]  # (profile, runs_dir, progress, jobs)
 WriteIndex = Callable[[Profile, list, Path], object]  # (profile, nodes, profile_dir)
 
 
@@ -300,7 +300,7 @@ def run(profile: Profile, *, jobs: int = 1, only: Optional[str] = None, runs_dir
     Complete nodes computed by other code, and their downstream, are counted (`stale_code`,
     `stale_upstream`) and redone with `rerun_stale`. Raises paths.RunsDirError when the runs folder
     cannot be written; on KeyboardInterrupt the node processes are stopped first. Hooks:
-    `prepare(profile, runs_dir, progress)` runs in this process before the local pool when a stage-01
+    `prepare(profile, runs_dir, progress, jobs)` runs in this process before the local pool when a stage-01
     node is pending; `write_index(profile, nodes, profile_dir)` after either executor.
     """
     profile_dir = paths.profile_dir(profile.name, runs_dir)
@@ -335,7 +335,7 @@ def run(profile: Profile, *, jobs: int = 1, only: Optional[str] = None, runs_dir
         result.slurm_messages = out.messages
     else:
         if prepare is not None and any(n.stage == "01" for n in pending):
-            prepare(profile, runs_dir, progress)
+            prepare(profile, runs_dir, progress, jobs)
         _LocalRun(nodes, pending, done, result, profile, profile_dir, notebooks, jobs, only, say).loop()
     if write_index is not None:
         write_index(profile, nodes, profile_dir)

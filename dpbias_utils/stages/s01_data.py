@@ -19,10 +19,14 @@ def context(namespace: dict) -> StageContext:
     return pipeline_context.context(STAGE, namespace)
 
 
-def prebuild_base(profile: Profile, runs_dir: Optional[Path] = None, progress: bool = True) -> None:
-    """Build (or find cached) the built-in base model in this process with every core, before the
-    node pool starts: otherwise the first stage-01 node builds it on cores // jobs threads while the
-    others wait on its lock. Stage 01 then finds it in the cache. (The runner's `prepare` hook.)"""
+def prebuild_base(profile: Profile, runs_dir: Optional[Path] = None, progress: bool = True, jobs: int = 1) -> None:
+    """Build (or find cached) the built-in base models before the node pool starts: otherwise the
+    first stage-01 node builds one on cores // jobs threads while the others wait on its lock. Stage
+    01 then finds them in the cache. (The runner's `prepare` hook.)
+
+    One base per grid `base_skew`. A base is built on one thread (`basemodel.build_builtin_base`: the
+    same bits on every machine), so with `jobs` > 1 the bases still to build are built side by side,
+    one process each (a fresh clone of the default study builds two)."""
     if profile.model.base != BUILTIN:
         return
     from .. import basemodel
@@ -31,11 +35,19 @@ def prebuild_base(profile: Profile, runs_dir: Optional[Path] = None, progress: b
     # one base per grid `base_skew` (and the profile's own where a point sets none), in grid order
     variants = list({p.get("base_skew"): profile_at(profile, {"base_skew": p.get("base_skew")})
                      for p in profile.points()}.items())
-    for own, variant in variants:
+    for own, _ in variants:
         if progress:
             which = "" if own is None else f" (pretraining skew {own:g})"
             print(f"{profile.name}: built-in base model{which} (built once, then cached under {cache})", flush=True)
-        basemodel.base_for_profile(variant, cache)
+    todo = [v for _, v in variants if not basemodel.builtin_base_is_cached(v, cache)]
+    if jobs > 1 and len(todo) > 1:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(max_workers=min(jobs, len(todo)), mp_context=multiprocessing.get_context("spawn")) as pool:
+            list(pool.map(basemodel.base_for_profile, todo, [cache] * len(todo)))
+    for v in todo:
+        basemodel.base_for_profile(v, cache)  # built above, or here one after the other
 
 
 def base_model(ctx: StageContext) -> str:
