@@ -13,7 +13,8 @@ What a child does differently from a fresh process, and why it does not change a
   `random` re-seeds itself after a fork; torch's default generator is untouched by the worker);
 * when the package's files on disk no longer hash to what the worker imported (code edited during a
   study), the child replaces itself with a fresh `python -m dpbias_utils.pipeline.node` process, so a
-  node's recorded source hash is always that of the code that computed it.
+  node's recorded source hash is always that of the code that computed it; so does a child of a
+  worker that initialised CUDA while importing (CUDA does not survive a fork).
 
 Protocol (`pipeline.run` is the only caller): one node spec path per line on stdin; one line back
 per node, its exit status (`node.execute_node`'s). End of stdin ends the worker. The worker ignores
@@ -77,11 +78,20 @@ def _child(spec_path: str, imported_hash: str) -> int:
     np.random.seed()  # numpy's global state from the OS, as in a fresh process
     provenance.package_hash.cache_clear()
     provenance.git_state.cache_clear()
-    if provenance.package_hash() != imported_hash:
+    if provenance.package_hash() != imported_hash or _cuda_unusable_after_fork():
         sys.stdout.flush()
         sys.stderr.flush()
         os.execv(sys.executable, [sys.executable, "-m", "dpbias_utils.pipeline.node", spec_path])
     return node_exec.execute_node(Path(spec_path))
+
+
+def _cuda_unusable_after_fork() -> bool:
+    """True when the worker initialised CUDA before forking (an import that probed the GPU): CUDA cannot
+    be used in a forked child then, so the node needs a fresh process."""
+    import torch
+
+    bad = getattr(torch.cuda, "_is_in_bad_fork", None)
+    return bool(bad()) if bad is not None else torch.cuda.is_initialized()
 
 
 def run_forked(spec_path: str, imported_hash: str) -> int:
