@@ -322,11 +322,9 @@ def base_for_profile(profile, cache_root: Path | None = None) -> str:
     built-in one (a small GPT-2 with its own BPE tokenizer, pretrained on the controlled corpus as
     `params.BuiltinBaseParams` describes), built once per specification and cached under
     `cache_root` (default `paths.cache_dir()`: $DPBIAS_CACHE, else `_cache/` in the runs folder)."""
-    from .params import BUILTIN, resolve_path
-
     m = profile.model
-    if m.base != BUILTIN:
-        return str(resolve_path(m.base)) if paths.looks_like_path(m.base) else m.base
+    if not m.is_builtin:
+        return str(paths.resolve_path(m.base)) if paths.looks_like_path(m.base) else m.base
     b = m.builtin
     corpora = lambda: builtin_pretraining_corpora(profile)  # noqa: E731
     texts = lambda: corpora()["blocks"]  # noqa: E731
@@ -399,11 +397,14 @@ def model_structure(name: str, local_only: bool = True):
     return config, owners
 
 
+# `train.freeze` groups: the modules (their names' last part) each freezes (`training.loop` freezes them)
+FREEZABLE = {"embeddings": ("wte", "wpe")}
+
+
 def structure_problems(owners: dict, clipping: str, freeze, dp: bool) -> list[tuple[str, object, str]]:
     """(field, value, problem) for a model whose parameters `train.freeze` does not name, or whose
     trainable modules fast clipping has no exact rule for (then: `clipping: opacus`)."""
     from .training.fastclip import SUPPORTED_MODULE_TYPES, _kind
-    from .training.loop import FREEZABLE
 
     problems, frozen = [], set()
     for group in freeze:

@@ -123,6 +123,11 @@ class ModelParams(Section):
     base: str = BUILTIN
     builtin: BuiltinBaseParams = BuiltinBaseParams()
 
+    @property
+    def is_builtin(self) -> bool:
+        """The offline built-in base (`basemodel.base_for_profile` builds it) rather than a hub id or a folder."""
+        return self.base == BUILTIN
+
 
 # --------------------------------------------------------------------------- training (stage 02)
 class DPRule(Section):

@@ -27,7 +27,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from ..basemodel import load_base, resolve_device, save_model_atomic
+from ..basemodel import FREEZABLE, load_base, resolve_device, save_model_atomic
 from ..progress import tqdm
 from ..seeds import RELEASE
 from .batching import TrainingError, UnitDataset, n_units
@@ -41,7 +41,6 @@ from .steppers import GlobalZ, Plan, Stepper, check_noise_mode, make_stepper
 CLIPPING_MODES = ("opacus", "fast")
 PRIVACY_UNIT = ("one original text chunk (unit_id) of at most block_size tokens; in CDA augment mode its "
                 "counterfactual row belongs to the same unit and is sampled and clipped with it")
-FREEZABLE = {"embeddings": ("wte", "wpe")}
 NOT_COVERED = {
     "steps.csv": list(PRIVATE_STATISTICS),
     "checkpoints/": "sampling, noise and dropout generator states (they determine every batch, noise vector and "
