@@ -24,7 +24,9 @@ at the end minus its peak RSS right after the model was built, i.e. the peak ext
 training steps need (activations, gradients, per-sample gradients, optimizer state); on CUDA:
 `torch.cuda.max_memory_allocated()` minus the allocation after the model was built. Ratios are
 DP mode / nondp for the same shape. The last lines are `<mode>: time_ratio=<x> memory_ratio=<y>`
-for each DP mode at DistilGPT2 shape.
+for each DP mode at DistilGPT2 shape, with the median over rounds of the paired ratio (a round's DP
+step over the same round's nondp step: the two ran back to back, so they saw similar load) and
+the load average at start, at each child and at the end.
 
 Usage: python benchmarks/dp_overhead.py [--quick] [--threads N] [--device auto|cpu|cuda]
        [--noise secret|reproducible] [--shapes tiny,distilgpt2] [--profile nondp|hooks|fast]
@@ -158,6 +160,11 @@ def measure(shape_name: str, mode: str, warmup: int, steps: int, threads: int, d
     return q.get()
 
 
+def _paired(per_round: dict, shape_name: str, mode: str) -> list:
+    """Each round's DP step / the same round's nondp step (the two children ran back to back)."""
+    return [d / n for d, n in zip(per_round[(shape_name, mode)], per_round[(shape_name, "nondp")])]
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true",
@@ -195,6 +202,8 @@ def main(argv=None) -> dict:
         dp_modes = [m for m in dp_modes if m in keep]
         plan = {k: ["nondp"] + [m for m in v[1:] if m in keep] for k, v in plan.items()}
     results: dict = {}
+    per_round: dict = {}  # (shape, mode) -> each round's fastest step, for the paired ratios
+    print(f"load average at start: {' '.join(f'{x:.2f}' for x in os.getloadavg())}", flush=True)
     for shape_name, modes in plan.items():
         s = SHAPES[shape_name]
         print(f"== {shape_name}: {s['n_layer']} layers x {s['n_embd']}, vocab {s['vocab_size']}, "
@@ -204,17 +213,22 @@ def main(argv=None) -> dict:
                 # tiny steps are sub-second and dominated by scheduling noise: time more of them
                 n = steps if args.quick or shape_name != "tiny" else max(steps, 6)
                 r = measure(shape_name, mode, warmup, n, args.threads, args.device, args.noise)
+                per_round.setdefault((shape_name, mode), []).append(r["time"])
                 prev = results.get((shape_name, mode))
                 if prev is not None:  # keep the fastest time and the largest (most conservative) memory
                     r = {"time": min(r["time"], prev["time"]), "median": r["median"],
                          "mem_mb": max(r["mem_mb"], prev["mem_mb"]), "base_mb": r["base_mb"]}
                 results[(shape_name, mode)] = r
-                print(f"  [{rnd + 1}/{rounds}] {mode:16s} step {r['time'] * 1e3:9.1f} ms   "
-                      f"peak extra memory {r['mem_mb']:8.1f} MiB", flush=True)
+                print(f"  [{rnd + 1}/{rounds}] {mode:16s} step {per_round[(shape_name, mode)][-1] * 1e3:9.1f} ms "
+                      f"(fastest so far {r['time'] * 1e3:9.1f} ms)   peak extra memory {r['mem_mb']:8.1f} MiB   "
+                      f"load {os.getloadavg()[0]:.2f}", flush=True)
         ref = results[(shape_name, "nondp")]
         for mode in modes[1:]:
             r = results[(shape_name, mode)]
-            print(f"  {mode:16s} / nondp: time x{r['time'] / ref['time']:.2f}  memory x{r['mem_mb'] / max(ref['mem_mb'], 1e-9):.2f}")
+            paired = _paired(per_round, shape_name, mode)
+            print(f"  {mode:16s} / nondp: time x{r['time'] / ref['time']:.3f} (fastest of each)  memory "
+                  f"x{r['mem_mb'] / max(ref['mem_mb'], 1e-9):.3f}; paired rounds: "
+                  + " ".join(f"{x:.3f}" for x in paired) + f", median x{statistics.median(paired):.3f}")
         if ("hooks_functorch" in modes):
             a, b = results[(shape_name, "hooks")], results[(shape_name, "hooks_functorch")]
             print(f"  Conv1D grad sampler vs functorch fallback: {b['time'] / a['time']:.2f}x faster, "
@@ -223,7 +237,10 @@ def main(argv=None) -> dict:
     ref = results[(last, "nondp")]
     for mode in dp_modes:
         r = results[(last, mode)]
-        print(f"{mode}: time_ratio={r['time'] / ref['time']:.2f} memory_ratio={r['mem_mb'] / max(ref['mem_mb'], 1e-9):.2f}")
+        paired = _paired(per_round, last, mode)
+        print(f"{mode}: time_ratio={r['time'] / ref['time']:.3f} memory_ratio={r['mem_mb'] / max(ref['mem_mb'], 1e-9):.3f} "
+              f"paired_median_time_ratio={statistics.median(paired):.3f} rounds={len(paired)}")
+    print(f"load average at end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}", flush=True)
     return results
 
 

@@ -560,21 +560,66 @@ def clipped_grad_sum(model: nn.Module, batch: dict, max_grad_norm: float, *, tim
     return scaled_grad_sum(model, batch, clip_factor(max_grad_norm), timings=timings)
 
 
+# Elements of one chunk of CPU noise (`_add_noise_and_scale`): a multiple of 16 (the block of torch's CPU
+# Box-Muller), below torch's parallel grain size (32768), so a chunk's add and division run in the calling
+# thread on data still in its cache, and small enough for a core's L2 (128 KiB in float32).
+NOISE_CHUNK = 32752
+
+
+def _add_noise_and_scale(s: Tensor, std: float, generator, divisor, buf: Tensor) -> None:
+    """``s.add_(torch.normal(0, std, s.shape, generator=generator)); s /= divisor`` (divisor None: no division),
+    bit for bit, on a contiguous CPU tensor, without a model-sized noise tensor: the noise is drawn into
+    ``buf`` (1-D, ``NOISE_CHUNK`` elements, ``s``'s dtype) one chunk at a time and added and divided while
+    the chunk is in cache.
+
+    Why the bits are the same: torch's CPU ``normal_`` on a contiguous tensor of n >= 16 elements draws n
+    uniforms from the generator in order, turns each block of 16 (from the start) into 16 Gaussians
+    (Box-Muller on pairs i, i+8), and, when 16 does not divide n, redraws 16 uniforms for the last 16
+    elements. Chunks whose sizes are multiples of 16, the last one at least 16 long, draw the same
+    uniforms in the same order and transform the same blocks; a tensor of fewer than 16 elements is
+    one chunk (the same per-element path as the whole tensor). ``buf``: a multiple of 16, at least
+    32 elements. Addition and division are elementwise and correctly rounded.
+    ``tests/training/test_steppers.py`` checks it against ``torch.normal`` and against Opacus's
+    optimizer with chunks of a few elements. CPU only (CUDA's Philox draws depend on
+    the launch, so other devices keep the whole-tensor draw)."""
+    flat = s.view(-1)
+    n, m = flat.numel(), buf.numel()
+    if m < 32 or m % 16:
+        raise ValueError(f"noise chunk of {m} elements: need a multiple of 16, at least 32")
+    i = 0
+    while i < n:
+        r = n - i
+        c = r if r <= m else (m if r - m >= 16 else m - 16)  # never leave a last chunk under 16
+        b = buf[:c]
+        b.normal_(0, std, generator=generator)
+        part = flat[i:i + c]
+        part.add_(b)
+        if divisor is not None:
+            part.div_(divisor)
+        i += c
+
+
 def _in_place_dp_optimizer():
     """Opacus's ``DPOptimizerFastGradientClipping`` without its copies, bit-identical to it.
 
     Opacus deep-copies the first physical batch's ``p.grad`` into ``p.summed_grad``, allocates and
     fills a zero tensor per parameter before drawing the noise (used only when std is 0 or in secure
-    mode), and writes ``p.summed_grad + noise`` to a new tensor: three model-sized passes of memory
-    per step that a DP step pays over a non-DP one. Here the first ``p.grad`` becomes the running sum
-    itself (fastclip's ``p.grad`` is a fresh tensor every physical batch, nobody else holds it), and
-    the noise ``torch.normal(0, sigma C, shape)`` on the same generator (the same call as Opacus's
-    non-secure ``_generate_noise``) is added in place. Secure-mode noise and std 0 keep Opacus's own
-    ``_generate_noise``. Same draws, same additions, same division: the same bits."""
+    mode), writes ``p.summed_grad + noise`` to a new tensor, and divides every gradient by the
+    expected batch size in a second pass: model-sized passes of memory per step that a DP step pays
+    over a non-DP one. Here the first ``p.grad`` becomes the running sum itself (fastclip's ``p.grad``
+    is a fresh tensor every physical batch, nobody else holds it), and the noise of
+    ``torch.normal(0, sigma C, shape)`` on the same generator (the same draws as Opacus's non-secure
+    ``_generate_noise``) is added in place; on CPU it is drawn, added and divided by the batch size in
+    cache-sized chunks (``_add_noise_and_scale``; no model-sized noise tensor, one pass over the
+    gradient), elsewhere drawn whole and divided by Opacus's ``scale_grad``. Secure-mode noise and
+    std 0 keep Opacus's own ``_generate_noise``. Same draws, same additions, same division: the same
+    bits."""
     from opacus.optimizers import DPOptimizerFastGradientClipping
     from opacus.optimizers.optimizer import _check_processed_flag, _generate_noise, _mark_as_processed
 
     class InPlaceDPOptimizerFastGradientClipping(DPOptimizerFastGradientClipping):
+        _scaled = ()  # params whose gradient add_noise already divided (scale_grad skips them)
+
         def accumulate(self):
             for p in self.params:
                 if p.summed_grad is not None:
@@ -582,18 +627,37 @@ def _in_place_dp_optimizer():
                 else:
                     p.summed_grad = p.grad.data
 
+        def _divisor(self):
+            return self.expected_batch_size * self.accumulated_iterations if self.loss_reduction == "mean" else None
+
         def add_noise(self):
             std = getattr(self, "_adjusted_noise_multiplier", self.noise_multiplier) * self.max_grad_norm
+            scaled = set()
+            bufs = {}
             for p in self.params:
                 _check_processed_flag(p.summed_grad)
                 s = p.summed_grad
                 if self.secure_mode or std == 0:
                     s.add_(_generate_noise(std=std, reference=s, generator=self.generator, secure_mode=self.secure_mode))
+                elif s.device.type == "cpu" and s.is_contiguous():
+                    buf = bufs.get(s.dtype)
+                    if buf is None:
+                        buf = bufs[s.dtype] = torch.empty(NOISE_CHUNK, dtype=s.dtype)
+                    _add_noise_and_scale(s, std, self.generator, self._divisor(), buf)
+                    scaled.add(id(p))
                 else:
                     s.add_(torch.normal(mean=0, std=std, size=s.shape, device=s.device, generator=self.generator,
                                         dtype=s.dtype))
                 p.grad = s.view_as(p)
                 _mark_as_processed(p.summed_grad)
+            self._scaled = scaled
+
+        def scale_grad(self):
+            scaled, self._scaled = self._scaled, ()
+            if self.loss_reduction == "mean":
+                for p in self.params:
+                    if id(p) not in scaled:
+                        p.grad /= self.expected_batch_size * self.accumulated_iterations
 
     return InPlaceDPOptimizerFastGradientClipping
 

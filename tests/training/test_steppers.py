@@ -122,13 +122,37 @@ def test_fast_dp_backward_is_one_forward_and_its_losses_are_the_per_unit_losses(
     torch.testing.assert_close(losses, want, rtol=1e-12, atol=1e-14)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("chunk", [32, 48, 64, fastclip.NOISE_CHUNK])
+def test_chunked_noise_is_the_whole_tensor_draw(dtype, chunk):
+    """fastclip._add_noise_and_scale (noise drawn, added and divided in chunks) gives the bits of
+    s.add_(torch.normal(0, std, s.shape)); s /= d, and leaves the generator in the same state, for sizes
+    around the 16-element Box-Muller block and the chunk boundaries (the last chunk never under 16)."""
+    sizes = sorted({1, 7, 15, 16, 17, 31, 32, 33, 47, 48, 49, 63, 64, 65, 95, 96, 97, 100, 1000,
+                    chunk - 1, chunk, chunk + 1, chunk + 15, chunk + 16, chunk + 17, 2 * chunk + 3, 5 * chunk + 31})
+    for n in sizes:
+        for divisor in (6.0, None):
+            s = torch.randn(n, dtype=dtype, generator=torch.Generator().manual_seed(n))
+            want = s.clone()
+            g1, g2 = torch.Generator().manual_seed(7), torch.Generator().manual_seed(7)
+            want.add_(torch.normal(mean=0, std=0.7, size=want.shape, generator=g1, dtype=dtype))
+            if divisor is not None:
+                want /= divisor
+            fastclip._add_noise_and_scale(s, 0.7, g2, divisor, torch.empty(chunk, dtype=dtype))
+            assert torch.equal(s, want), (n, divisor)
+            assert torch.equal(g1.get_state(), g2.get_state())
+
+
+@pytest.mark.parametrize("chunk", [None, 48])
 @pytest.mark.parametrize("secure", [False, True])
-def test_in_place_dp_optimizer_gives_opacus_bits(secure):
+def test_in_place_dp_optimizer_gives_opacus_bits(secure, chunk, monkeypatch):
     """fastclip.make_dp_optimizer (no copies, noise added in place) moves the parameters to exactly the
     bits of Opacus's DPOptimizerFastGradientClipping: two physical batches accumulated, noise from
     generators in the same state, Adam, two logical steps."""
     from opacus.optimizers import DPOptimizerFastGradientClipping
 
+    if chunk is not None:  # the chunked CPU noise with many chunks per parameter
+        monkeypatch.setattr(fastclip, "NOISE_CHUNK", chunk)
     ds = UnitDataset(frame(12, seed=2), pad_token_id=0)
     moved = []
     for cls in (DPOptimizerFastGradientClipping, None):
