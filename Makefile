@@ -37,11 +37,17 @@ study: setup ## Run the whole study on $(PARAMS) (default: embedded CPU profile)
 demo: setup ## The whole chain at toy size (tests/profiles/tiny.yaml), a few minutes -> runs/tiny/index.html
 	$(BIN)/dpbias run tests/profiles/tiny.yaml --jobs $(JOBS)
 
-test: setup ## Run the test suite, offline; installs nothing (Slurm tests skip without a cluster: docs/running.md)
-	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(BIN)/python -m pytest -q tests
+# Two pytest workers (pytest-xdist), a test module at a time on one worker (`loadscope`: a module's
+# fixtures, e.g. a study it builds once, are built once), the study-building modules handed out first
+# (tests/conftest.py: FIRST); TEST_WORKERS=0 runs in this process.
+TEST_WORKERS ?= 2
+PYTEST_PAR := $(if $(filter-out 0,$(TEST_WORKERS)),-n $(TEST_WORKERS) --dist loadscope --no-loadscope-reorder)
+
+test: setup ## Run the test suite, offline, on $(TEST_WORKERS) workers; installs nothing (Slurm tests skip without a cluster: docs/running.md)
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(BIN)/python -m pytest -q $(PYTEST_PAR) tests
 
 test-fast: setup ## Unit tests only (skips notebook and whole-study tests)
-	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(BIN)/python -m pytest -q tests -m "not slow"
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(BIN)/python -m pytest -q $(PYTEST_PAR) tests -m "not slow"
 
 lab: setup ## Open JupyterLab on the notebooks
 	$(BIN)/jupyter lab notebooks/

@@ -210,7 +210,9 @@ def test_paper_distilgpt2_code_path_offline(tmp_path, shared_data, monkeypatch):
     assert a["evaluation.toxicity_backend"] == "detoxify" and a["data.block_size"] == b["data.block_size"]
 
     profile = parse_profile(raw, "offline paper profile")
-    result = cli.run(profile, runs_dir=tmp_path / "runs", progress=False)
+    # two node processes at a time, as `make demo` runs the tiny profile: independent nodes (the two
+    # training runs, their gradient norms, the three evaluations) overlap on the test machine's 2 cores
+    result = cli.run(profile, runs_dir=tmp_path / "runs", progress=False, jobs=2)
     pdir = tmp_path / "runs" / profile.name
     assert result.ok, f"failed: {[n.stage + '/' + n.node_id for n in result.failed]}, blocked: {len(result.blocked)}"
 
