@@ -224,6 +224,7 @@ def continuation_logprobs(model, tokenizer, prompts: Sequence[str], continuation
     model.eval()
     device = next(model.parameters()).device
     body, head = _body(model), model.get_output_embeddings()
+    cache_kw = _cache_keyword(body)
     p_ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
     c_ids = [tokenizer(c, add_special_tokens=False)["input_ids"] for c in continuations]
     first = torch.tensor([c[0] for c in c_ids], dtype=torch.long, device=HOST)
@@ -257,7 +258,7 @@ def continuation_logprobs(model, tokenizer, prompts: Sequence[str], continuation
                 n = len(rows) * len(multi)
                 cont_pos = (length + torch.arange(feed.shape[1], device=HOST)).unsqueeze(0).expand(n, -1)
                 hidden = body(input_ids=feed.repeat(len(rows), 1).to(device), position_ids=cont_pos.to(device),
-                              use_cache=False, **_cache_kwarg(body, cache)).last_hidden_state
+                              use_cache=False, **{cache_kw: cache}).last_hidden_state
                 mask = scored.repeat(len(rows), 1)
                 r_idx, c_idx = mask.nonzero(as_tuple=True)
                 tok_logp = torch.log_softmax(head(hidden[r_idx.to(device), c_idx.to(device)]).float(), dim=-1)
@@ -274,11 +275,11 @@ def _cache_of(output):
     return cache if cache is not None else output.past_key_values
 
 
-def _cache_kwarg(body, cache) -> dict:
+def _cache_keyword(body) -> str:
     """The keyword under which `body` takes a cache (its signature's `cache`, else `past_key_values`)."""
     import inspect
 
-    return {"cache": cache} if "cache" in inspect.signature(body.forward).parameters else {"past_key_values": cache}
+    return "cache" if "cache" in inspect.signature(body.forward).parameters else "past_key_values"
 
 
 def _body(model):

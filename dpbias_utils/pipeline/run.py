@@ -71,13 +71,13 @@ class _Children:
     and the package imported once per worker, not once per node); a worker that dies is replaced. Where
     the OS cannot fork, or with ``DPBIAS_NODE_ENGINE=kernel``, a node is a fresh process of its own."""
 
-    def __init__(self, log_dir: Optional[Path] = None):
+    def __init__(self, log_dir: Path):
         self.procs: set[subprocess.Popen] = set()
         self.workers: list[_Worker] = []  # all started, to stop
         self.idle: "queue.SimpleQueue[_Worker]" = queue.SimpleQueue()
         self.lock = threading.Lock()
         self.log_dir = log_dir
-        self.use_workers = hasattr(os, "fork") and node_exec.engine() == "inprocess" and log_dir is not None
+        self.use_workers = hasattr(os, "fork") and node_exec.engine() == "inprocess"
 
     def run(self, spec_path: Path, jobs: int) -> int:
         """Execute a node in a child process; its log goes beside the notebook."""
@@ -86,7 +86,7 @@ class _Children:
         try:
             worker = self.idle.get_nowait()
         except queue.Empty:
-            worker = _Worker(node_exec.node_environment(jobs), Path(self.log_dir) / paths.WORKER_LOG)
+            worker = _Worker(node_exec.node_environment(jobs), self.log_dir / paths.WORKER_LOG)
             with self.lock:
                 self.workers.append(worker)
         rc = worker.run(spec_path) if worker.ready else None

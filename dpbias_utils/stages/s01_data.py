@@ -46,8 +46,9 @@ def prebuild_base(profile: Profile, runs_dir: Optional[Path] = None, progress: b
 
         with ProcessPoolExecutor(max_workers=min(jobs, len(todo)), mp_context=multiprocessing.get_context("spawn")) as pool:
             list(pool.map(basemodel.base_for_profile, todo, [cache] * len(todo)))
-    for v in todo:
-        basemodel.base_for_profile(v, cache)  # built above, or here one after the other
+    else:
+        for v in todo:
+            basemodel.base_for_profile(v, cache)
 
 
 def base_model(ctx: StageContext) -> str:
