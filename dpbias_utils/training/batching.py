@@ -129,14 +129,20 @@ def row_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """(R,) mean next-token cross-entropy over each row's real tokens (0 for a one-token row).
 
     `logits` (R, T, V) are the model's outputs at every position, `labels` (R, T) unshifted.
+    Position t is scored against label t+1; the last position has no target. Rather than slicing
+    the logits to T-1 positions (a strided view that `reshape` would copy, R*T*V floats, and whose
+    backward scatters back into a zero tensor of the same size), the targets are shifted left and
+    padded with `IGNORE_INDEX`: the cross-entropy of each position depends on its own row of logits
+    only, so every loss term and every gradient is bit-for-bit what the sliced form gives (test), at
+    no copy of the logits.
     """
-    logits = logits[:, :-1, :]
-    targets = labels[:, 1:]
+    rows, width = labels.shape
     if logits.dtype in (torch.float16, torch.bfloat16):  # autocast: take the loss in float32
         logits = logits.float()
-    ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
-                         ignore_index=IGNORE_INDEX, reduction="none").view(targets.shape)
-    n = (targets != IGNORE_INDEX).sum(dim=1).clamp(min=1)
+    targets = torch.cat([labels[:, 1:], labels.new_full((rows, 1), IGNORE_INDEX)], dim=1)
+    ce = F.cross_entropy(logits.reshape(rows * width, logits.shape[-1]), targets.reshape(-1),
+                         ignore_index=IGNORE_INDEX, reduction="none").view(rows, width)[:, :-1]
+    n = (targets[:, :-1] != IGNORE_INDEX).sum(dim=1).clamp(min=1)
     return ce.sum(dim=1) / n
 
 
