@@ -254,9 +254,22 @@ def condition_label(row) -> str:
     return label
 
 
+_CONDITION_COLUMNS = ("epsilon", "dp", "method", "skew", "max_grad_norm")  # what `condition_label` reads
+
+
 def with_condition(results: pd.DataFrame) -> pd.DataFrame:
+    """`results` with a `condition` column (`condition_label` of each row). The label is computed once
+    per distinct combination of the columns it reads (a few dozen runs), not once per row (tens of
+    thousands of item rows in stage 05), and mapped back to the rows."""
     df = results.copy()
-    df["condition"] = df.apply(condition_label, axis=1)
+    if df.empty:
+        df["condition"] = pd.Series(index=df.index, dtype=object)
+        return df
+    keys = [(df["run_id"] == "base").rename("_is_base")] + [df[c] for c in _CONDITION_COLUMNS if c in df.columns]
+    group = df.groupby(keys, dropna=False, sort=False).ngroup()
+    first = df.loc[~group.duplicated()]
+    labels = dict(zip(group[first.index], first.apply(condition_label, axis=1)))
+    df["condition"] = group.map(labels)
     return df
 
 
@@ -371,7 +384,7 @@ def gradnorm_summary(grads: pd.DataFrame, measure: str, split: str = "diff") -> 
     g = grads[(grads["split"] == split) & (grads["measure"] == measure) & (grads["mixing_ratio"] == 0.0)].copy()
     if g.empty:
         return g
-    g["condition"] = g.apply(condition_label, axis=1)
+    g = with_condition(g)
     rows = []
     for (cond, pct), sub in g.groupby(["condition", "pct"]):
         m, lo, hi = seed_interval(sub["value"], sub["ci_low"].to_numpy(float), sub["ci_high"].to_numpy(float))

@@ -58,3 +58,29 @@ def test_stage05_draws_into_a_figures_folder_cleared_of_the_last_run_s_figures(t
     (old / "notes.txt").write_text("kept")
     assert figures.fresh_figures_dir(tmp_path) == old
     assert sorted(p.name for p in old.iterdir()) == ["notes.txt"]
+
+
+def test_with_condition_labels_every_row_as_condition_label_does():
+    """`with_condition` labels each distinct run once and maps the label back: every row gets what
+    `condition_label` gives it (base, non-DP, DP at each ε, other methods, C and skew, NaN keys)."""
+    import numpy as np
+    import pandas as pd
+
+    from dpbias_utils.results.tables import condition_label, with_condition
+
+    runs = pd.DataFrame([
+        {"run_id": "base", "epsilon": np.nan, "dp": False, "method": None, "skew": np.nan, "max_grad_norm": np.nan},
+        {"run_id": "a", "epsilon": np.nan, "dp": False, "method": "nondp", "skew": np.nan, "max_grad_norm": 0.1},
+        {"run_id": "b", "epsilon": 3.0, "dp": True, "method": "dp-adam", "skew": np.nan, "max_grad_norm": 0.1},
+        {"run_id": "c", "epsilon": 10.0, "dp": True, "method": "dp-adam", "skew": 0.9, "max_grad_norm": 1.0},
+        {"run_id": "d", "epsilon": np.nan, "dp": False, "method": "clip-only", "skew": np.nan, "max_grad_norm": 0.1},
+        {"run_id": "e", "epsilon": 3.0, "dp": True, "method": "global-adapt", "skew": 0.5, "max_grad_norm": np.nan},
+        {"run_id": "f", "epsilon": 3.0, "dp": True, "method": np.nan, "skew": np.nan, "max_grad_norm": 0.1},
+    ])
+    rows = runs.sample(n=200, replace=True, random_state=1).reset_index(drop=True)
+    rows["value"] = np.arange(len(rows))
+    got = with_condition(rows)
+    assert got["condition"].tolist() == rows.apply(condition_label, axis=1).tolist()
+    assert got.drop(columns="condition").equals(rows)
+    assert set(got["condition"]) >= {"base", "non-DP", "DP ε=3", "clip-only · non-DP · C=0.1"}
+    assert with_condition(rows.iloc[:0])["condition"].tolist() == []
