@@ -159,7 +159,7 @@ def build_builtin_base(out_dir, texts: list[str], vocab_size: int = 2000, n_laye
         blocks = torch.tensor(stream[: n_blocks * block_size], dtype=torch.long).view(n_blocks, block_size)
         n_steps = max(1, math.ceil(pretrain_epochs * n_blocks / batch_size))
         gen = torch.Generator().manual_seed(seed)
-        opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+        opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0, foreach=True)  # same bits as the loop (test)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, n_steps // 10))
                                                   * max(0.1, 1 - s / n_steps))
         model.train()
@@ -206,7 +206,7 @@ def _sentence_phase(model, tok, sentences: list[str], steps: int, lr: float, bat
     if not rows:
         raise ModelError(f"{desc}: no sentence of two or more tokens to train on")
     gen = torch.Generator().manual_seed(seed)
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    opt = torch.optim.Adam(model.parameters(), lr=lr, foreach=True)
     model.train()
     order, pos = torch.randperm(len(rows), generator=gen), 0
     for step in tqdm(range(steps), desc=desc, leave=False):

@@ -314,7 +314,7 @@ def train_distributed(base_path: str, train_df, out_dir, *, epsilon: Optional[fl
               "world_size": world, **{k: v for k, v in plan.__dict__.items() if k != "device"}}
     ckpts = Checkpoints(out, config, name="last.pt" if rank == 0 else f"last.rank{rank}.pt", steps_csv=rank == 0)
     stepper = (DistributedOpacusDP if plan.dp else DistributedNonDP)(
-        model, torch.optim.Adam(model.parameters(), lr=lr), dataset, plan)
+        model, torch.optim.Adam(model.parameters(), lr=lr, foreach=True), dataset, plan)
     step, rows, _ = ckpts.resume(stepper)
     if _all_reduce(torch.tensor([step, -step], device=device), "MAX").tolist() != [step, -step]:
         raise TrainingError(f"the ranks' checkpoints in {out / 'checkpoints'} are at different steps; delete them")

@@ -229,8 +229,13 @@ def resolve_method(epsilon: float | None, method: str | None) -> Method:
 
 
 def make_optimizer(m: Method, params, lr: float) -> torch.optim.Optimizer:
-    """torch.optim.Adam, or torch.optim.SGD (no momentum) for methods whose optimizer is "sgd"."""
-    return torch.optim.SGD(params, lr=lr) if m.optimizer == "sgd" else torch.optim.Adam(params, lr=lr)
+    """torch.optim.Adam, or torch.optim.SGD (no momentum) for methods whose optimizer is "sgd".
+
+    Both run their multi-tensor (`foreach`) update, which torch picks by default on CUDA only: on the
+    CPU it is the same arithmetic, element by element, in the same order as the per-parameter loop,
+    so the same bits (test), in fewer kernel launches (~40 % of Adam's time at the built-in shape)."""
+    return (torch.optim.SGD(params, lr=lr, foreach=True) if m.optimizer == "sgd"
+            else torch.optim.Adam(params, lr=lr, foreach=True))
 
 
 def training_method(epsilon: float | None, clipping: str, method: str | None = None) -> str:

@@ -183,3 +183,32 @@ def test_frozen_embeddings_stay_put_and_the_rest_trains(base, tmp_path, epsilon,
     assert not torch.equal(before["transformer.h.0.mlp.c_fc.weight"], after["transformer.h.0.mlp.c_fc.weight"])
     with pytest.raises(TrainingError, match="freeze='lm_head'; allowed: embeddings"):
         train(base, frame(24), tmp_path / "bad", **{**KW, "freeze": ("lm_head",)})
+
+
+@pytest.mark.parametrize("cls,kwargs", [(torch.optim.Adam, dict(lr=3e-3)),
+                                        (torch.optim.AdamW, dict(lr=3e-3, weight_decay=0.0)),
+                                        (torch.optim.SGD, dict(lr=3e-2))], ids=["adam", "adamw", "sgd"])
+def test_foreach_optimizer_update_is_bit_identical_to_the_loop(cls, kwargs):
+    """Training, the base build and the distributed path run the multi-tensor (`foreach`) update; the
+    study's bits rest on it giving exactly the per-parameter loop's weights, step after step."""
+    import copy
+
+    from dpbias_utils.training import UnitDataset, collate_units, per_unit_loss
+    from training_helpers import tiny_gpt2
+
+    torch.manual_seed(0)
+    first = tiny_gpt2()
+    ds = UnitDataset(frame(6), pad_token_id=0)
+    batch = collate_units([ds[i] for i in range(6)], 0)
+    weights = []
+    for foreach in (False, True):
+        model = copy.deepcopy(first).train()
+        opt = cls(model.parameters(), foreach=foreach, **kwargs)
+        torch.manual_seed(1)  # the same dropout masks in both runs
+        for _ in range(8):
+            opt.zero_grad(set_to_none=True)
+            per_unit_loss(model, batch).mean().backward()
+            opt.step()
+        weights.append([p.detach().clone() for p in model.parameters()])
+    assert all(torch.equal(a, b) for a, b in zip(*weights))
+    assert not all(torch.equal(a, b) for a, b in zip(weights[0], first.parameters()))  # it did train
