@@ -44,11 +44,15 @@ class UnitDataset(Dataset):
         order = order.sort_values(["unit_id", "_kind_rank", "_pos"], kind="stable")
         self.unit_ids: list[int] = []
         self.units: list[list[torch.Tensor]] = []
-        for uid, grp in order.groupby("unit_id", sort=True):
-            rows = [torch.as_tensor(np.asarray(ids, dtype=np.int64), device="cpu") for ids in grp["input_ids"]]  # host
+        # `order` is sorted by unit: each unit is one run of equal ids (no pandas group per unit)
+        uids = order["unit_id"].to_numpy()
+        token_rows = order["input_ids"].tolist()
+        starts = [0, *(np.flatnonzero(uids[1:] != uids[:-1]) + 1).tolist(), len(uids)]
+        for start, end in zip(starts[:-1], starts[1:]):
+            rows = [torch.as_tensor(np.asarray(ids, dtype=np.int64), device="cpu") for ids in token_rows[start:end]]  # host
             if any(len(r) == 0 for r in rows):
-                raise TrainingError(f"unit {uid} has an empty token row")
-            self.unit_ids.append(int(uid))
+                raise TrainingError(f"unit {uids[start]} has an empty token row")
+            self.unit_ids.append(int(uids[start]))
             self.units.append(rows)
         self.n_rows = sum(len(u) for u in self.units)
 
