@@ -59,7 +59,7 @@ import torch
 from ..data import corpus, lexicon
 from ..stats import bootstrap_ci, bootstrap_diff_ci, tidy_row
 from .context import FamilyResult
-from .perplexity import pad_id, token_nll
+from .perplexity import pad_id, token_ids, token_nll
 
 HOST = torch.device("cpu")  # host-built batches are named so: never torch's default device
 
@@ -225,8 +225,7 @@ def continuation_logprobs(model, tokenizer, prompts: Sequence[str], continuation
     device = next(model.parameters()).device
     body, head = _body(model), model.get_output_embeddings()
     cache_kw = _cache_keyword(body)
-    p_ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
-    c_ids = [tokenizer(c, add_special_tokens=False)["input_ids"] for c in continuations]
+    p_ids, c_ids = token_ids(tokenizer, prompts), token_ids(tokenizer, continuations)
     first = torch.tensor([c[0] for c in c_ids], dtype=torch.long, device=HOST)
     multi = [j for j, c in enumerate(c_ids) if len(c) > 1]
     width = max((len(c_ids[j]) - 1 for j in multi), default=0)

@@ -24,6 +24,8 @@ import numpy as np
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
+from .perplexity import token_ids
+
 HOST = torch.device("cpu")  # host-built batches are named so: never torch's default device
 
 __all__ = ["generate", "row_seed", "sampling_distribution", "RowSampler"]
@@ -95,8 +97,7 @@ def _encode_prompts(tokenizer, prompts: Sequence[str], max_prompt_tokens: int) -
     """Token ids of each prompt, left-truncated to fit the context; empty prompts start from BOS."""
     start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
     rows = []
-    for p in prompts:
-        ids = list(tokenizer(p, add_special_tokens=False)["input_ids"])
+    for ids in token_ids(tokenizer, prompts):
         if not ids:
             ids = [int(start if start is not None else 0)]
         rows.append(ids[-max_prompt_tokens:])

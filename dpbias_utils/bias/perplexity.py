@@ -112,7 +112,16 @@ def _rows_from(data, tokenizer) -> list[list[int]]:
         return [list(ids)[: int(k)] for ids, k in zip(data["input_ids"], n)]
     if tokenizer is None:
         raise ValueError("texts need a tokenizer; or pass a DataFrame with input_ids and n_tokens")
-    return [list(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in data]
+    return token_ids(tokenizer, data)
+
+
+def token_ids(tokenizer, texts: Sequence[str]) -> list[list[int]]:
+    """Token ids of each text, no special tokens: one batched call to the tokenizer (a fast tokenizer
+    encodes a batch in one go), the same ids as one call per text (test)."""
+    texts = list(texts)
+    if not texts:
+        return []
+    return [list(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
 
 
 def pad_id(tokenizer) -> int:
@@ -188,7 +197,7 @@ def sequence_logprobs(model, tokenizer, sentences: Sequence[str], batch_size: in
         prefix = [start_id(tokenizer)]
     except ValueError:  # no start token: the first word is context only
         prefix = []
-    rows = [prefix + list(tokenizer(s, add_special_tokens=False)["input_ids"]) for s in sentences]
+    rows = [prefix + ids for ids in token_ids(tokenizer, sentences)]
     nll, _ = token_nll(model, rows, batch_size, pad_id(tokenizer))
     return -nll
 

@@ -45,7 +45,7 @@ import torch
 from .. import paths
 from ..data import corpus
 from ..stats import bootstrap_ci, tidy_row
-from .perplexity import pad_id, sequence_logprobs, start_id, token_nll
+from .perplexity import pad_id, sequence_logprobs, start_id, token_ids, token_nll
 from .context import FamilyResult, subsample
 
 __all__ = [
@@ -275,7 +275,7 @@ def geometric_mean_logprobs(model, tokenizer, sentences: Sequence[str], batch_si
     model.eval()
     device = next(model.parameters()).device
     first = torch.log_softmax(model(torch.tensor([[start_id(tokenizer)]], device=device)).logits[0, -1].double(), -1)
-    rows = [list(tokenizer(s, add_special_tokens=False)["input_ids"]) for s in sentences]
+    rows = token_ids(tokenizer, sentences)
     if any(not r for r in rows):
         raise ValueError("an empty sentence cannot be scored")
     rest_nll, _ = token_nll(model, rows, batch_size, pad_id(tokenizer))

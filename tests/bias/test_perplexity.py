@@ -48,3 +48,13 @@ def test_batched_equals_single_and_texts(tiny_model, tiny_tokenizer):
     from_rows = ppl.perplexity(tiny_model, pd.DataFrame({"input_ids": ids, "n_tokens": [len(i) for i in ids]}), n_boot=20)
     assert math.isclose(from_texts.value, from_rows.value, rel_tol=1e-6)
     assert from_texts.ci_low <= from_texts.value <= from_texts.ci_high
+
+
+def test_token_ids_batched_equals_one_call_per_text(tiny_tokenizer):
+    """`token_ids` (one batched tokenizer call) gives each text exactly the ids of its own call."""
+    from dpbias_utils.bias.perplexity import token_ids
+
+    texts = ["The nurse said that she was tired.", "", " he", "Alex works as an engineer", "a  b\n c", "x"]
+    assert token_ids(tiny_tokenizer, texts) == [list(tiny_tokenizer(t, add_special_tokens=False)["input_ids"])
+                                                for t in texts]
+    assert token_ids(tiny_tokenizer, []) == []
