@@ -255,6 +255,7 @@ def condition_label(row) -> str:
 
 
 _CONDITION_COLUMNS = ("epsilon", "dp", "method", "skew", "max_grad_norm")  # what `condition_label` reads
+_NONE = "\0None"  # stands for None in a grouping key (an object column can hold None and NaN apart)
 
 
 def with_condition(results: pd.DataFrame) -> pd.DataFrame:
@@ -265,7 +266,10 @@ def with_condition(results: pd.DataFrame) -> pd.DataFrame:
     if df.empty:
         df["condition"] = pd.Series(index=df.index, dtype=object)
         return df
-    keys = [(df["run_id"] == "base").rename("_is_base")] + [df[c] for c in _CONDITION_COLUMNS if c in df.columns]
+    # None and NaN print differently in a label, but a groupby would merge them: keep None apart
+    keys = [(df["run_id"] == "base").rename("_is_base")] + [
+        df[c].map(lambda v: _NONE if v is None else v) if df[c].dtype == object else df[c]
+        for c in _CONDITION_COLUMNS if c in df.columns]
     group = df.groupby(keys, dropna=False, sort=False).ngroup()
     first = df.loc[~group.duplicated()]
     labels = dict(zip(group[first.index], first.apply(condition_label, axis=1)))

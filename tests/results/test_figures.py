@@ -76,11 +76,19 @@ def test_with_condition_labels_every_row_as_condition_label_does():
         {"run_id": "d", "epsilon": np.nan, "dp": False, "method": "clip-only", "skew": np.nan, "max_grad_norm": 0.1},
         {"run_id": "e", "epsilon": 3.0, "dp": True, "method": "global-adapt", "skew": 0.5, "max_grad_norm": np.nan},
         {"run_id": "f", "epsilon": 3.0, "dp": True, "method": np.nan, "skew": np.nan, "max_grad_norm": 0.1},
+        {"run_id": "g", "epsilon": 3.0, "dp": True, "method": np.nan, "skew": 0.9, "max_grad_norm": 0.1},
+        {"run_id": "h", "epsilon": 3.0, "dp": True, "method": None, "skew": 0.9, "max_grad_norm": 0.1},
     ])
     rows = runs.sample(n=200, replace=True, random_state=1).reset_index(drop=True)
     rows["value"] = np.arange(len(rows))
     got = with_condition(rows)
     assert got["condition"].tolist() == rows.apply(condition_label, axis=1).tolist()
     assert got.drop(columns="condition").equals(rows)
+    # an object column can hold None and NaN apart (pandas' string dtype cannot), and they label apart
+    mixed = rows.astype({"method": object})
+    mixed.loc[mixed["run_id"] == "h", "method"] = None
+    expected = mixed.apply(condition_label, axis=1)
+    assert {"nan · DP ε=3 · C=0.1 · skew 0.9", "None · DP ε=3 · C=0.1 · skew 0.9"} <= set(expected)
+    assert with_condition(mixed)["condition"].tolist() == expected.tolist()
     assert set(got["condition"]) >= {"base", "non-DP", "DP ε=3", "clip-only · non-DP · C=0.1"}
     assert with_condition(rows.iloc[:0])["condition"].tolist() == []
