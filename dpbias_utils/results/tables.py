@@ -242,7 +242,9 @@ def ci_text(v, lo, hi, fmt="+.3f") -> str:
 # --------------------------------------------------------------------------- conditions and summaries
 def condition_label(row) -> str:
     """`base`, `non-DP`, `DP ε=10`; a run outside the main design (`design.main_design`) also names its
-    method, C and skew: `clip-only · non-DP · C=0.1 · skew 0.9`."""
+    method, C and skew: `clip-only · non-DP · C=0.1 · skew 0.9`. Reads `run_id` == "base" and the
+    columns in `_CONDITION_COLUMNS` only: `with_condition` labels one row per distinct combination of
+    them, so a new column read here goes there too."""
     if row["run_id"] == "base":
         return "base"
     label = privacy_label(row["epsilon"] if row["dp"] else None)
