@@ -46,16 +46,29 @@ PRELOAD = ("numpy", "pandas", "pyarrow.parquet", "torch", "transformers", "trans
            "dpbias_utils.stages.s05_results")
 
 
+# Set, it replaces `PRELOAD` by the modules it names (comma-separated; empty: none). For a runner whose
+# notebooks import none of them: the runner's own tests run stand-in notebooks (tests/pipeline), where
+# importing torch and transformers into every worker was most of each run's time. A node imports what
+# it needs either way: only when it pays for its imports changes, not what it computes.
+PRELOAD_ENV = "DPBIAS_WORKER_PRELOAD"
+
+
+def preload_modules() -> tuple[str, ...]:
+    """`PRELOAD`, or the modules `PRELOAD_ENV` names."""
+    names = os.environ.get(PRELOAD_ENV)
+    return PRELOAD if names is None else tuple(n.strip() for n in names.split(",") if n.strip())
+
+
 def preload() -> str:
-    """Import `PRELOAD`, build the HTML exporter once, register the in-process engine; returns the
-    package hash of the code imported (`provenance.package_hash`)."""
+    """Import `preload_modules()`, build the HTML exporter once, register the in-process engine; returns
+    the package hash of the code imported (`provenance.package_hash`)."""
     import importlib
 
     os.environ.setdefault("MPLBACKEND", "Agg")
     from . import node as node_exec
 
     node_exec.skip_iri_format_checker()
-    for name in PRELOAD:
+    for name in preload_modules():
         try:
             importlib.import_module(name)
         except ImportError:  # an optional scorer not installed: the node that needs it says so
@@ -87,9 +100,11 @@ def _child(spec_path: str, imported_hash: str) -> int:
 
 def _cuda_unusable_after_fork() -> bool:
     """True when the worker initialised CUDA before forking (an import that probed the GPU): CUDA cannot
-    be used in a forked child then, so the node needs a fresh process."""
-    import torch
-
+    be used in a forked child then, so the node needs a fresh process. A worker that never imported
+    torch cannot have initialised CUDA (and the child need not import torch to know it)."""
+    torch = sys.modules.get("torch")
+    if torch is None:
+        return False
     bad = getattr(torch.cuda, "_is_in_bad_fork", None)
     return bool(bad()) if bad is not None else torch.cuda.is_initialized()
 
@@ -128,7 +143,7 @@ def main() -> int:
     os.dup2(2, 1)  # anything printed while importing goes to the worker's log, never into the replies
     started = time.time()
     imported_hash = preload()
-    print(f"worker {os.getpid()}: imported {len(PRELOAD)} modules in {time.time() - started:.1f} s "
+    print(f"worker {os.getpid()}: imported {len(preload_modules())} modules in {time.time() - started:.1f} s "
           f"(package {imported_hash})", file=sys.stderr, flush=True)  # benchmarks/node_times.py reads it
     replies.write("ready\n")
     for line in sys.stdin:

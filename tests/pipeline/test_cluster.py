@@ -12,7 +12,7 @@ from pathlib import Path
 
 import nbformat
 import pytest
-from test_run import TINY, _notebooks, _write
+from test_run import TINY, _notebooks, _write, stand_in_workers  # noqa: F401 - autouse: light node workers
 
 from dpbias_utils import cli, paths
 from dpbias_utils.pipeline import graph, provenance

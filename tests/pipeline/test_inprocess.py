@@ -127,6 +127,27 @@ def test_the_tiny_study_ran_every_node_in_two_warm_workers(tiny_study):
         assert first.execution_count == 1 and first.metadata.papermill["status"] == "completed"
 
 
+def test_worker_preloads_every_stage_module_unless_the_environment_names_others(monkeypatch):
+    """`pipeline.worker.PRELOAD_ENV` (set by the runner's tests, whose stand-in notebooks import none of
+    the stages' modules) replaces the preload list; unset, a worker imports all of `PRELOAD`."""
+    monkeypatch.delenv(worker.PRELOAD_ENV, raising=False)
+    assert worker.preload_modules() == worker.PRELOAD and "torch" in worker.PRELOAD
+    monkeypatch.setenv(worker.PRELOAD_ENV, "papermill, nbconvert,")
+    assert worker.preload_modules() == ("papermill", "nbconvert")
+    monkeypatch.setenv(worker.PRELOAD_ENV, "")
+    assert worker.preload_modules() == ()
+
+
+def test_a_worker_that_never_imported_torch_has_no_cuda_to_lose_in_a_fork(monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "_is_in_bad_fork", lambda: True, raising=False)
+    assert worker._cuda_unusable_after_fork()  # torch imported, CUDA initialised before the fork
+    monkeypatch.delitem(sys.modules, "torch")
+    assert not worker._cuda_unusable_after_fork()  # never imported: nothing initialised, no import in the child
+    assert "torch" not in sys.modules
+
+
 def test_an_unknown_node_engine_is_one_line_and_exit_2(monkeypatch, capsys, tmp_path):
     from dpbias_utils import cli
     from dpbias_utils.pipeline import node

@@ -8,17 +8,32 @@ import time
 from pathlib import Path
 
 import nbformat
+import pytest
 import yaml
 from nbformat.v4 import new_code_cell, new_notebook
 
 from dpbias_utils import cli, paths
-from dpbias_utils.pipeline import graph
+from dpbias_utils.pipeline import graph, worker
+from dpbias_utils.pipeline.node import lock_holder as node_lock_holder
 from dpbias_utils.params import parse_profile
 
 # The tiny profile's data and model sections: its built-in base builds in about a second.
 _TINY_YAML = yaml.safe_load((Path(__file__).parents[1] / "profiles" / "tiny.yaml").read_text())
 TINY = {"name": "tiny", "data": _TINY_YAML["data"], "model": _TINY_YAML["model"],
         "grid": [{"epsilon": [None, 3.0], "mixing_ratio": [0.0, 1.0], "seed": [0]}]}
+
+
+# What a node worker needs to run a stand-in notebook and render its report (`pipeline.node`,
+# `pipeline.inprocess`). The stand-ins import none of the stages' modules (torch, transformers, ...),
+# which the worker would otherwise import first: ~10 s of CPU per worker, most of each run here.
+STAND_IN_PRELOAD = "papermill,nbconvert,IPython"
+
+
+@pytest.fixture(autouse=True)
+def stand_in_workers(monkeypatch):
+    """The runner's workers (in-process runs and `dpbias run` subprocesses alike, which inherit the
+    environment) import only `STAND_IN_PRELOAD` (`pipeline.worker.PRELOAD_ENV`)."""
+    monkeypatch.setenv(worker.PRELOAD_ENV, STAND_IN_PRELOAD)
 
 
 def _notebooks(folder: Path, body: dict[str, str] | None = None) -> Path:
@@ -55,6 +70,8 @@ def test_run_skips_complete_nodes_and_writes_reports(tmp_path):
     assert all(n.node_id in index for n in graph.plan(profile))
     again = cli.run(profile, jobs=2, runs_dir=tmp_path / "runs", notebooks=nbs, progress=False)
     assert not again.completed and len(again.skipped) == 5
+    # the workers imported what the stand-ins need, not the stages' modules (`stand_in_workers`)
+    assert "imported 3 modules in " in (pdir / paths.WORKER_LOG).read_text()
 
 
 def test_failure_keeps_notebook_and_runs_independent_nodes(tmp_path):
@@ -104,8 +121,15 @@ def test_killed_run_resumes_without_redoing_finished_nodes(tmp_path):
     while time.time() < deadline and not (slow.folder(pdir) / "notebook.ipynb").exists():
         time.sleep(0.5)
     time.sleep(2)
-    os.killpg(proc.pid, signal.SIGKILL)  # the runner and its notebook kernels die mid-study
+    holder = node_lock_holder(slow.folder(pdir))
+    assert holder and holder["pid"] != proc.pid  # the slow node runs, in a process of its own
+    # the runner and its node processes die mid-study: the runner's process group, and the group of the
+    # node's worker (`pipeline.run._Worker`: a session of its own, which the runner's group does not reach)
+    for group in {proc.pid, os.getpgid(holder["pid"])}:
+        os.killpg(group, signal.SIGKILL)
     proc.wait()
+    while time.time() < deadline and node_lock_holder(slow.folder(pdir)) is not None:
+        time.sleep(0.1)  # the OS releases the dead node's lock
     finished = {n.node_id: (n.folder(pdir) / "out.json").read_text() for n in graph.plan(profile) if n.is_complete(pdir)}
     assert finished and not slow.is_complete(pdir)
     body = {"02": ""}  # the resumed run is fast; finished nodes must not be executed again
