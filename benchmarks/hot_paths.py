@@ -15,6 +15,9 @@ that says so); this script only says what it saves. For each pair it alternates 
                  2,000 controlled-corpus sentences
   with_condition `tables.with_condition` (one label per distinct run) against `condition_label` on
                  every row, 30,000 item rows of 45 runs
+  allocator      200 non-DP steps of the built-in model (batch 32 x 20 tokens) in a fresh process with
+                 `allocator.tune()` against one with glibc's defaults (`MALLOC_PERTURB_=0` makes tune()
+                 step aside); wall time, and the CPU time (user + system) on the same line
 
 Usage: python benchmarks/hot_paths.py [--rounds N] [--only NAME[,NAME]]
 Prints `<name>: old=<s> new=<s> ratio=<new/old>` per pair. Single-threaded (`torch.set_num_threads(1)`),
@@ -144,8 +147,51 @@ def bench_with_condition(rounds: int) -> None:
     _pair("with_condition (30,000 rows)", row_wise, lambda: with_condition(rows), rounds)
 
 
+_STEPS = r'''
+import os, sys, time
+import torch
+from dpbias_utils import allocator
+allocator.tune()
+from transformers import GPT2Config, GPT2LMHeadModel
+from dpbias_utils.training.batching import row_losses
+torch.manual_seed(0); torch.set_num_threads(1)
+model = GPT2LMHeadModel(GPT2Config(vocab_size=1675, n_layer=2, n_head=4, n_embd=64, n_positions=128,
+                                   bos_token_id=0, eos_token_id=0))
+opt = torch.optim.Adam(model.parameters(), lr=1e-3, foreach=True)
+ids = torch.randint(0, 1675, (32, 20))
+def step():
+    opt.zero_grad(set_to_none=True)
+    row_losses(model(input_ids=ids).logits, ids).mean().backward()
+    opt.step()
+step()
+t0, c0 = time.perf_counter(), os.times()
+for _ in range(200):
+    step()
+c1 = os.times()
+print(time.perf_counter() - t0, c1.user - c0.user, c1.system - c0.system)
+'''
+
+
+def bench_allocator(rounds: int) -> None:
+    import subprocess
+
+    def run(env):
+        out = subprocess.run([sys.executable, "-c", _STEPS], env={**os.environ, **env}, capture_output=True,
+                             text=True, check=True).stdout.split()
+        return [float(x) for x in out[-3:]]
+    best = {"old": [float("inf")] * 3, "new": [float("inf")] * 3}
+    for _ in range(max(1, rounds)):
+        for name, env in (("old", {"MALLOC_PERTURB_": "0"}), ("new", {})):
+            wall, user, system = run(env)
+            if wall < best[name][0]:
+                best[name] = [wall, user, system]
+    (ow, ou, osys), (nw, nu, nsys) = best["old"], best["new"]
+    print(f"allocator (200 non-DP steps): old={ow:.4f}s new={nw:.4f}s ratio={nw / ow:.3f} "
+          f"(cpu user+sys: old {ou:.2f}+{osys:.2f}s, new {nu:.2f}+{nsys:.2f}s)", flush=True)
+
+
 BENCHES = {"row_losses": bench_row_losses, "adam": bench_adam, "unit_dataset": bench_unit_dataset,
-           "token_ids": bench_token_ids, "with_condition": bench_with_condition}
+           "token_ids": bench_token_ids, "with_condition": bench_with_condition, "allocator": bench_allocator}
 
 
 def main(argv=None) -> int:

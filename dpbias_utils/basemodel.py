@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from . import paths
+from . import allocator, paths
 from .training.batching import IGNORE_INDEX, row_losses
 
 # A hub model id: ``name`` (the hub's legacy ids such as ``gpt2``) or ``namespace/name``.
@@ -142,6 +142,7 @@ def build_builtin_base(out_dir, texts: list[str], vocab_size: int = 2000, n_laye
     np.random.seed(seed)
     torch.manual_seed(seed)
     tmp = paths.staging_dir(out_dir.parent, f".{out_dir.name}.bpe.")
+    allocator.tune()  # the build is thousands of steps in this process (or a spawned one): reuse freed memory
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the same base on every machine: summation order depends on threads
     try:

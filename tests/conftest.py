@@ -11,7 +11,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest
 
-from dpbias_utils import paths
+from dpbias_utils import allocator, paths
+
+allocator.tune()  # the tests' own training steps reuse freed memory, as node processes do
 
 
 @pytest.fixture(scope="session")

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-from .. import paths
+from .. import allocator, paths
 from ..params import SECTIONS, Profile, load_profile, parse_profile, privacy_label, profile_at
 from .graph import find_node, plan, what_if
 
@@ -104,7 +104,9 @@ def _has_outputs(folder: Path) -> bool:
 
 
 def context(stage: str, namespace: dict[str, Any]) -> StageContext:
-    """Build the context from the notebook's parameters (`globals()` of the notebook)."""
+    """Build the context from the notebook's parameters (`globals()` of the notebook). Also tunes this
+    process's allocator (`allocator.tune`): a notebook run by hand computes like a node."""
+    allocator.tune()
     injected = {k: namespace.get(k) for k in SECTIONS if namespace.get(k) is not None}
     out_dir = namespace.get("out_dir")
     if out_dir is not None and "grid" not in injected:  # a runner node: sections + point + folders

@@ -30,7 +30,7 @@ import time
 import traceback
 from pathlib import Path
 
-from .. import paths
+from .. import allocator, paths
 
 # Imported once per worker: what the stage notebooks and the stages import, measured (a node's
 # `sys.modules` after it ran, against the worker's): transformers imports a model's classes lazily, and
@@ -142,6 +142,7 @@ def main() -> int:
     replies = os.fdopen(os.dup(1), "w", buffering=1)
     os.dup2(2, 1)  # anything printed while importing goes to the worker's log, never into the replies
     started = time.time()
+    allocator.tune()  # before the imports; the forked node children inherit it
     imported_hash = preload()
     print(f"worker {os.getpid()}: imported {len(preload_modules())} modules in {time.time() - started:.1f} s "
           f"(package {imported_hash})", file=sys.stderr, flush=True)  # benchmarks/node_times.py reads it
