@@ -59,7 +59,8 @@ import torch
 from ..data import corpus, lexicon
 from ..stats import bootstrap_ci, bootstrap_diff_ci, tidy_row
 from .context import FamilyResult
-from .perplexity import pad_id, token_ids, token_nll
+from ..basemodel import token_ids
+from .perplexity import pad_id, token_nll
 
 HOST = torch.device("cpu")  # host-built batches are named so: never torch's default device
 

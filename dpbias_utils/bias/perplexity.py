@@ -32,6 +32,7 @@ import pandas as pd
 import torch
 
 from ..stats import bootstrap_ci, bootstrap_diff_ci, tidy_row
+from ..basemodel import token_ids
 from .context import FamilyResult
 
 HOST = torch.device("cpu")  # host-built batches are named so: never torch's default device
@@ -113,15 +114,6 @@ def _rows_from(data, tokenizer) -> list[list[int]]:
     if tokenizer is None:
         raise ValueError("texts need a tokenizer; or pass a DataFrame with input_ids and n_tokens")
     return token_ids(tokenizer, data)
-
-
-def token_ids(tokenizer, texts: Sequence[str]) -> list[list[int]]:
-    """Token ids of each text, no special tokens: one batched call to the tokenizer (a fast tokenizer
-    encodes a batch in one go), the same ids as one call per text (test)."""
-    texts = list(texts)
-    if not texts:
-        return []
-    return [list(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
 
 
 def pad_id(tokenizer) -> int:

@@ -45,7 +45,8 @@ import torch
 from .. import paths
 from ..data import corpus
 from ..stats import bootstrap_ci, tidy_row
-from .perplexity import pad_id, sequence_logprobs, start_id, token_ids, token_nll
+from ..basemodel import token_ids
+from .perplexity import pad_id, sequence_logprobs, start_id, token_nll
 from .context import FamilyResult, subsample
 
 __all__ = [
