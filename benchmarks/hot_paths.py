@@ -11,7 +11,7 @@ that says so); this script only says what it saves. For each pair it alternates 
   adam           `torch.optim.Adam(foreach=True)` (training, the base build) against the per-parameter
                  loop, one step on the built-in model's parameters
   unit_dataset   `UnitDataset` over 6,000 one-row units against one pandas group per unit
-  token_ids      `basemodel.token_ids` (one batched tokenizer call) against one call per text, on
+  token_ids      `bias.tokens.token_ids` (one batched tokenizer call) against one call per text, on
                  2,000 controlled-corpus sentences
   with_condition `tables.with_condition` (one label per distinct run) against `condition_label` on
                  every row, 30,000 item rows of 45 runs
@@ -119,7 +119,7 @@ def bench_unit_dataset(rounds: int) -> None:
 
 def bench_token_ids(rounds: int) -> None:
     from dpbias_utils.basemodel import _train_tokenizer
-    from dpbias_utils.basemodel import token_ids
+    from dpbias_utils.bias.tokens import token_ids
     from dpbias_utils.data.corpus import generate_controlled
 
     texts = generate_controlled(2000, seed=0)["text"].tolist()

@@ -255,15 +255,6 @@ def save_model_atomic(model, tokenizer, dest: Path) -> None:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def token_ids(tokenizer, texts: Sequence[str]) -> list[list[int]]:
-    """Token ids of each text, no special tokens: one batched call to the tokenizer (a fast tokenizer
-    encodes a batch in one go), the same ids as one call per text (test)."""
-    texts = list(texts)
-    if not texts:
-        return []
-    return [list(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
-
-
 def spec_hash(spec: dict) -> str:
     return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:16]
 

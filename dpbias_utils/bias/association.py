@@ -59,7 +59,7 @@ import torch
 from ..data import corpus, lexicon
 from ..stats import bootstrap_ci, bootstrap_diff_ci, tidy_row
 from .context import FamilyResult
-from ..basemodel import token_ids
+from .tokens import token_ids
 from .perplexity import pad_id, token_nll
 
 HOST = torch.device("cpu")  # host-built batches are named so: never torch's default device

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
-from ..basemodel import token_ids
+from .tokens import token_ids
 
 HOST = torch.device("cpu")  # host-built batches are named so: never torch's default device
 

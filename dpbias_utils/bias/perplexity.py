@@ -32,8 +32,8 @@ import pandas as pd
 import torch
 
 from ..stats import bootstrap_ci, bootstrap_diff_ci, tidy_row
-from ..basemodel import token_ids
 from .context import FamilyResult
+from .tokens import token_ids
 
 HOST = torch.device("cpu")  # host-built batches are named so: never torch's default device
 

@@ -45,9 +45,9 @@ import torch
 from .. import paths
 from ..data import corpus
 from ..stats import bootstrap_ci, tidy_row
-from ..basemodel import token_ids
 from .perplexity import pad_id, sequence_logprobs, start_id, token_nll
 from .context import FamilyResult, subsample
+from .tokens import token_ids
 
 __all__ = [
     "STEREOSET_COLUMNS",

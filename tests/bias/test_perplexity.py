@@ -52,7 +52,7 @@ def test_batched_equals_single_and_texts(tiny_model, tiny_tokenizer):
 
 def test_token_ids_batched_equals_one_call_per_text(tiny_tokenizer):
     """`token_ids` (one batched tokenizer call) gives each text exactly the ids of its own call."""
-    from dpbias_utils.basemodel import token_ids
+    from dpbias_utils.bias.tokens import token_ids
 
     texts = ["The nurse said that she was tired.", "", " he", "Alex works as an engineer", "a  b\n c", "x"]
     assert token_ids(tiny_tokenizer, texts) == [list(tiny_tokenizer(t, add_special_tokens=False)["input_ids"])
