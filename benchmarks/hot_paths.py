@@ -41,21 +41,18 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 
-def _fastest(fn, rounds: int) -> float:
-    best = float("inf")
-    for _ in range(rounds):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return best
+def _seconds(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
 
 
 def _pair(name: str, old, new, rounds: int) -> None:
     old(), new()  # warm-up
     t_old = t_new = float("inf")
-    for _ in range(rounds):  # alternate, so both see the same load
-        t_old = min(t_old, _fastest(old, 1))
-        t_new = min(t_new, _fastest(new, 1))
+    for _ in range(rounds):  # alternate, so both see the same load; keep each form's fastest
+        t_old = min(t_old, _seconds(old))
+        t_new = min(t_new, _seconds(new))
     print(f"{name}: old={t_old:.4f}s new={t_new:.4f}s ratio={t_new / t_old:.3f}", flush=True)
 
 

@@ -18,9 +18,9 @@ computes: the same bits (the weights of a training node compared with `cmp`); on
 goes changes (`benchmarks/hot_paths.py`, pair `allocator`). A process's resident memory stays at its
 peak instead of shrinking between steps.
 
-Where it applies: node processes and node workers (`pipeline.worker`, `pipeline.node`), the base
-builds (`basemodel.build_builtin_base`) and every notebook's stage context, so a notebook run by hand
-is tuned too. glibc only (`mallopt`); elsewhere, or when the user set any `MALLOC_*_` variable
+Where it applies: every notebook's stage context (`pipeline.context.context`, so a node in a fresh
+process and a notebook run by hand alike), node workers before their imports (`pipeline.worker`: the
+forked node children inherit it) and the base builds (`basemodel.build_builtin_base`). glibc only (`mallopt`); elsewhere, or when the user set any `MALLOC_*_` variable
 (glibc's own way to set these), it does nothing.
 """
 from __future__ import annotations

@@ -281,8 +281,5 @@ def skip_iri_format_checker() -> None:
 
 
 if __name__ == "__main__":  # a node's child process: python -m dpbias_utils.pipeline.node NODE_JSON
-    from .. import allocator
-
-    allocator.tune()
     skip_iri_format_checker()
     sys.exit(execute_node(Path(sys.argv[1])))
